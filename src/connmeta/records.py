@@ -1,0 +1,421 @@
+"""Stored record versions, change events, domain errors and wire helpers.
+
+A record version is immutable serialized bytes of ``connmeta.v1.ConnectionRecord``
+(metadata included) plus the few fields the store indexes, filters and guards
+on. Readers hand the bytes on untouched: a repeated or nested message field is
+``tag + varint(length) + bytes``, so a response is assembled by concatenation
+(``encode_field``, ``encode_repeated``) instead of re-encoding.
+
+Nothing here imports gRPC; the transport maps the errors to statuses.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable
+from typing import Final
+
+from connmeta.v1 import connection_pb2 as pb
+
+__all__ = [
+    "Compacted",
+    "ConnectionOpen",
+    "EtagMismatch",
+    "Event",
+    "EventType",
+    "InvalidArgument",
+    "Kind",
+    "NotFound",
+    "Record",
+    "StoreError",
+    "encode_field",
+    "encode_metadata",
+    "encode_repeated",
+    "encode_varint",
+    "encode_watch_event",
+]
+
+
+class Kind(enum.IntEnum):
+    """Client or server; the values are ``ConnectionKind``'s."""
+
+    CLIENT = 1
+    SERVER = 2
+
+
+class EventType(enum.IntEnum):
+    """What happened to a record; the values are ``WatchEventType``'s."""
+
+    ADDED = 1
+    MODIFIED = 2
+    DELETED = 3
+    BOOKMARK = 4
+    INITIAL_EVENTS_END = 5
+
+
+# -- errors -----------------------------------------------------------------
+
+
+class StoreError(Exception):
+    """Base of every error the domain core raises for a caller's mistake or a race."""
+
+
+class NotFound(StoreError):
+    """No connection with this id (never reported, or its retention ended)."""
+
+    def __init__(self, id: str) -> None:
+        super().__init__(f"connection {id!r} not found")
+        self.id = id
+
+
+class InvalidArgument(StoreError):
+    """The request is malformed; ``violations`` are (field path, description) pairs."""
+
+    def __init__(self, violations: list[tuple[str, str]]) -> None:
+        super().__init__("; ".join(f"{f}: {d}" for f, d in violations))
+        self.violations = violations
+
+
+class EtagMismatch(StoreError):
+    """The etag given with an update is not the record's current etag."""
+
+    def __init__(self, id: str, expected: str, actual: str) -> None:
+        super().__init__(f"connection {id!r}: etag {expected} given, current is {actual}")
+        self.id = id
+        self.expected = expected
+        self.actual = actual
+
+
+class ConnectionOpen(StoreError):
+    """mitmproxy's guard: ``field`` cannot change while the server is OPEN.
+
+    ``current`` is the value mitmproxy holds, as text (``('example.com', 443)``).
+    """
+
+    def __init__(self, id: str, field: str, current: str) -> None:
+        super().__init__(f"Cannot change server.{field} on open connection {id!r}")
+        self.id = id
+        self.field = field
+        self.current = current
+
+
+class Compacted(StoreError):
+    """A revision older than the retained history was asked for: list again."""
+
+    def __init__(self, requested_revision: int, oldest_revision: int) -> None:
+        super().__init__(
+            f"revision {requested_revision} is compacted; oldest available {oldest_revision}"
+        )
+        self.requested_revision = requested_revision
+        self.oldest_revision = oldest_revision
+
+
+# -- wire helpers -----------------------------------------------------------
+
+_SMALL_VARINTS: Final = tuple(bytes((i,)) for i in range(128))
+
+
+def encode_varint(value: int) -> bytes:
+    """Protobuf base-128 varint of a non-negative int."""
+    if value < 0x80:
+        return _SMALL_VARINTS[value]
+    if value < 0x4000:
+        return bytes((value & 0x7F | 0x80, value >> 7))
+    if value < 0x200000:
+        return bytes((value & 0x7F | 0x80, (value >> 7) & 0x7F | 0x80, value >> 14))
+    out = bytearray()
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def encode_field(field_number: int, payload: bytes) -> bytes:
+    """One length-delimited field: ``tag + varint(len) + payload``."""
+    return encode_varint(field_number << 3 | 2) + encode_varint(len(payload)) + payload
+
+
+def encode_repeated(field_number: int, chunks: Iterable[bytes]) -> bytes:
+    """A repeated message field from already serialized messages."""
+    tag = encode_varint(field_number << 3 | 2)
+    parts: list[bytes] = []
+    append = parts.append
+    for chunk in chunks:
+        append(tag)
+        append(encode_varint(len(chunk)))
+        append(chunk)
+    return b"".join(parts)
+
+
+def encode_watch_event(type: int, revision: int, record: bytes | None = None) -> bytes:
+    """A serialized ``WatchEvent``; ``record`` is a serialized ConnectionRecord."""
+    head = b"\x08" + _SMALL_VARINTS[type] + b"\x10" + encode_varint(revision)
+    if record is None:
+        return head
+    return head + b"\x1a" + encode_varint(len(record)) + record
+
+
+def _varint_at(data: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        b = data[pos]
+        pos += 1
+        value |= (b & 0x7F) << shift
+        if b < 0x80:
+            return value, pos
+        shift += 7
+
+
+def _revisions(data: bytes) -> tuple[int, int]:
+    """metadata.revision and create_revision of a serialized ConnectionRecord.
+
+    The store writes them as the first two fields of the metadata, which is the
+    first field of the record (protobuf's own encoder does the same).
+    """
+    _, pos = _varint_at(data, 1)
+    if data[pos] != 0x08:
+        raise ValueError("record data does not start with metadata.revision")
+    revision, pos = _varint_at(data, pos + 1)
+    if data[pos] != 0x10:
+        raise ValueError("record data lacks metadata.create_revision after revision")
+    return revision, _varint_at(data, pos + 1)[0]
+
+
+def encode_metadata(
+    revision: int, create_revision: int, client_id: bytes, hook: int, rest: bytes
+) -> bytes:
+    """The ConnectionRecord.metadata field (tag included), as protobuf would encode it.
+
+    ``rest`` holds fields 6 and 7 already encoded (last_change, update_time).
+    Hand-written because building a RecordMetadata message costs several
+    times more on the ingest path.
+    """
+    rev = encode_varint(revision)
+    etag = b'"%d"' % revision
+    body = b"".join(
+        (
+            b"\x08",
+            rev,
+            b"\x10",
+            rev if create_revision == revision else encode_varint(create_revision),
+            b"\x1a",
+            _SMALL_VARINTS[len(etag)],
+            etag,
+            (b"\x22" + encode_varint(len(client_id)) + client_id) if client_id else b"",
+            (b"\x28" + _SMALL_VARINTS[hook]) if hook else b"",
+            rest,
+        )
+    )
+    return b"\n" + encode_varint(len(body)) + body
+
+
+def _field_end(data: bytes, pos: int) -> int:
+    """The end of the length-delimited field whose tag byte is at ``pos``."""
+    pos += 1
+    length = shift = 0
+    while True:
+        b = data[pos]
+        pos += 1
+        length |= (b & 0x7F) << shift
+        if b < 0x80:
+            return pos + length
+        shift += 7
+
+
+# -- records and events -------------------------------------------------------
+
+# Record._bits packs the small fields so that a stored version costs one
+# object with nine slots: kind (2 bits), state (2), terminal, has_certs,
+# has_last_change, then last_hook from bit 7.
+_TERMINAL: Final = 1 << 4
+_HAS_CERTS: Final = 1 << 5
+_HAS_LAST_CHANGE: Final = 1 << 6
+_HOOK_SHIFT: Final = 7
+_KINDS: Final = (None, Kind.CLIENT, Kind.SERVER, None)
+_SHARED_INTS: Final = tuple(range(1 << 12))  # one object per _bits value
+
+
+def pack_bits(
+    kind: int, state: int, terminal: bool, has_certs: bool, has_last_change: bool, hook: int
+) -> int:
+    """The shared int object for these small fields (see Record._bits)."""
+    return _SHARED_INTS[
+        kind
+        | state << 2
+        | (_TERMINAL if terminal else 0)
+        | (_HAS_CERTS if has_certs else 0)
+        | (_HAS_LAST_CHANGE if has_last_change else 0)
+        | hook << _HOOK_SHIFT
+    ]
+
+
+class Record:
+    """One immutable version of a connection record.
+
+    ``data`` is the serialized ConnectionRecord in the FULL view with
+    ``metadata.revision == revision``; the other attributes are copies of the
+    fields the store indexes, filters and guards on, so that no hot path has
+    to decode ``data``. Never mutate a Record: history and watchers share it.
+    """
+
+    __slots__ = (
+        "_bits",
+        "client_id",
+        "data",
+        "host",
+        "id",
+        "port",
+        "sni",
+    )
+
+    id: str
+    """mitmproxy's connection id."""
+    client_id: str
+    """For a server, the id of the client it serves; for a client, its own id."""
+    host: str
+    """A server's address host, a client's peername host; "" when absent."""
+    port: int
+    """The port of the same address as ``host``; 0 when absent."""
+    sni: str
+    """The connection's SNI; "" when absent."""
+    data: bytes
+    """Serialized ConnectionRecord, FULL view."""
+    _bits: int
+
+    def __init__(
+        self,
+        id: str,
+        client_id: str,
+        host: str,
+        port: int,
+        sni: str,
+        bits: int,
+        data: bytes,
+    ) -> None:
+        self.id = id
+        self.client_id = client_id
+        self.host = host
+        self.port = port
+        self.sni = sni
+        self._bits = bits
+        self.data = data
+
+    @property
+    def revision(self) -> int:
+        """Store revision of this version (metadata.revision).
+
+        Read from ``data`` rather than kept in a slot: a slot and its int cost
+        40 bytes per stored record, reading it costs well under a microsecond.
+        """
+        return _revisions(self.data)[0]
+
+    @property
+    def create_revision(self) -> int:
+        """Revision at which the store first saw the connection (metadata.create_revision)."""
+        return _revisions(self.data)[1]
+
+    @property
+    def kind(self) -> Kind:
+        """Client or server."""
+        kind = _KINDS[self._bits & 3]
+        assert kind is not None
+        return kind
+
+    @property
+    def state(self) -> int:
+        """mitmproxy's ConnectionState flag value: CLOSED 0, CAN_READ 1, CAN_WRITE 2, OPEN 3."""
+        return (self._bits >> 2) & 3
+
+    @property
+    def terminal(self) -> bool:
+        """True once the connection is done: a disconnect or connect-error hook, or CLOSED.
+
+        Only terminal records are subject to retention (``Store.expire``).
+        """
+        return bool(self._bits & _TERMINAL)
+
+    @property
+    def last_hook(self) -> int:
+        """The ``Hook`` value of the report this version came from."""
+        return self._bits >> _HOOK_SHIFT
+
+    @property
+    def has_certificates(self) -> bool:
+        """True when the FULL view holds certificate_list entries or a mitmcert."""
+        return bool(self._bits & _HAS_CERTS)
+
+    @property
+    def has_last_change(self) -> bool:
+        """True when metadata.last_change is set."""
+        return bool(self._bits & _HAS_LAST_CHANGE)
+
+    @property
+    def etag(self) -> str:
+        """The strong etag of this version: the revision in quotes."""
+        return f'"{self.revision}"'
+
+    def message(self) -> pb.ConnectionRecord:
+        """The record decoded (a fresh message the caller may change)."""
+        return pb.ConnectionRecord.FromString(self.data)
+
+    def basic(self) -> bytes:
+        """The BASIC view: ``data`` without certificate_list and mitmcert.
+
+        Records without certificates (the common case) return ``data`` itself.
+        The others are re-encoded on each call rather than cached: a cache
+        slot costs every stored record 8 bytes, and a watch event caches its
+        own encoding per view anyway.
+        """
+        if not self._bits & _HAS_CERTS:
+            return self.data
+        msg = pb.ConnectionRecord.FromString(self.data)
+        side = msg.server if msg.HasField("server") else msg.client
+        side.connection.ClearField("certificate_list")
+        if isinstance(side, pb.Client):
+            side.ClearField("mitmcert")
+        return msg.SerializeToString()
+
+    def meta_end(self) -> int:
+        """Offset in ``data`` where the metadata field ends and the client/server field starts."""
+        return _field_end(self.data, 0)
+
+    def __repr__(self) -> str:
+        return f"<Record {self.kind.name} {self.id} rev={self.revision} state={self.state}>"
+
+
+class Event:
+    """One change at one revision: ``record`` is the new version (for DELETED
+    the last version), ``prev`` the version before (None for ADDED; for
+    DELETED the same as ``record``)."""
+
+    __slots__ = ("_encoded", "prev", "record", "revision", "type")
+
+    def __init__(self, revision: int, type: EventType, record: Record, prev: Record | None) -> None:
+        self.revision = revision
+        self.type = type
+        self.record = record
+        self.prev = prev
+        self._encoded: dict[int, bytes] | None = None
+
+    def encoded(self, basic: bool = False, as_type: EventType | None = None) -> bytes:
+        """The serialized WatchEvent, encoded once per (view, type) and then shared.
+
+        ``as_type`` overrides the type for filtered watchers (a record entering
+        the filter is ADDED, one leaving it DELETED).
+        """
+        type = self.type if as_type is None else as_type
+        key = type << 1 | basic
+        cache = self._encoded
+        if cache is None:
+            cache = self._encoded = {}
+        else:
+            hit = cache.get(key)
+            if hit is not None:
+                return hit
+        payload = self.record.basic() if basic else self.record.data
+        out = cache[key] = encode_watch_event(type, self.revision, payload)
+        return out
+
+    def __repr__(self) -> str:
+        return f"<Event {self.type.name} rev={self.revision} {self.record.id}>"

@@ -1,0 +1,355 @@
+"""The watch hub: every store change fanned out to every watcher, none waiting on another.
+
+The store calls the hub synchronously after each change; the hub appends the
+same list of events to each watcher's pending queue (O(watchers) appends, no
+encoding) and wakes it. Each watcher filters and encodes on its own
+coroutine, in ``Watcher.next``, taking each event's encoding from the event
+(encoded once per view and type, shared by all watchers). A watcher whose
+queue passes ``max_lag`` events is evicted: its queue is dropped and its
+next ``next()`` raises Evicted with the last revision it delivered, from
+which a new watch resumes without loss, as long as the history still holds it.
+
+Lessons applied (Kubernetes cacher, etcd): register for live events before
+replaying history, deduplicate by revision, never block the writer, bound
+every buffer, make eviction resumable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from typing import Final
+
+from connmeta.filters import Filter
+from connmeta.records import (
+    Compacted,
+    Event,
+    EventType,
+    InvalidArgument,
+    Record,
+    encode_watch_event,
+)
+from connmeta.store import Store
+
+__all__ = ["Evicted", "WatchHub", "Watcher"]
+
+MAX_BATCH_EVENTS: Final = 1024
+"""At most this many events per batch (one stream message)."""
+MAX_BATCH_BYTES: Final = 1 << 20
+"""A batch stops growing past this many bytes (clients default to 4 MiB messages)."""
+
+_ADDED: Final = EventType.ADDED
+_DELETED: Final = EventType.DELETED
+
+
+class Evicted(Exception):
+    """The watcher fell more than ``max_lag`` events behind and was ended.
+
+    ``last_revision`` is the last revision it delivered: watch again with
+    ``start_after_revision=last_revision`` to lose nothing. It is 0 when the
+    watcher was evicted before its initial snapshot was complete; then
+    watch again with ``send_initial_events``.
+    """
+
+    def __init__(self, last_revision: int) -> None:
+        super().__init__(f"watcher too slow, evicted after revision {last_revision}")
+        self.last_revision = last_revision
+
+
+class Watcher:
+    """One watch: a bounded queue of events and the coroutine side that drains it."""
+
+    def __init__(
+        self,
+        hub: WatchHub,
+        *,
+        position: int,
+        initial: list[Record] | None,
+        allow_bookmarks: bool,
+        flt: Filter,
+        basic: bool,
+    ) -> None:
+        self._hub = hub
+        self._position = position  # every event <= this was delivered or filtered out
+        self._initial: Iterator[Record] | None = iter(initial) if initial is not None else None
+        self._initial_revision = position
+        self._allow_bookmarks = allow_bookmarks
+        self._filter = None if flt.is_empty else flt
+        self._basic = basic
+        self._pending: deque[Sequence[Event]] = deque()
+        self._offset = 0  # events of _pending[0] already taken
+        self._pending_count = 0  # live events only: a history replay is not lag
+        self._replay_left = 0  # events at the front of _pending that came from the history
+        self._evicted = False
+        self._ending = False  # graceful shutdown: drain, final bookmark, end
+        self._ended = False
+        self._wake: asyncio.Event | None = None
+        self._last_sent = time.monotonic()
+
+    @property
+    def last_revision(self) -> int:
+        """The revision this watcher has delivered up to (its resume point)."""
+        return 0 if self._initial is not None else self._position
+
+    @property
+    def pending(self) -> int:
+        """Events queued and not yet taken by ``next()``."""
+        return self._pending_count
+
+    def close(self) -> None:
+        """Stop watching (the client went away); idempotent."""
+        self._ended = True
+        self._pending.clear()
+        self._pending_count = 0
+        self._hub._remove(self)
+        self._notify()
+
+    async def next(self) -> list[bytes]:
+        """The next batch of serialized WatchEvents, waiting until there is one.
+
+        Returns [] only when the watch has ended cleanly (closed, or after
+        the final bookmark of a graceful shutdown). Raises Evicted.
+        """
+        while True:
+            if self._evicted:
+                raise Evicted(self.last_revision)
+            if self._ended:
+                return []
+            batch = self._take()
+            if batch:
+                self._last_sent = time.monotonic()
+                return batch
+            if self._ending:
+                self._ended = True
+                self._hub._remove(self)
+                if self._allow_bookmarks:
+                    return [encode_watch_event(EventType.BOOKMARK, self._position)]
+                return []
+            timeout: float | None = None
+            if self._allow_bookmarks and self._initial is None:
+                due = self._last_sent + self._hub.bookmark_interval - time.monotonic()
+                if due <= 0:
+                    self._last_sent = time.monotonic()
+                    return [encode_watch_event(EventType.BOOKMARK, self._position)]
+                timeout = due
+            wake = self._wake
+            if wake is None:
+                wake = self._wake = asyncio.Event()
+            wake.clear()
+            try:
+                async with asyncio.timeout(timeout):
+                    await wake.wait()
+            except TimeoutError:
+                pass
+
+    def __aiter__(self) -> Watcher:
+        return self
+
+    async def __anext__(self) -> list[bytes]:
+        batch = await self.next()
+        if not batch:
+            raise StopAsyncIteration
+        return batch
+
+    # -- hub side ------------------------------------------------------------------
+
+    def _replay(self, events: Sequence[Event]) -> None:
+        """Queue history events; they do not count towards ``max_lag``, so a
+        watcher resuming far back is not evicted for the replay alone."""
+        self._pending.append(events)
+        self._replay_left += len(events)
+        self._notify()
+
+    def _push(self, events: Sequence[Event]) -> bool:
+        """Queue ``events``; False when this push evicted the watcher."""
+        if self._ending or self._ended:
+            return True
+        self._pending.append(events)
+        self._pending_count += len(events)
+        if self._pending_count > self._hub.max_lag:
+            self._evicted = True
+            self._pending.clear()
+            self._pending_count = self._replay_left = 0
+            self._notify()
+            return False
+        self._notify()
+        return True
+
+    def _notify(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
+
+    def _take(self) -> list[bytes]:
+        out: list[bytes] = []
+        size = 0
+        basic = self._basic
+        flt = self._filter
+        initial = self._initial
+        if initial is not None:
+            for record in initial:
+                if flt is None or flt.matches(record):
+                    chunk = encode_watch_event(
+                        _ADDED, record.revision, record.basic() if basic else record.data
+                    )
+                    out.append(chunk)
+                    size += len(chunk)
+                    if len(out) >= MAX_BATCH_EVENTS or size >= MAX_BATCH_BYTES:
+                        return out
+            self._initial = None
+            out.append(encode_watch_event(EventType.INITIAL_EVENTS_END, self._initial_revision))
+            return out
+        pending = self._pending
+        position = self._position
+        offset = self._offset
+        taken = 0
+        while pending and len(out) < MAX_BATCH_EVENTS and size < MAX_BATCH_BYTES:
+            events = pending[0]
+            n = len(events)
+            while offset < n:
+                event = events[offset]
+                offset += 1
+                taken += 1
+                revision = event.revision
+                if revision <= position:
+                    continue  # already delivered (history replay met live events)
+                position = revision
+                seen = event.encoded(basic) if flt is None else _filtered(event, flt, basic)
+                if seen is None:
+                    continue
+                out.append(seen)
+                size += len(seen)
+                if len(out) >= MAX_BATCH_EVENTS or size >= MAX_BATCH_BYTES:
+                    break
+            if offset >= n:
+                pending.popleft()
+                offset = 0
+        self._offset = offset
+        self._position = position
+        from_replay = min(taken, self._replay_left)
+        self._replay_left -= from_replay
+        self._pending_count -= taken - from_replay
+        return out
+
+
+def _filtered(event: Event, flt: Filter, basic: bool) -> bytes | None:
+    """The event as a filtered watcher sees it: records entering the filter are
+    ADDED, records leaving it DELETED (with their new version); None if unseen."""
+    now = flt.matches(event.record)
+    if event.type is _DELETED:
+        return event.encoded(basic) if now else None
+    before = event.prev is not None and flt.matches(event.prev)
+    if now:
+        return (
+            event.encoded(basic) if before or event.prev is None else event.encoded(basic, _ADDED)
+        )
+    if before:
+        return event.encoded(basic, _DELETED)
+    return None
+
+
+class WatchHub:
+    """Every watcher of one store."""
+
+    def __init__(
+        self, store: Store, *, max_lag: int = 10_000, bookmark_interval: float = 5.0
+    ) -> None:
+        self.store = store
+        self.max_lag = max_lag
+        self.bookmark_interval = bookmark_interval
+        self._watchers: dict[Watcher, None] = {}
+        self._shutting_down = False
+        self._unsubscribe = store.subscribe(self._broadcast)
+
+    @property
+    def watcher_count(self) -> int:
+        """Watchers currently registered."""
+        return len(self._watchers)
+
+    def watch(
+        self,
+        *,
+        start_after_revision: int = 0,
+        send_initial_events: bool = False,
+        allow_bookmarks: bool = False,
+        flt: Filter | None = None,
+        basic: bool = False,
+    ) -> Watcher:
+        """Start a watch.
+
+        ``start_after_revision`` 0 starts at the current revision; R > 0
+        replays every event after R from the history, then continues live.
+        ``send_initial_events`` (only with 0) first sends every matching
+        record as ADDED (carrying its own revision), then INITIAL_EVENTS_END
+        at the snapshot revision. Raises InvalidArgument (negative or future
+        revision, initial events with a revision) or Compacted.
+        """
+        store = self.store
+        if start_after_revision < 0:
+            raise InvalidArgument(
+                [("start_after_revision", f"must not be negative, got {start_after_revision}")]
+            )
+        if send_initial_events and start_after_revision:
+            raise InvalidArgument(
+                [
+                    (
+                        "send_initial_events",
+                        "requires start_after_revision = 0 (a snapshot is taken now); "
+                        "to resume, watch without initial events",
+                    )
+                ]
+            )
+        if start_after_revision > store.revision:
+            raise InvalidArgument(
+                [
+                    (
+                        "start_after_revision",
+                        f"{start_after_revision} is ahead of the store's revision {store.revision}",
+                    )
+                ]
+            )
+        if start_after_revision and start_after_revision < store.oldest_revision:
+            raise Compacted(start_after_revision, store.oldest_revision)
+        initial: list[Record] | None = None
+        position = start_after_revision or store.revision
+        if send_initial_events:
+            initial, position = store.snapshot()
+        watcher = Watcher(
+            self,
+            position=position,
+            initial=initial,
+            allow_bookmarks=allow_bookmarks,
+            flt=flt or Filter(),
+            basic=basic,
+        )
+        # Registered before the replay is taken: the store is synchronous, so
+        # no change can fall between the two, and _take() drops duplicates.
+        self._watchers[watcher] = None
+        if start_after_revision:
+            replay = store.events_after(start_after_revision)
+            if replay:
+                watcher._replay(replay)
+        if self._shutting_down:
+            watcher._ending = True
+        return watcher
+
+    def final_bookmark(self) -> None:
+        """Graceful shutdown: each watcher drains what it has, sends a last
+        BOOKMARK (if it allows bookmarks) and ends; later changes are not sent."""
+        self._shutting_down = True
+        for watcher in self._watchers:
+            watcher._ending = True
+            watcher._notify()
+
+    def close(self) -> None:
+        """Detach from the store."""
+        self._unsubscribe()
+
+    def _broadcast(self, events: Sequence[Event]) -> None:
+        evicted = [w for w in self._watchers if not w._push(events)]
+        for watcher in evicted:
+            self._remove(watcher)
+
+    def _remove(self, watcher: Watcher) -> None:
+        self._watchers.pop(watcher, None)
