@@ -836,7 +836,8 @@ class RecordMetadata(_message.Message):
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     revision: _builtins.int
     """revision is the store revision of this record's last change. Revisions
-    are global and only go up.
+    are global and only go up; the first change of a store is revision 2
+    (revision 1 is the empty store).
     """
     create_revision: _builtins.int
     """create_revision is the revision at which the sidecar first saw this

@@ -286,7 +286,9 @@ class ListConnectionsResponse(_message.Message):
     """next_page_token fetches the next page; empty means this was the last."""
     revision: _builtins.int
     """revision is the store revision this listing reflects. Watch with
-    start_after_revision = revision to follow every later change.
+    start_after_revision = revision to follow every later change. It is
+    never 0: a store starts at revision 1 (empty), like etcd, so a listing
+    of an empty store can be resumed too.
     """
     @_builtins.property
     def connections(self) -> _containers.RepeatedCompositeFieldContainer[_connection_pb2.ConnectionRecord]:

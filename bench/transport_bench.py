@@ -1,0 +1,179 @@
+"""End-to-end benchmarks through gRPC: connmeta vs bare grpcio, same run.
+
+Each server runs in its own process (so its CPU can be read from /proc) and
+the load comes from this process over loopback TCP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+import grpc
+
+from bench._harness import Process, batch, percentile, server
+from connmeta.v1 import connection_service_pb2 as cs
+from connmeta.v1 import report_service_pb2 as rs
+
+BATCH = 500
+WINDOW = 4  # report requests in flight, as the addon pipelines them
+
+
+def _identity(data: bytes) -> bytes:
+    return data
+
+
+class Proxy:
+    """The proxy's side of a report stream, sending pre-serialized batches."""
+
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        method = channel.stream_stream(
+            "/connmeta.v1.ReportService/Report",
+            request_serializer=_identity,
+            response_deserializer=rs.ReportResponse.FromString,
+        )
+        self.call = method()
+        self.revision = 0
+
+    async def send(self, batches: list[bytes]) -> None:
+        """Send every batch with WINDOW in flight; return when all are acknowledged."""
+        acked = asyncio.Semaphore(WINDOW)
+        pending = len(batches)
+        done = asyncio.Event()
+
+        async def read() -> None:
+            nonlocal pending
+            while pending:
+                response = await self.call.read()
+                if response is grpc.aio.EOF:
+                    raise RuntimeError("report stream ended")
+                assert isinstance(response, rs.ReportResponse)
+                if response.WhichOneof("message") != "ack":
+                    continue  # routing state and the like
+                self.revision = response.ack.revision
+                pending -= 1
+                acked.release()
+            done.set()
+
+        reader = asyncio.create_task(read())
+        for data in batches:
+            await acked.acquire()
+            await self.call.write(data)
+        await done.wait()
+        await reader
+
+
+@dataclass
+class Ingest:
+    records_per_second: float
+    server_cpu_us_per_record: float
+
+
+async def ingest(kind: str, batches: int = 200) -> Ingest:
+    payload = [batch(i * BATCH, BATCH, sequence=i + 1) for i in range(batches)]
+    async with server(kind) as proc, grpc.aio.insecure_channel(proc.target) as channel:
+        proxy = Proxy(channel)
+        await proxy.send(payload[:4])  # warm up the stream and the store
+        cpu = proc.cpu_seconds()
+        start = time.perf_counter()
+        await proxy.send(payload[4:])
+        elapsed = time.perf_counter() - start
+        records = (batches - 4) * BATCH
+        return Ingest(records / elapsed, (proc.cpu_seconds() - cpu) / records * 1e6)
+
+
+@dataclass
+class FanOut:
+    watchers: int
+    events: int
+    events_per_second: float
+    lost: int
+    p50_ms: float
+    p99_ms: float
+    server_cpu_us_per_delivery: float
+    latencies: list[float] = field(default_factory=list, repr=False)
+
+
+async def _watcher(
+    channel: grpc.aio.Channel, after: int, until: int, latencies: list[float]
+) -> int:
+    """Read until revision ``until``; returns how many revisions were missing."""
+    method = channel.unary_stream(
+        "/connmeta.v1.ConnectionService/WatchConnections",
+        request_serializer=cs.WatchConnectionsRequest.SerializeToString,
+        response_deserializer=cs.WatchConnectionsResponse.FromString,
+    )
+    call = method(cs.WatchConnectionsRequest(start_after_revision=after))
+    expected = after + 1
+    lost = 0
+    async for response in call:
+        now = time.time_ns()
+        for event in response.events:
+            if event.revision != expected:
+                lost += abs(event.revision - expected)
+            expected = event.revision + 1
+        last = response.events[-1]
+        if last.HasField("connection"):
+            latencies.append(
+                (now - last.connection.server.connection.timestamp_start.ToNanoseconds()) / 1e6
+            )
+        if expected > until:
+            call.cancel()
+            break
+    return lost
+
+
+async def fan_out(kind: str, watchers: int, events: int) -> FanOut:
+    batches = max(1, events // BATCH)
+    total = batches * BATCH
+    async with server(kind) as proc, grpc.aio.insecure_channel(proc.target) as channel:
+        proxy = Proxy(channel)
+        await proxy.send([batch(0, 10, sequence=1)])
+        after = proxy.revision
+        latencies: list[float] = []
+        readers = [
+            asyncio.create_task(_watcher(channel, after, after + total, latencies))
+            for _ in range(watchers)
+        ]
+        await asyncio.sleep(0.5)  # every watcher registered
+        cpu = proc.cpu_seconds()
+        start = time.perf_counter()
+        for i in range(batches):
+            # Stamped when sent, so latency is send -> delivered.
+            await proxy.send([batch(10 + i * BATCH, BATCH, sequence=i + 2)])
+        lost = sum(await asyncio.gather(*readers))
+        elapsed = time.perf_counter() - start
+        deliveries = total * watchers
+        return FanOut(
+            watchers,
+            total,
+            total / elapsed,
+            lost,
+            percentile(latencies, 50),
+            percentile(latencies, 99),
+            (proc.cpu_seconds() - cpu) / deliveries * 1e6,
+            latencies,
+        )
+
+
+async def unary_get(kind: str, calls: int = 3000) -> float:
+    """Sequential GetConnection calls per second for one stored record."""
+    async with server(kind) as proc, grpc.aio.insecure_channel(proc.target) as channel:
+        proxy = Proxy(channel)
+        await proxy.send([batch(0, 1, sequence=1)])
+        request = cs.GetConnectionRequest(id=f"{0:08x}-0000-4000-8000-{0:012x}")
+        get = channel.unary_unary(
+            "/connmeta.v1.ConnectionService/GetConnection",
+            request_serializer=cs.GetConnectionRequest.SerializeToString,
+            response_deserializer=cs.GetConnectionResponse.FromString,
+        )
+        for _ in range(200):
+            await get(request)
+        start = time.perf_counter()
+        for _ in range(calls):
+            await get(request)
+        return calls / (time.perf_counter() - start)
+
+
+__all__ = ["FanOut", "Ingest", "Process", "fan_out", "ingest", "unary_get"]

@@ -1,0 +1,245 @@
+"""Wiring and lifecycle: the grpc.aio server, its listeners, health, reflection
+and graceful shutdown. Business rules live in the domain core; servicers in
+``service``; this module only assembles them."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import socket
+import stat
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from connmeta import __version__
+from connmeta.service import SERVICE_NAMES, add_servicers
+from connmeta.store import Store
+from connmeta.watch import WatchHub
+
+log = logging.getLogger("connmeta.server")
+
+MiB = 1024 * 1024
+
+
+def default_unix_socket() -> str:
+    """A per-user socket path that needs no configuration and no root."""
+    base = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/connmeta-{os.getuid()}"
+    return os.path.join(base, "connmeta.sock")
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """Every setting of ``connmeta serve``; the defaults are the embedded ones."""
+
+    listen: str = "127.0.0.1:50051"
+    unix_socket: str = field(default_factory=default_unix_socket)
+    health_listen: str = ""
+    history_size: int = 100_000
+    closed_retention: float = 300.0
+    closed_retention_count: int = 10_000
+    watch_max_lag: int = 10_000
+    bookmark_interval: float = 5.0
+    shutdown_grace: float = 5.0
+    max_message_bytes: int = 16 * MiB
+    keepalive_min_ping_interval: float = 5.0
+
+
+def channel_options(config: Config) -> list[tuple[str, int]]:
+    """Server options: message limits and keepalive policy.
+
+    Go and Rust clients commonly ping every 10-30 s, also on idle watches.
+    C-core's defaults (pings at most every 5 minutes without data, two
+    strikes) would answer them with GOAWAY too_many_pings, so permit pings
+    without calls at the configured minimum interval. The server pings idle
+    clients too, so dead peers behind NATs are noticed.
+    """
+    return [
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_send_message_length", config.max_message_bytes),
+        ("grpc.keepalive_permit_without_calls", 1),
+        # C-core's name for the *receive* side (GRPC_ARG_HTTP2_MIN_RECV_PING_
+        # INTERVAL_WITHOUT_DATA_MS); pings closer together count as strikes.
+        (
+            "grpc.http2.min_ping_interval_without_data_ms",
+            int(config.keepalive_min_ping_interval * 1000),
+        ),
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+
+
+class ListenError(RuntimeError):
+    """A listener could not be set up; the message says which and why."""
+
+
+def _claim_unix_socket(path: str) -> None:
+    """Make ``path`` bindable: create its directory, remove a stale socket.
+
+    A socket file nobody listens on is left over from a crash and is
+    removed; one that answers belongs to a running sidecar and is an error.
+    """
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise ListenError(f"unix socket path {path} exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError as exc:
+        if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT):
+            raise
+        os.unlink(path)
+    else:
+        raise ListenError(f"another process is serving on unix socket {path}")
+    finally:
+        probe.close()
+
+
+class Sidecar:
+    """One running connmeta: the store, the watch hub and the gRPC servers."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.store = Store(
+            history_size=config.history_size,
+            closed_retention_seconds=config.closed_retention,
+            closed_retention_count=config.closed_retention_count,
+        )
+        self.hub = WatchHub(
+            self.store, max_lag=config.watch_max_lag, bookmark_interval=config.bookmark_interval
+        )
+        self.health = HealthServicer()
+        self._servers: list[grpc.aio.Server] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self.tcp_address = ""
+        self.health_address = ""
+        self.unix_socket = ""
+        self._stopped = asyncio.Event()
+
+    async def start(self) -> None:
+        """Bind every configured listener and start serving."""
+        config = self.config
+        if not config.listen and not config.unix_socket:
+            raise ListenError("nothing to serve on: both --listen and --unix-socket are empty")
+        server = grpc.aio.server(options=channel_options(config))
+        add_servicers(server, self.store, self.hub)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (
+                *SERVICE_NAMES,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
+            server,
+        )
+        if config.listen:
+            self.tcp_address = self._bind_tcp(server, config.listen, "--listen")
+        if config.unix_socket:
+            _claim_unix_socket(config.unix_socket)
+            # umask instead of a chmod afterwards: no window in which the
+            # socket is reachable with looser permissions.
+            old = os.umask(0o177)
+            try:
+                if not server.add_insecure_port(f"unix://{config.unix_socket}"):
+                    raise ListenError(f"cannot listen on unix socket {config.unix_socket}")
+            finally:
+                os.umask(old)
+            self.unix_socket = config.unix_socket
+        self._servers.append(server)
+        if config.health_listen:
+            # kubelet's grpc probes cannot reach a Unix socket and the API
+            # port may be loopback-only, so health gets a port of its own.
+            health_server = grpc.aio.server(options=channel_options(config))
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, health_server)
+            self.health_address = self._bind_tcp(
+                health_server, config.health_listen, "--health-listen"
+            )
+            self._servers.append(health_server)
+        for s in self._servers:
+            await s.start()
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._tasks.append(asyncio.create_task(self._expire_loop(), name="connmeta-expire"))
+
+    @staticmethod
+    def _bind_tcp(server: grpc.aio.Server, address: str, flag: str) -> str:
+        try:
+            port = server.add_insecure_port(address)
+        except RuntimeError as exc:
+            raise ListenError(f"cannot listen on {address} ({flag}): {exc}") from exc
+        if not port:
+            raise ListenError(f"cannot listen on {address} ({flag})")
+        host = address.rsplit(":", 1)[0]
+        return f"{host}:{port}"
+
+    async def _expire_loop(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            self.store.expire()
+
+    def describe(self) -> str:
+        """The ready line: scripts and tests parse ``tcp=`` and ``unix=``."""
+        parts = [f"connmeta {__version__} serving"]
+        if self.tcp_address:
+            parts.append(f"tcp={self.tcp_address}")
+        if self.unix_socket:
+            parts.append(f"unix={self.unix_socket}")
+        if self.health_address:
+            parts.append(f"health={self.health_address}")
+        return " ".join(parts)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Graceful shutdown, in the order clients can act on.
+
+        Health turns NOT_SERVING first so load balancers and probes stop
+        sending new work, watchers get a final bookmark so they resume from a
+        recent revision, then the servers stop accepting and in-flight calls
+        get ``grace`` seconds before they are cancelled.
+        """
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        await self.health.enter_graceful_shutdown()
+        self.hub.final_bookmark()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        grace = self.config.shutdown_grace if grace is None else grace
+        await asyncio.gather(*(s.stop(grace) for s in self._servers))
+        if self.unix_socket:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.unix_socket)
+
+    async def wait(self) -> None:
+        """Until stop() has run."""
+        await self._stopped.wait()
+        await asyncio.gather(*(s.wait_for_termination() for s in self._servers))
+
+
+async def serve(config: Config) -> None:
+    """Run until SIGTERM or SIGINT, then shut down gracefully."""
+    import signal
+
+    sidecar = Sidecar(config)
+    await sidecar.start()
+    print(sidecar.describe(), flush=True)
+    loop = asyncio.get_running_loop()
+    stopping: list[asyncio.Task[None]] = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda: stopping.append(asyncio.create_task(sidecar.stop())))
+    await sidecar.wait()
+    log.info("connmeta stopped")

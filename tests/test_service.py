@@ -1,0 +1,384 @@
+"""The real gRPC server, over a Unix socket and over TCP: every status with its
+details, pagination, watch resume, compaction, slow watchers and resync."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import grpc
+import pytest
+from google.protobuf import field_mask_pb2
+
+from connmeta.v1 import connection_pb2 as pb
+from connmeta.v1 import connection_service_pb2 as cs
+from connmeta.v1 import connection_service_pb2_grpc as cs_grpc
+from tests import factories
+from tests.factories import CLOSED, OPEN, Reporter
+from tests.sidecar import StartSidecar, channel, details, start_sidecar, stub, transport
+
+__all__ = ["channel", "start_sidecar", "stub", "transport"]  # fixtures used below
+
+ADDRESS = field_mask_pb2.FieldMask(paths=["address"])
+VIA = field_mask_pb2.FieldMask(paths=["via"])
+
+
+def update(
+    id: str,
+    *,
+    host: str = "origin-b.example",
+    port: int = 443,
+    etag: str = "",
+    mask: field_mask_pb2.FieldMask = ADDRESS,
+) -> cs.UpdateServerConnectionRequest:
+    return cs.UpdateServerConnectionRequest(
+        id=id, address=pb.Address(host=host, port=port), update_mask=mask, etag=etag, actor="test"
+    )
+
+
+async def test_get_returns_what_the_proxy_reported(channel: grpc.aio.Channel) -> None:
+    reporter = Reporter(channel)
+    snapshot = factories.server(host="a.example", port=8443)
+    revision = await reporter.report(snapshot)
+    got = await cs_grpc.ConnectionServiceStub(channel).GetConnection(
+        cs.GetConnectionRequest(id=snapshot.server.connection.id)
+    )
+    assert got.connection.server == snapshot.server
+    assert got.connection.metadata.revision == revision
+    assert got.connection.metadata.etag == f'"{revision}"'
+
+
+async def test_get_unknown_id_is_not_found_with_error_info(
+    stub: cs_grpc.ConnectionServiceAsyncStub,
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.GetConnection(cs.GetConnectionRequest(id="no-such-id"))
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    info = details(caught.value)["ErrorInfo"]
+    assert info.reason == "CONNECTION_NOT_FOUND"
+    assert info.metadata["id"] == "no-such-id"
+
+
+async def test_update_address_on_open_server_is_refused_with_precondition_failure(
+    channel: grpc.aio.Channel,
+) -> None:
+    snapshot = factories.server(state=OPEN)
+    await Reporter(channel).report(snapshot)
+    stub = cs_grpc.ConnectionServiceStub(channel)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.UpdateServerConnection(update(snapshot.server.connection.id))
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    found = details(caught.value)
+    assert found["ErrorInfo"].reason == "CONNECTION_OPEN"
+    assert found["ErrorInfo"].metadata["field"] == "address"
+    (violation,) = found["PreconditionFailure"].violations
+    assert violation.type == "CONNECTION_STATE"
+    assert violation.subject == f"connections/{snapshot.server.connection.id}"
+    after = await stub.GetConnection(cs.GetConnectionRequest(id=snapshot.server.connection.id))
+    assert after.connection.server.address.host == "origin.example", "nothing changed"
+
+
+async def test_update_same_address_on_open_server_is_accepted(channel: grpc.aio.Channel) -> None:
+    snapshot = factories.server(state=OPEN, host="same.example", port=443)
+    revision = await Reporter(channel).report(snapshot)
+    stub = cs_grpc.ConnectionServiceStub(channel)
+    got = await stub.UpdateServerConnection(
+        update(snapshot.server.connection.id, host="same.example", port=443)
+    )
+    assert got.connection.server.address.host == "same.example"
+    assert got.connection.metadata.revision == revision, "no change, no new revision"
+
+
+async def test_update_closed_server_changes_address_revision_and_etag(
+    channel: grpc.aio.Channel,
+) -> None:
+    snapshot = factories.server(state=CLOSED, hook=pb.HOOK_SERVER_CONNECT)
+    revision = await Reporter(channel).report(snapshot)
+    stub = cs_grpc.ConnectionServiceStub(channel)
+    got = await stub.UpdateServerConnection(
+        update(snapshot.server.connection.id, etag=f'"{revision}"')
+    )
+    record = got.connection
+    assert record.server.address == pb.Address(host="origin-b.example", port=443)
+    assert record.metadata.revision > revision
+    assert record.metadata.etag == f'"{record.metadata.revision}"'
+    assert record.metadata.last_change.actor == "test"
+    assert list(record.metadata.last_change.fields) == ["address"]
+
+
+async def test_update_with_stale_etag_is_aborted(channel: grpc.aio.Channel) -> None:
+    snapshot = factories.server(state=CLOSED, hook=pb.HOOK_SERVER_CONNECT)
+    revision = await Reporter(channel).report(snapshot)
+    await Reporter(channel).report(factories.server(snapshot.server.connection.id, state=CLOSED))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await cs_grpc.ConnectionServiceStub(channel).UpdateServerConnection(
+            update(snapshot.server.connection.id, etag=f'"{revision}"')
+        )
+    assert caught.value.code() == grpc.StatusCode.ABORTED
+    assert details(caught.value)["ErrorInfo"].reason == "ETAG_MISMATCH"
+
+
+@pytest.mark.parametrize(
+    ("request_overrides", "field"),
+    [
+        ({"port": 70000}, "address.port"),
+        ({"port": 0}, "address.port"),
+        ({"host": ""}, "address.host"),
+        ({"mask": field_mask_pb2.FieldMask(paths=["sni"])}, "update_mask"),
+        ({"mask": field_mask_pb2.FieldMask()}, "update_mask"),
+    ],
+)
+async def test_update_with_invalid_argument_names_the_field(
+    channel: grpc.aio.Channel, request_overrides: dict[str, object], field: str
+) -> None:
+    snapshot = factories.server(state=CLOSED, hook=pb.HOOK_SERVER_CONNECT)
+    await Reporter(channel).report(snapshot)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await cs_grpc.ConnectionServiceStub(channel).UpdateServerConnection(
+            update(snapshot.server.connection.id, **request_overrides)  # type: ignore[arg-type]
+        )
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    violations = details(caught.value)["BadRequest"].field_violations
+    assert any(v.field.startswith(field) for v in violations), violations
+
+
+async def test_update_via_with_a_scheme_mitmproxy_cannot_use_upstream_is_invalid(
+    channel: grpc.aio.Channel,
+) -> None:
+    snapshot = factories.server(state=CLOSED, hook=pb.HOOK_SERVER_CONNECT)
+    await Reporter(channel).report(snapshot)
+    request = cs.UpdateServerConnectionRequest(
+        id=snapshot.server.connection.id,
+        via=pb.ServerSpec(scheme=pb.SCHEME_TLS, address=pb.Address(host="p.example", port=3128)),
+        update_mask=VIA,
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await cs_grpc.ConnectionServiceStub(channel).UpdateServerConnection(request)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "via.scheme" in [v.field for v in details(caught.value)["BadRequest"].field_violations]
+
+
+async def test_update_a_client_is_invalid(channel: grpc.aio.Channel) -> None:
+    snapshot = factories.client()
+    await Reporter(channel).report(snapshot)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await cs_grpc.ConnectionServiceStub(channel).UpdateServerConnection(
+            update(snapshot.client.connection.id)
+        )
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert details(caught.value)["BadRequest"].field_violations
+
+
+async def test_list_pages_are_pinned_to_the_first_pages_revision(
+    channel: grpc.aio.Channel,
+) -> None:
+    reporter = Reporter(channel)
+    ids = sorted(s.server.connection.id for s in [factories.server() for _ in range(25)])
+    revision = await reporter.report(*(factories.server(i) for i in ids))
+    stub = cs_grpc.ConnectionServiceStub(channel)
+    seen: list[str] = []
+    token = ""
+    while True:
+        page = await stub.ListConnections(cs.ListConnectionsRequest(page_size=7, page_token=token))
+        assert page.revision == revision
+        seen += [r.server.connection.id for r in page.connections]
+        # Writes between pages must not show up in this listing.
+        await reporter.report(factories.server(), factories.server(ids[-1], state=CLOSED))
+        token = page.next_page_token
+        if not token:
+            break
+    assert seen == ids
+    final = await stub.GetConnection(cs.GetConnectionRequest(id=ids[-1]))
+    assert final.connection.server.connection.state == CLOSED
+
+
+async def test_list_with_negative_page_size_is_invalid(
+    stub: cs_grpc.ConnectionServiceAsyncStub,
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.ListConnections(cs.ListConnectionsRequest(page_size=-1))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert [v.field for v in details(caught.value)["BadRequest"].field_violations] == ["page_size"]
+
+
+async def test_list_filters_by_kind_state_host_and_client(channel: grpc.aio.Channel) -> None:
+    c = factories.client()
+    client_id = c.client.connection.id
+    mine = factories.server(host="api.example.com", client_id=client_id)
+    other = factories.server(host="example.org", state=CLOSED)
+    await Reporter(channel).report(c, mine, other)
+    stub = cs_grpc.ConnectionServiceStub(channel)
+
+    async def ids(flt: cs.ConnectionFilter) -> set[str]:
+        page = await stub.ListConnections(cs.ListConnectionsRequest(filter=flt))
+        return {r.server.connection.id or r.client.connection.id for r in page.connections}
+
+    mine_id, other_id = mine.server.connection.id, other.server.connection.id
+    assert await ids(cs.ConnectionFilter(kind=cs.CONNECTION_KIND_CLIENT)) == {client_id}
+    assert await ids(cs.ConnectionFilter(states=[CLOSED])) == {other_id}
+    assert await ids(cs.ConnectionFilter(host="*.example.com")) == {mine_id}
+    assert await ids(cs.ConnectionFilter(client_id=client_id)) == {client_id, mine_id}
+
+
+async def _collect(
+    stub: cs_grpc.ConnectionServiceAsyncStub, request: cs.WatchConnectionsRequest, until: int
+) -> list[cs.WatchEvent]:
+    events: list[cs.WatchEvent] = []
+    async for response in stub.WatchConnections(request):
+        events += response.events
+        if events and events[-1].revision >= until:
+            return events
+    return events
+
+
+async def test_watch_resumed_under_concurrent_writes_has_no_gap_and_no_duplicate(
+    channel: grpc.aio.Channel,
+) -> None:
+    reporter = Reporter(channel)
+    stub = cs_grpc.ConnectionServiceStub(channel)
+    start = await reporter.report(factories.server())
+    ids = [factories.new_id() for _ in range(10)]
+    rng = random.Random(7)
+
+    async def writer() -> int:
+        revision = start
+        for _ in range(60):
+            batch = [
+                factories.server(rng.choice(ids), port=rng.randint(1, 65535)) for _ in range(5)
+            ]
+            revision = await reporter.report(*batch)
+            await asyncio.sleep(0)
+        return revision
+
+    write = asyncio.create_task(writer())
+    received: list[int] = []
+    cursor = start
+    while not write.done() or cursor < write.result():
+        call = stub.WatchConnections(cs.WatchConnectionsRequest(start_after_revision=cursor))
+        # Read a few responses, then hang up mid-stream and resume.
+        for _ in range(rng.randint(1, 4)):
+            response = await call.read()
+            if response is grpc.aio.EOF:
+                break
+            assert isinstance(response, cs.WatchConnectionsResponse)
+            received += [e.revision for e in response.events]
+            cursor = received[-1] if received else cursor
+            if write.done() and cursor >= write.result():
+                break
+        call.cancel()
+    final = await write
+    assert received == list(range(start + 1, final + 1))
+
+
+async def test_watch_sends_initial_events_then_end_marker(channel: grpc.aio.Channel) -> None:
+    snapshots = [factories.server() for _ in range(3)]
+    revision = await Reporter(channel).report(*snapshots)
+    stub = cs_grpc.ConnectionServiceStub(channel)
+    call = stub.WatchConnections(cs.WatchConnectionsRequest(send_initial_events=True))
+    events: list[cs.WatchEvent] = []
+    while not events or events[-1].type != cs.WATCH_EVENT_TYPE_INITIAL_EVENTS_END:
+        response = await call.read()
+        assert isinstance(response, cs.WatchConnectionsResponse)
+        events += response.events
+    call.cancel()
+    assert [e.type for e in events[:-1]] == [cs.WATCH_EVENT_TYPE_ADDED] * 3
+    assert {e.connection.server.connection.id for e in events[:-1]} == {
+        s.server.connection.id for s in snapshots
+    }
+    assert events[-1].revision == revision
+
+
+async def test_watch_from_a_compacted_revision_is_out_of_range_naming_the_oldest(
+    start_sidecar: StartSidecar,
+) -> None:
+    _, channel = await start_sidecar(history_size=10)
+    reporter = Reporter(channel)
+    for _ in range(30):
+        await reporter.report(factories.server())
+    call = cs_grpc.ConnectionServiceStub(channel).WatchConnections(
+        cs.WatchConnectionsRequest(start_after_revision=1)
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call.read()
+    assert caught.value.code() == grpc.StatusCode.OUT_OF_RANGE
+    info = details(caught.value)["ErrorInfo"]
+    assert info.reason == "REVISION_COMPACTED"
+    assert info.metadata["requested_revision"] == "1"
+    assert int(info.metadata["oldest_revision"]) > 1
+
+
+async def test_slow_watcher_is_evicted_and_resumes_without_loss(
+    start_sidecar: StartSidecar,
+) -> None:
+    sidecar, channel = await start_sidecar(watch_max_lag=1000)
+    reporter = Reporter(channel)
+    stub = cs_grpc.ConnectionServiceStub(channel)
+    start = await reporter.report(factories.server())
+    slow = stub.WatchConnections(cs.WatchConnectionsRequest(start_after_revision=start))
+    total = 30_000
+    fast = asyncio.create_task(
+        _collect(stub, cs.WatchConnectionsRequest(start_after_revision=start), start + total)
+    )
+    # Both watches live before the writes; the hub counts, it has no event.
+    while sidecar.hub.watcher_count < 2:  # noqa: ASYNC110
+        await asyncio.sleep(0.01)
+    # The slow watcher reads nothing while 30k revisions (~15 MB, far more
+    # than HTTP/2 flow control buffers) land; the fast one and the store must
+    # not wait for it.
+    final = start
+    for _ in range(total // 500):
+        final = await reporter.report(*(factories.server(sni="x" * 200) for _ in range(500)))
+    fast_events = await asyncio.wait_for(fast, 30)
+    assert [e.revision for e in fast_events] == list(range(start + 1, final + 1))
+
+    received: list[int] = []
+
+    async def drain_slow() -> None:
+        async for response in slow:
+            received.extend(e.revision for e in response.events)
+
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await drain_slow()
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    info = details(caught.value)["ErrorInfo"]
+    assert info.reason == "WATCHER_TOO_SLOW"
+    last = int(info.metadata["last_revision"])
+    assert received == list(range(start + 1, last + 1))
+    rest = await _collect(stub, cs.WatchConnectionsRequest(start_after_revision=last), final)
+    assert received + [e.revision for e in rest] == list(range(start + 1, final + 1))
+
+
+async def test_resync_closes_what_the_proxy_no_longer_has(channel: grpc.aio.Channel) -> None:
+    kept, gone = factories.server(), factories.server()
+    gone_client = factories.client()
+    reporter = Reporter(channel)
+    await reporter.report(kept, gone, gone_client)
+    await reporter.close()
+    # A new stream, as after the proxy reconnected: it still holds only `kept`.
+    closed = await Reporter(channel).resync(kept)
+    assert closed == 2
+    stub = cs_grpc.ConnectionServiceStub(channel)
+    states = {}
+    for snapshot in (kept, gone):
+        got = await stub.GetConnection(cs.GetConnectionRequest(id=snapshot.server.connection.id))
+        states[snapshot is kept] = got.connection.server.connection.state
+    assert states == {True: OPEN, False: CLOSED}
+    got = await stub.GetConnection(cs.GetConnectionRequest(id=gone_client.client.connection.id))
+    assert got.connection.client.connection.state == CLOSED
+
+
+async def test_report_with_a_malformed_snapshot_is_invalid_and_keeps_the_earlier_ones(
+    channel: grpc.aio.Channel,
+) -> None:
+    good = factories.server()
+    bad = factories.server()
+    bad.server.connection.id = ""
+    reporter = Reporter(channel)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await reporter.report(good, bad)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert details(caught.value)["BadRequest"].field_violations[0].field.startswith("snapshots[1]")
+    got = await cs_grpc.ConnectionServiceStub(channel).GetConnection(
+        cs.GetConnectionRequest(id=good.server.connection.id)
+    )
+    assert got.connection.server.connection.id == good.server.connection.id
