@@ -1,0 +1,99 @@
+package connmeta
+
+import (
+	"fmt"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/keepalive"
+
+	"github.com/connmeta/connmeta/clients/go/connmetav1"
+)
+
+// DefaultKeepalive is how long a connection may be silent before the client
+// pings the sidecar. Watches sit idle for long stretches; without pings a
+// dead peer or a NAT/L4 balancer that dropped the flow goes unnoticed until
+// the next write. The sidecar permits pings this often (its
+// keepalive-min-ping-interval is lower), so they do not earn a GOAWAY
+// "too_many_pings".
+const DefaultKeepalive = 20 * time.Second
+
+// Client is a connection to one connmeta sidecar. It is safe for concurrent
+// use; share one per process.
+type Client struct {
+	conn *grpc.ClientConn
+	// Connections is the raw ConnectionService stub, for anything the
+	// helpers do not cover.
+	Connections connmetav1.ConnectionServiceClient
+	// Reports is the raw ReportService stub (the proxy's side).
+	Reports connmetav1.ReportServiceClient
+	// Health is the standard grpc.health.v1 service.
+	Health healthpb.HealthClient
+}
+
+type dialConfig struct {
+	keepalive time.Duration
+	extra     []grpc.DialOption
+}
+
+// Option configures [Dial].
+type Option func(*dialConfig)
+
+// WithKeepalive sets the keepalive ping interval. grpc-go never pings more
+// often than every 10 s, whatever is asked.
+func WithKeepalive(d time.Duration) Option {
+	return func(c *dialConfig) { c.keepalive = d }
+}
+
+// WithDialOptions appends raw grpc dial options (TLS credentials, a custom
+// dialer, interceptors). Later options override earlier ones, so
+// credentials given here replace the default insecure transport.
+func WithDialOptions(opts ...grpc.DialOption) Option {
+	return func(c *dialConfig) { c.extra = append(c.extra, opts...) }
+}
+
+// Dial connects to a sidecar. target is "host:port" (TCP) or
+// "unix:///absolute/path" (Unix socket, the usual way inside a pod); any
+// target grpc-go understands works. The connection is made lazily, on the
+// first call, so Dial fails only on a malformed target.
+//
+// The transport is plaintext: the sidecar listens on loopback or on a Unix
+// socket whose file mode is the access control. Pass TLS credentials with
+// [WithDialOptions] for anything else.
+func Dial(target string, opts ...Option) (*Client, error) {
+	cfg := dialConfig{keepalive: DefaultKeepalive}
+	for _, o := range opts {
+		o(&cfg)
+	}
+	dialOpts := []grpc.DialOption{
+		grpc.WithTransportCredentials(insecure.NewCredentials()),
+		grpc.WithKeepaliveParams(keepalive.ClientParameters{
+			Time:    cfg.keepalive,
+			Timeout: 10 * time.Second,
+			// Ping only while an RPC is open: that is when a dead peer
+			// costs something (a watch that silently stops), and a server
+			// with gRPC's default policy would GOAWAY pings on an idle
+			// connection.
+			PermitWithoutStream: false,
+		}),
+	}
+	dialOpts = append(dialOpts, cfg.extra...)
+	conn, err := grpc.NewClient(target, dialOpts...)
+	if err != nil {
+		return nil, fmt.Errorf("connmeta: dial %q: %w (want host:port or unix:///path)", target, err)
+	}
+	return &Client{
+		conn:        conn,
+		Connections: connmetav1.NewConnectionServiceClient(conn),
+		Reports:     connmetav1.NewReportServiceClient(conn),
+		Health:      healthpb.NewHealthClient(conn),
+	}, nil
+}
+
+// Conn returns the underlying connection, e.g. to build other stubs on it.
+func (c *Client) Conn() *grpc.ClientConn { return c.conn }
+
+// Close tears the connection down; calls in flight fail with Canceled.
+func (c *Client) Close() error { return c.conn.Close() }

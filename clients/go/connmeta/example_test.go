@@ -1,0 +1,114 @@
+package connmeta_test
+
+import (
+	"context"
+	"fmt"
+	"log"
+	"os"
+	"testing"
+	"time"
+
+	"github.com/connmeta/connmeta/clients/go/connmeta"
+	"github.com/connmeta/connmeta/clients/go/connmetav1"
+)
+
+// target is where the examples find a sidecar: CONNMETA_TARGET when set
+// (the interop suite points it at the real server), else an in-process
+// fake that TestMain starts (export_test.go).
+var target = os.Getenv("CONNMETA_TARGET")
+
+func TestMain(m *testing.M) {
+	if target == "" {
+		var stop func()
+		target, stop = connmeta.StartExampleServer()
+		code := m.Run()
+		stop()
+		os.Exit(code)
+	}
+	os.Exit(m.Run())
+}
+
+// Reading one connection, and telling "not there" apart from other errors
+// through the ErrorInfo reason the sidecar attaches to every error.
+func Example() {
+	// "unix:///run/connmeta/connmeta.sock" inside a pod, "127.0.0.1:50051" on TCP.
+	client, err := connmeta.Dial(target)
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer client.Close()
+
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	resp, err := client.Connections.GetConnection(ctx, &connmetav1.GetConnectionRequest{
+		Id: "4c9e1a52-8d0f-4f49-a1b4-5c0f4b8f9f00",
+	})
+	switch {
+	case connmeta.IsReason(err, connmeta.ReasonConnectionNotFound):
+		fmt.Println("no such connection")
+	case err != nil:
+		log.Fatal(err)
+	default:
+		fmt.Println("revision", resp.GetConnection().GetMetadata().GetRevision())
+	}
+	// Output: no such connection
+}
+
+// An informer: list once, then follow every change. Watch resumes by itself
+// after disconnects and slow-consumer evictions, and lists again if it ever
+// falls out of the server's history.
+func ExampleClient_Watch() {
+	client, err := connmeta.Dial(target)
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer client.Close()
+
+	// A real consumer runs until shutdown; the example stops after a moment.
+	ctx, cancel := context.WithTimeout(context.Background(), 500*time.Millisecond)
+	defer cancel()
+	servers := map[string]*connmetav1.ConnectionRecord{}
+	err = client.Watch(ctx, connmeta.WatchOptions{
+		Filter:    &connmetav1.ConnectionFilter{Kind: connmetav1.ConnectionKind_CONNECTION_KIND_SERVER, Host: "*.example.invalid"},
+		Bookmarks: true,
+		Relist: func(_ context.Context, records []*connmetav1.ConnectionRecord, _ int64) error {
+			clear(servers)
+			for _, r := range records {
+				servers[r.GetServer().GetConnection().GetId()] = r
+			}
+			fmt.Printf("listed %d servers\n", len(servers))
+			return nil
+		},
+	}, func(ev *connmetav1.WatchEvent) error {
+		switch ev.GetType() {
+		case connmetav1.WatchEventType_WATCH_EVENT_TYPE_ADDED, connmetav1.WatchEventType_WATCH_EVENT_TYPE_MODIFIED:
+			servers[ev.GetConnection().GetServer().GetConnection().GetId()] = ev.GetConnection()
+		case connmetav1.WatchEventType_WATCH_EVENT_TYPE_DELETED:
+			delete(servers, ev.GetConnection().GetServer().GetConnection().GetId())
+		}
+		return nil
+	})
+	fmt.Println("stopped:", err)
+	// Output:
+	// listed 0 servers
+	// stopped: context deadline exceeded
+}
+
+// Re-targeting a server that has not connected yet, safely against
+// concurrent writers: RetargetServer reads the etag and retries on
+// ETAG_MISMATCH; an OPEN server refuses with CONNECTION_OPEN.
+func ExampleClient_RetargetServer() {
+	client, err := connmeta.Dial(target)
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer client.Close()
+
+	ctx := context.Background()
+	_, err = client.RetargetServer(ctx, "4c9e1a52-8d0f-4f49-a1b4-5c0f4b8f9f00",
+		&connmetav1.Address{Host: "backend-2.internal", Port: 8443}, "example")
+	if d := connmeta.DetailsOf(err); d != nil {
+		fmt.Println(d.Code, d.ErrorInfo.GetReason())
+	}
+	// Output: NotFound CONNECTION_NOT_FOUND
+}

@@ -1,0 +1,141 @@
+package connmeta
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"sync"
+	"testing"
+
+	"google.golang.org/genproto/googleapis/rpc/errdetails"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"github.com/connmeta/connmeta/clients/go/connmetav1"
+)
+
+// fakeServer is an in-process ConnectionService for unit tests and for the
+// examples when no real server is given (CONNMETA_TARGET). It answers like
+// the sidecar where the helpers depend on it: errors carry ErrorInfo, List
+// pages, and Watch replays scripted streams.
+type fakeServer struct {
+	connmetav1.UnimplementedConnectionServiceServer
+
+	mu       sync.Mutex
+	records  []*connmetav1.ConnectionRecord // in id order
+	revision int64
+	watches  []watchScript // consumed one per WatchConnections call
+	requests []*connmetav1.WatchConnectionsRequest
+}
+
+// watchScript plays one WatchConnections call.
+type watchScript func(req *connmetav1.WatchConnectionsRequest, send func(...*connmetav1.WatchEvent) error) error
+
+func connmetaError(code codes.Code, reason string, meta map[string]string, msg string) error {
+	st, err := status.New(code, msg).WithDetails(&errdetails.ErrorInfo{Reason: reason, Domain: Domain, Metadata: meta})
+	if err != nil {
+		panic(err)
+	}
+	return st.Err()
+}
+
+func (f *fakeServer) GetConnection(_ context.Context, req *connmetav1.GetConnectionRequest) (*connmetav1.GetConnectionResponse, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	for _, r := range f.records {
+		if r.GetServer().GetConnection().GetId() == req.GetId() {
+			return &connmetav1.GetConnectionResponse{Connection: r}, nil
+		}
+	}
+	return nil, connmetaError(codes.NotFound, ReasonConnectionNotFound, map[string]string{"id": req.GetId()},
+		fmt.Sprintf("no connection %q", req.GetId()))
+}
+
+func (f *fakeServer) ListConnections(_ context.Context, req *connmetav1.ListConnectionsRequest) (*connmetav1.ListConnectionsResponse, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	start := 0
+	if req.GetPageToken() != "" {
+		if _, err := fmt.Sscan(req.GetPageToken(), &start); err != nil {
+			return nil, status.Error(codes.InvalidArgument, "bad page token")
+		}
+	}
+	size := int(req.GetPageSize())
+	if size == 0 {
+		size = 100
+	}
+	end := min(start+size, len(f.records))
+	resp := &connmetav1.ListConnectionsResponse{Connections: f.records[start:end], Revision: f.revision}
+	if end < len(f.records) {
+		resp.NextPageToken = fmt.Sprint(end)
+	}
+	return resp, nil
+}
+
+func (f *fakeServer) WatchConnections(req *connmetav1.WatchConnectionsRequest, stream grpc.ServerStreamingServer[connmetav1.WatchConnectionsResponse]) error {
+	f.mu.Lock()
+	f.requests = append(f.requests, req)
+	var script watchScript
+	if len(f.watches) > 0 {
+		script, f.watches = f.watches[0], f.watches[1:]
+	}
+	f.mu.Unlock()
+	if script == nil { // nothing scripted: a quiet watch
+		<-stream.Context().Done()
+		return stream.Context().Err()
+	}
+	return script(req, func(evs ...*connmetav1.WatchEvent) error {
+		return stream.Send(&connmetav1.WatchConnectionsResponse{Events: evs})
+	})
+}
+
+// startFake serves f on a Unix socket (exercising Dial's unix: targets)
+// and returns the target.
+func startFake(f *fakeServer) (target string, stop func(), err error) {
+	dir, err := os.MkdirTemp("", "cm")
+	if err != nil {
+		return "", nil, err
+	}
+	sock := filepath.Join(dir, "fake.sock")
+	lis, err := net.Listen("unix", sock)
+	if err != nil {
+		return "", nil, err
+	}
+	srv := grpc.NewServer()
+	connmetav1.RegisterConnectionServiceServer(srv, f)
+	go func() { _ = srv.Serve(lis) }()
+	return "unix://" + sock, func() { srv.Stop(); _ = os.RemoveAll(dir) }, nil
+}
+
+func newFake(t *testing.T) (*fakeServer, *Client) {
+	t.Helper()
+	f := &fakeServer{revision: 100}
+	target, stop, err := startFake(f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(stop)
+	c, err := Dial(target)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = c.Close() })
+	return f, c
+}
+
+func change(rev int64) *connmetav1.WatchEvent {
+	return &connmetav1.WatchEvent{Type: connmetav1.WatchEventType_WATCH_EVENT_TYPE_MODIFIED, Revision: rev}
+}
+
+func bookmark(rev int64) *connmetav1.WatchEvent {
+	return &connmetav1.WatchEvent{Type: connmetav1.WatchEventType_WATCH_EVENT_TYPE_BOOKMARK, Revision: rev}
+}
+
+func server(id string) *connmetav1.ConnectionRecord {
+	return &connmetav1.ConnectionRecord{Kind: &connmetav1.ConnectionRecord_Server{Server: &connmetav1.Server{
+		Connection: &connmetav1.Connection{Id: id},
+	}}}
+}

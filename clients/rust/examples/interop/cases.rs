@@ -1,0 +1,1153 @@
+//! The cases of tests/interop/cases.md; names and descriptions must match
+//! that file and the Go program (a pytest test compares them).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use connmeta::health::{HealthCheckRequest, ServingStatus};
+use connmeta::v1::{
+    ConnectionFilter, ConnectionRecord, ConnectionState, GetConnectionRequest,
+    ListConnectionsRequest, Scheme, ServerSpec, UpdateServerConnectionRequest,
+    WatchConnectionsRequest, WatchEvent, WatchEventType, connection_record,
+};
+use connmeta::{
+    ConnectOptions, ErrorDetails, ServerUpdate, WatchItem, WatchOptions, Watcher, meta, reason,
+};
+use tonic::{Code, Status};
+
+use crate::Env;
+use crate::keepalive::{PingCounter, counting_channel};
+use crate::proxy::{Proxy, addr, client_snapshot, new_id, padded, server_snapshot};
+
+type R = Result<(), String>;
+type BoxFut<'a> = Pin<Box<dyn Future<Output = R> + 'a>>;
+
+pub struct Case {
+    pub name: &'static str,
+    pub proves: &'static str,
+    pub run: for<'a> fn(&'a mut Env) -> BoxFut<'a>,
+}
+
+macro_rules! case {
+    ($name:literal, $proves:literal, $f:ident) => {
+        Case {
+            name: $name,
+            proves: $proves,
+            run: |e| Box::pin($f(e)),
+        }
+    };
+}
+
+pub static CASES: &[Case] = &[
+    case!(
+        "get_not_found",
+        "GetConnection of an unknown id fails NOT_FOUND with ErrorInfo CONNECTION_NOT_FOUND",
+        get_not_found
+    ),
+    case!(
+        "update_open_server_refused",
+        "changing the address of an OPEN server fails FAILED_PRECONDITION with ErrorInfo CONNECTION_OPEN and PreconditionFailure; nothing changes",
+        update_open_server_refused
+    ),
+    case!(
+        "update_same_value_on_open_server_accepted",
+        "setting an OPEN server's address to its current value succeeds and records no change",
+        update_same_value_on_open_server_accepted
+    ),
+    case!(
+        "update_closed_server",
+        "a CLOSED server's address and via change; etag, revision and last_change follow",
+        update_closed_server
+    ),
+    case!(
+        "update_stale_etag",
+        "an update with an outdated etag fails ABORTED with ErrorInfo ETAG_MISMATCH; a read-modify-write retry succeeds",
+        update_stale_etag
+    ),
+    case!(
+        "update_invalid_argument",
+        "port 70000, an empty host, via scheme TLS and mask path sni each fail INVALID_ARGUMENT with a BadRequest naming the field",
+        update_invalid_argument
+    ),
+    case!(
+        "list_pagination",
+        "paging with a small page_size returns every id exactly once, in id order, all pages at one pinned revision",
+        list_pagination
+    ),
+    case!(
+        "watch_resume_no_gap",
+        "a watch cut mid-stream and resumed from its last revision sees every concurrent write exactly once, in order",
+        watch_resume_no_gap
+    ),
+    case!(
+        "watch_compacted",
+        "watching from a revision older than the history fails OUT_OF_RANGE with ErrorInfo REVISION_COMPACTED and oldest_revision; relist then watch recovers",
+        watch_compacted
+    ),
+    case!(
+        "watch_slow_consumer",
+        "a watcher that stops reading is ended RESOURCE_EXHAUSTED with ErrorInfo WATCHER_TOO_SLOW and last_revision; resuming from it loses nothing",
+        watch_slow_consumer
+    ),
+    case!(
+        "keepalive",
+        "keepalive pings every 10 s on an idle watch do not get the connection closed (too_many_pings); the watch still delivers afterwards",
+        keepalive
+    ),
+    case!(
+        "health",
+        "grpc.health.v1 Check reports SERVING for \"\" and connmeta.v1.ConnectionService",
+        health
+    ),
+    case!(
+        "unix_socket",
+        "the Unix socket serves the same store: a record reported over TCP reads back identical, errors keep their details",
+        unix_socket
+    ),
+];
+
+const ACTOR: &str = "interop-rust";
+const OPEN: ConnectionState = ConnectionState::Open;
+const CLOSED: ConnectionState = ConnectionState::Closed;
+
+/// Checks that `result` failed with this code and ErrorInfo reason (domain
+/// connmeta.v1); returns the decoded details.
+fn expect_error<T: std::fmt::Debug>(
+    what: &str,
+    result: Result<T, Status>,
+    code: Code,
+    reason: &str,
+) -> Result<ErrorDetails, String> {
+    let status = match result {
+        Ok(v) => {
+            return Err(format!(
+                "{what}: succeeded ({v:?}), want {code:?} with ErrorInfo reason {reason}"
+            ));
+        }
+        Err(s) => s,
+    };
+    let d = ErrorDetails::from_status(&status);
+    if d.code != code {
+        return Err(format!(
+            "{what}: got {:?} ({}), want {code:?}",
+            d.code, d.message
+        ));
+    }
+    let Some(info) = &d.error_info else {
+        return Err(format!(
+            "{what}: {code:?} carries no google.rpc.ErrorInfo detail (message {:?})",
+            d.message
+        ));
+    };
+    if info.reason != reason || info.domain != connmeta::DOMAIN {
+        return Err(format!(
+            "{what}: ErrorInfo {}/{}, want {}/{reason}",
+            info.domain,
+            info.reason,
+            connmeta::DOMAIN
+        ));
+    }
+    Ok(d)
+}
+
+fn ctx(what: &str) -> impl FnOnce(Status) -> String + '_ {
+    move |s: Status| format!("{what}: {:?}: {}", s.code(), s.message())
+}
+
+fn conn_id(rec: &ConnectionRecord) -> &str {
+    match &rec.kind {
+        Some(connection_record::Kind::Server(s)) => {
+            s.connection.as_ref().map_or("", |c| c.id.as_str())
+        }
+        Some(connection_record::Kind::Client(c)) => {
+            c.connection.as_ref().map_or("", |c| c.id.as_str())
+        }
+        None => "",
+    }
+}
+
+fn server_of(rec: &ConnectionRecord) -> connmeta::v1::Server {
+    match &rec.kind {
+        Some(connection_record::Kind::Server(s)) => s.clone(),
+        _ => Default::default(),
+    }
+}
+
+fn host_of(rec: &ConnectionRecord) -> String {
+    server_of(rec).address.map(|a| a.host).unwrap_or_default()
+}
+
+fn meta_of(rec: &ConnectionRecord) -> connmeta::v1::RecordMetadata {
+    rec.metadata.clone().unwrap_or_default()
+}
+
+fn is_change(ev: &WatchEvent) -> bool {
+    [
+        WatchEventType::Added,
+        WatchEventType::Modified,
+        WatchEventType::Deleted,
+    ]
+    .iter()
+    .any(|t| *t as i32 == ev.r#type)
+}
+
+async fn report_server(
+    e: &mut Env,
+    state: ConnectionState,
+    host: &str,
+    port: u32,
+) -> Result<(String, String), String> {
+    let (client_id, server_id) = (new_id(), new_id());
+    e.proxy
+        .report(vec![
+            client_snapshot(&client_id),
+            server_snapshot(&server_id, &client_id, state, host, port),
+        ])
+        .await?;
+    Ok((client_id, server_id))
+}
+
+async fn get_not_found(e: &mut Env) -> R {
+    let res = e.client.get(&new_id()).await;
+    expect_error(
+        "get unknown id",
+        res,
+        Code::NotFound,
+        reason::CONNECTION_NOT_FOUND,
+    )
+    .map(drop)
+}
+
+async fn update_open_server_refused(e: &mut Env) -> R {
+    let (_, id) = report_server(e, OPEN, "origin.example", 443).await?;
+    let before = e.client.get(&id).await.map_err(ctx("get"))?;
+    let res = e
+        .client
+        .update_server(ServerUpdate {
+            id: id.clone(),
+            actor: ACTOR.into(),
+            address: Some(addr("elsewhere.example", 8443)),
+            ..Default::default()
+        })
+        .await;
+    let d = expect_error(
+        "update address of OPEN server",
+        res,
+        Code::FailedPrecondition,
+        reason::CONNECTION_OPEN,
+    )?;
+    if d.metadata("field") != Some("address") {
+        return Err(format!(
+            "ErrorInfo metadata field = {:?}, want \"address\"",
+            d.metadata("field")
+        ));
+    }
+    if d.precondition_failure
+        .as_ref()
+        .is_none_or(|p| p.violations.is_empty())
+    {
+        return Err("FAILED_PRECONDITION carries no PreconditionFailure violation".into());
+    }
+    let after = e.client.get(&id).await.map_err(ctx("get"))?;
+    if before != after {
+        return Err(format!(
+            "refused update changed the record:\nbefore {before:?}\nafter  {after:?}"
+        ));
+    }
+    Ok(())
+}
+
+async fn update_same_value_on_open_server_accepted(e: &mut Env) -> R {
+    let (_, id) = report_server(e, OPEN, "origin.example", 443).await?;
+    let before = meta_of(&e.client.get(&id).await.map_err(ctx("get"))?);
+    let rec = e
+        .client
+        .update_server(ServerUpdate {
+            id,
+            actor: ACTOR.into(),
+            address: Some(addr("origin.example", 443)),
+            ..Default::default()
+        })
+        .await
+        .map_err(ctx("same-value update of OPEN server"))?;
+    let after = meta_of(&rec);
+    if after.revision != before.revision || after.etag != before.etag {
+        return Err(format!(
+            "a no-op update recorded a change: revision {} -> {}, etag {} -> {}",
+            before.revision, after.revision, before.etag, after.etag
+        ));
+    }
+    if after.last_change.is_some() {
+        return Err(format!(
+            "a no-op update set last_change: {:?}",
+            after.last_change
+        ));
+    }
+    Ok(())
+}
+
+async fn update_closed_server(e: &mut Env) -> R {
+    let (_, id) = report_server(e, CLOSED, "origin.example", 443).await?;
+    let before = meta_of(&e.client.get(&id).await.map_err(ctx("get"))?);
+    let target = addr("elsewhere.example", 8443);
+    let rec = e
+        .client
+        .update_server(ServerUpdate {
+            id: id.clone(),
+            etag: before.etag.clone(),
+            actor: ACTOR.into(),
+            address: Some(target.clone()),
+            ..Default::default()
+        })
+        .await
+        .map_err(ctx("update address of CLOSED server"))?;
+    if server_of(&rec).address.as_ref() != Some(&target) {
+        return Err(format!(
+            "address after update = {:?}, want {target:?}",
+            server_of(&rec).address
+        ));
+    }
+    let m = meta_of(&rec);
+    if m.etag == before.etag {
+        return Err(format!("etag did not change: {}", m.etag));
+    }
+    if m.revision <= before.revision {
+        return Err(format!(
+            "revision did not advance: {} -> {}",
+            before.revision, m.revision
+        ));
+    }
+    let lc = m.last_change.clone().unwrap_or_default();
+    if lc.actor != ACTOR || lc.fields != ["address"] || lc.revision != m.revision {
+        return Err(format!(
+            "last_change = {lc:?}, want actor {ACTOR}, fields [address], revision {}",
+            m.revision
+        ));
+    }
+    let reread = meta_of(&e.client.get(&id).await.map_err(ctx("get"))?);
+    if reread.etag != m.etag {
+        return Err(format!(
+            "get after update: etag {}, update returned {}",
+            reread.etag, m.etag
+        ));
+    }
+    let spec = ServerSpec {
+        scheme: Scheme::Http as i32,
+        address: Some(addr("proxy.internal", 3128)),
+    };
+    let rec = e
+        .client
+        .update_server(ServerUpdate {
+            id: id.clone(),
+            actor: ACTOR.into(),
+            via: Some(spec.clone()),
+            ..Default::default()
+        })
+        .await
+        .map_err(ctx("set via"))?;
+    if server_of(&rec).via.as_ref() != Some(&spec) {
+        return Err(format!(
+            "via after update = {:?}, want {spec:?}",
+            server_of(&rec).via
+        ));
+    }
+    let rec = e
+        .client
+        .update_server(ServerUpdate {
+            id,
+            actor: ACTOR.into(),
+            clear_via: true,
+            ..Default::default()
+        })
+        .await
+        .map_err(ctx("clear via"))?;
+    if server_of(&rec).via.is_some() {
+        return Err(format!(
+            "via after clearing = {:?}, want none",
+            server_of(&rec).via
+        ));
+    }
+    Ok(())
+}
+
+async fn update_stale_etag(e: &mut Env) -> R {
+    let (_, id) = report_server(e, CLOSED, "origin.example", 443).await?;
+    let stale = meta_of(&e.client.get(&id).await.map_err(ctx("get"))?).etag;
+    let update = |host: &str| ServerUpdate {
+        id: id.clone(),
+        etag: stale.clone(),
+        actor: ACTOR.into(),
+        address: Some(addr(host, 443)),
+        ..Default::default()
+    };
+    e.client
+        .update_server(update("first.example"))
+        .await
+        .map_err(ctx("first update"))?;
+    let res = e.client.update_server(update("second.example")).await;
+    expect_error(
+        &format!("update with stale etag {stale}"),
+        res,
+        Code::Aborted,
+        reason::ETAG_MISMATCH,
+    )?;
+    let after = e.client.get(&id).await.map_err(ctx("get"))?;
+    if host_of(&after) != "first.example" {
+        return Err(format!(
+            "the refused update was applied: host {:?}",
+            host_of(&after)
+        ));
+    }
+    let rec = e
+        .client
+        .retarget_server(&id, addr("third.example", 443), ACTOR)
+        .await
+        .map_err(ctx("retarget_server (fresh etag)"))?;
+    if host_of(&rec) != "third.example" {
+        return Err(format!(
+            "retarget_server: host {:?}, want third.example",
+            host_of(&rec)
+        ));
+    }
+    Ok(())
+}
+
+/// Whether a violation names `field` or a part of it ("update_mask.paths"
+/// names "update_mask"): the contract fixes the field, not how deep into it
+/// the server points.
+fn names_field(d: &ErrorDetails, field: &str) -> bool {
+    d.field_violations().any(|(f, _)| {
+        f == field
+            || f.strip_prefix(field)
+                .is_some_and(|rest| rest.starts_with('.') || rest.starts_with('['))
+    })
+}
+
+async fn update_invalid_argument(e: &mut Env) -> R {
+    let (_, id) = report_server(e, CLOSED, "origin.example", 443).await?;
+    let before = meta_of(&e.client.get(&id).await.map_err(ctx("get"))?);
+    let mask = |p: &str| {
+        Some(prost_types::FieldMask {
+            paths: vec![p.to_owned()],
+        })
+    };
+    let base = UpdateServerConnectionRequest {
+        id: id.clone(),
+        actor: ACTOR.into(),
+        ..Default::default()
+    };
+    let tests = [
+        (
+            "port 70000",
+            UpdateServerConnectionRequest {
+                address: Some(addr("origin.example", 70000)),
+                update_mask: mask("address"),
+                ..base.clone()
+            },
+            "address.port",
+        ),
+        (
+            "empty host",
+            UpdateServerConnectionRequest {
+                address: Some(addr("", 443)),
+                update_mask: mask("address"),
+                ..base.clone()
+            },
+            "address.host",
+        ),
+        (
+            "via scheme TLS",
+            UpdateServerConnectionRequest {
+                via: Some(ServerSpec {
+                    scheme: Scheme::Tls as i32,
+                    address: Some(addr("proxy.internal", 3128)),
+                }),
+                update_mask: mask("via"),
+                ..base.clone()
+            },
+            "via.scheme",
+        ),
+        (
+            "mask path sni",
+            UpdateServerConnectionRequest {
+                update_mask: mask("sni"),
+                ..base.clone()
+            },
+            "update_mask",
+        ),
+    ];
+    for (name, req, field) in tests {
+        let res = e.client.connections.update_server_connection(req).await;
+        let d = expect_error(name, res, Code::InvalidArgument, reason::INVALID_ARGUMENT)?;
+        if !names_field(&d, field) {
+            return Err(format!(
+                "{name}: BadRequest field violations {:?} do not name {field:?}",
+                d.field_violations().collect::<Vec<_>>()
+            ));
+        }
+    }
+    let after = meta_of(&e.client.get(&id).await.map_err(ctx("get"))?);
+    if after.revision != before.revision {
+        return Err(format!(
+            "invalid updates changed the record: revision {} -> {}",
+            before.revision, after.revision
+        ));
+    }
+    Ok(())
+}
+
+async fn list_pagination(e: &mut Env) -> R {
+    const SERVERS: u32 = 23;
+    const PAGE_SIZE: usize = 5;
+    let client_id = new_id();
+    let mut snaps = vec![client_snapshot(&client_id)];
+    let mut want = vec![client_id.clone()];
+    for i in 0..SERVERS {
+        let id = new_id();
+        snaps.push(server_snapshot(
+            &id,
+            &client_id,
+            CLOSED,
+            "origin.example",
+            1000 + i,
+        ));
+        want.push(id);
+    }
+    e.proxy.report(snaps).await?;
+    want.sort();
+
+    let filter = ConnectionFilter {
+        client_id: client_id.clone(),
+        ..Default::default()
+    };
+    let req = ListConnectionsRequest {
+        page_size: PAGE_SIZE as i32,
+        filter: Some(filter),
+        ..Default::default()
+    };
+    let mut pages = e.client.pages(req.clone());
+    let (mut got, mut revision, mut n) = (Vec::new(), 0, 0);
+    while let Some(page) = pages
+        .next()
+        .await
+        .map_err(|s| format!("page {}: {s:?}", n + 1))?
+    {
+        n += 1;
+        if page.connections.len() > PAGE_SIZE {
+            return Err(format!(
+                "page {n} holds {} records, page_size is {PAGE_SIZE}",
+                page.connections.len()
+            ));
+        }
+        if n == 1 {
+            revision = page.revision;
+            // Writes after the first page must not show in later pages: the
+            // listing is pinned at the first page's revision.
+            let mut batch = vec![server_snapshot(
+                &new_id(),
+                &client_id,
+                CLOSED,
+                "late.example",
+                443,
+            )];
+            let last = want.last().expect("not empty").clone();
+            if last != client_id {
+                batch.push(server_snapshot(
+                    &last,
+                    &client_id,
+                    CLOSED,
+                    "moved.example",
+                    443,
+                ));
+            }
+            e.proxy.report(batch).await?;
+        } else if page.revision != revision {
+            return Err(format!(
+                "page {n} is at revision {}, page 1 was at {revision}",
+                page.revision
+            ));
+        }
+        for rec in &page.connections {
+            got.push(conn_id(rec).to_owned());
+            let host = host_of(rec);
+            if host == "moved.example" || host == "late.example" {
+                return Err(format!(
+                    "page {n} shows a write made after page 1 (host {host}): the listing is not pinned"
+                ));
+            }
+        }
+    }
+    if n < want.len().div_ceil(PAGE_SIZE) {
+        return Err(format!(
+            "{} records came in {n} pages of at most {PAGE_SIZE}",
+            got.len()
+        ));
+    }
+    if got != want {
+        return Err(format!(
+            "listing (in order) = {got:?}\nwant every id once, in id order = {want:?}"
+        ));
+    }
+    let (records, rev) = e.client.list_all(req).await.map_err(ctx("fresh listing"))?;
+    if records.len() != want.len() + 1 || rev <= revision {
+        return Err(format!(
+            "fresh listing: {} records at revision {rev}, want {} after revision {revision}",
+            records.len(),
+            want.len() + 1
+        ));
+    }
+    Ok(())
+}
+
+/// A writer reporting `count` changes to servers of a client from its own
+/// stream, pausing between them; it records the revision of each.
+struct Writer {
+    revisions: Arc<Mutex<Vec<i64>>>,
+    done: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<R>,
+}
+
+impl Writer {
+    fn start(
+        client: &connmeta::Client,
+        client_id: &str,
+        servers: Vec<String>,
+        count: u32,
+        pause: Duration,
+    ) -> Writer {
+        let revisions = Arc::new(Mutex::new(Vec::new()));
+        let done = Arc::new(AtomicBool::new(false));
+        let mut proxy = Proxy::new(client);
+        let (revs, fin, client_id) = (revisions.clone(), done.clone(), client_id.to_owned());
+        let task = tokio::spawn(async move {
+            let result = async {
+                for i in 0..count {
+                    // A new port every time: a snapshot equal to the stored
+                    // one might not make a revision.
+                    let id = &servers[i as usize % servers.len()];
+                    let rev = proxy
+                        .report(vec![server_snapshot(
+                            id,
+                            &client_id,
+                            CLOSED,
+                            "origin.example",
+                            2000 + i,
+                        )])
+                        .await?;
+                    revs.lock().unwrap().push(rev);
+                    tokio::time::sleep(pause).await;
+                }
+                Ok(())
+            }
+            .await;
+            fin.store(true, Ordering::SeqCst);
+            result
+        });
+        Writer {
+            revisions,
+            done,
+            task,
+        }
+    }
+
+    fn finished(&self) -> bool {
+        self.done.load(Ordering::SeqCst)
+    }
+
+    fn final_revision(&self) -> i64 {
+        *self.revisions.lock().unwrap().last().unwrap_or(&i64::MAX)
+    }
+}
+
+fn check_revisions(got: &[i64], want: &[i64]) -> R {
+    if let Some(w) = got.windows(2).find(|w| w[1] <= w[0]) {
+        return Err(format!(
+            "revisions out of order or repeated: {} after {} (all: {got:?})",
+            w[1], w[0]
+        ));
+    }
+    if got != want {
+        let missing: Vec<_> = want.iter().filter(|r| !got.contains(r)).collect();
+        let extra: Vec<_> = got.iter().filter(|r| !want.contains(r)).collect();
+        return Err(format!(
+            "watch saw {} revisions, writer made {}: missing {missing:?}, unexpected {extra:?}",
+            got.len(),
+            want.len()
+        ));
+    }
+    Ok(())
+}
+
+async fn watch_resume_no_gap(e: &mut Env) -> R {
+    let client_id = new_id();
+    let servers = vec![new_id(), new_id(), new_id()];
+    e.proxy.report(vec![client_snapshot(&client_id)]).await?;
+    let start = e
+        .client
+        .current_revision()
+        .await
+        .map_err(ctx("current revision"))?;
+    let filter = Some(ConnectionFilter {
+        client_id: client_id.clone(),
+        ..Default::default()
+    });
+    let writer = Writer::start(
+        &e.client,
+        &client_id,
+        servers,
+        60,
+        Duration::from_millis(10),
+    );
+
+    let mut got = Vec::new();
+    let opts = WatchOptions {
+        start_after_revision: start,
+        filter: filter.clone(),
+        bookmarks: true,
+        ..Default::default()
+    };
+    let mut first = Watcher::new(e.client.clone(), opts);
+    while got.len() < 20 {
+        if let WatchItem::Event(ev) = first.next().await.map_err(ctx("first watch"))?
+            && is_change(&ev)
+        {
+            got.push(ev.revision);
+        }
+    }
+    let resume_after = first.last_revision();
+    drop(first); // cut the stream mid-way
+    let cut_while_writing = !writer.finished();
+
+    // Resume on a new connection, as a restarted consumer would.
+    let resumed = connmeta::connect(&e.target)
+        .await
+        .map_err(|e| e.to_string())?;
+    let opts = WatchOptions {
+        start_after_revision: resume_after,
+        filter,
+        bookmarks: true,
+        ..Default::default()
+    };
+    let mut second = Watcher::new(resumed, opts);
+    loop {
+        if let WatchItem::Event(ev) = second.next().await.map_err(ctx("resumed watch"))? {
+            if is_change(&ev) {
+                got.push(ev.revision);
+            }
+            if writer.finished() && ev.revision >= writer.final_revision() {
+                break;
+            }
+        }
+    }
+    writer.task.await.map_err(|e| e.to_string())??;
+    check_revisions(&got, &writer.revisions.lock().unwrap())?;
+    if !cut_while_writing {
+        return Err("the writer finished before the watch was cut; the case proved nothing about concurrent writes".into());
+    }
+    Ok(())
+}
+
+async fn watch_compacted(e: &mut Env) -> R {
+    let (client_id, server_id) = (new_id(), new_id());
+    e.proxy.report(vec![client_snapshot(&client_id)]).await?;
+    let start = e
+        .client
+        .current_revision()
+        .await
+        .map_err(ctx("current revision"))?;
+    // Far more changes than the server's (small) history keeps.
+    let mut last = 0;
+    for i in 0..64 {
+        last = e
+            .proxy
+            .report(vec![server_snapshot(
+                &server_id,
+                &client_id,
+                CLOSED,
+                "origin.example",
+                3000 + i,
+            )])
+            .await?;
+    }
+    let filter = Some(ConnectionFilter {
+        client_id: client_id.clone(),
+        ..Default::default()
+    });
+    let req = WatchConnectionsRequest {
+        start_after_revision: start,
+        filter: filter.clone(),
+        ..Default::default()
+    };
+    // The error may come as the call's status or as the stream's first item.
+    let res = match e.client.connections.watch_connections(req).await {
+        Ok(resp) => resp.into_inner().message().await.map(|m| format!("{m:?}")),
+        Err(s) => Err(s),
+    };
+    let d = expect_error(
+        &format!("watch after compacted revision {start}"),
+        res,
+        Code::OutOfRange,
+        reason::REVISION_COMPACTED,
+    )?;
+    match d.revision(meta::OLDEST_REVISION) {
+        Some(oldest) if oldest > start && oldest <= last => {}
+        _ => {
+            return Err(format!(
+                "ErrorInfo metadata oldest_revision = {:?}, want a revision in ({start}, {last}]",
+                d.metadata(meta::OLDEST_REVISION)
+            ));
+        }
+    }
+
+    // The watcher recovers: relist, then watch from the listing's revision.
+    let opts = WatchOptions {
+        start_after_revision: start,
+        filter,
+        bookmarks: true,
+        relist: true,
+        ..Default::default()
+    };
+    let mut watcher = Watcher::new(e.client.clone(), opts);
+    let (records, list_rev) = match watcher.next().await.map_err(ctx("watch with relist"))? {
+        WatchItem::Relisted { records, revision } => (records, revision),
+        WatchItem::Event(ev) => {
+            return Err(format!(
+                "watch from a compacted revision delivered {ev:?} instead of relisting"
+            ));
+        }
+    };
+    let port = records
+        .iter()
+        .find(|r| conn_id(r) == server_id)
+        .and_then(|r| server_of(r).address)
+        .map(|a| a.port);
+    if list_rev < last || port != Some(3063) {
+        return Err(format!(
+            "relist: revision {list_rev} (last write {last}), server port {port:?} (want 3063)"
+        ));
+    }
+    let extra = e
+        .proxy
+        .report(vec![server_snapshot(
+            &server_id,
+            &client_id,
+            CLOSED,
+            "after-relist.example",
+            443,
+        )])
+        .await?;
+    loop {
+        match watcher.next().await.map_err(ctx("watch after relist"))? {
+            WatchItem::Event(ev) if is_change(&ev) => {
+                let host = ev.connection.as_ref().map(host_of).unwrap_or_default();
+                if ev.revision != extra || host != "after-relist.example" {
+                    return Err(format!(
+                        "first event after relist: revision {} host {host}, want the write at {extra}",
+                        ev.revision
+                    ));
+                }
+                return Ok(());
+            }
+            WatchItem::Event(_) => {}
+            WatchItem::Relisted { revision, .. } => {
+                return Err(format!("relisted a second time (revision {revision})"));
+            }
+        }
+    }
+}
+
+async fn watch_slow_consumer(e: &mut Env) -> R {
+    let client_id = new_id();
+    let servers = [new_id(), new_id(), new_id(), new_id()];
+    e.proxy.report(vec![client_snapshot(&client_id)]).await?;
+    // Small windows, so backpressure reaches the server before hyper has
+    // buffered megabytes on its behalf.
+    let opts = ConnectOptions {
+        initial_stream_window: Some(65_535),
+        initial_connection_window: Some(65_535),
+        ..Default::default()
+    };
+    let mut slow = connmeta::connect_with(&e.target, &opts)
+        .await
+        .map_err(|e| e.to_string())?;
+    let start = slow
+        .current_revision()
+        .await
+        .map_err(ctx("current revision"))?;
+    let filter = Some(ConnectionFilter {
+        client_id: client_id.clone(),
+        ..Default::default()
+    });
+    let req = WatchConnectionsRequest {
+        start_after_revision: start,
+        filter: filter.clone(),
+        ..Default::default()
+    };
+    // Opened in a task: the call completes only once the server sends
+    // headers, which it may do only with the first event.
+    let mut connections = slow.connections.clone();
+    let call = tokio::spawn(async move { connections.watch_connections(req).await });
+    let mut want = vec![
+        e.proxy
+            .report(vec![padded(&servers[0], &client_id, 1)])
+            .await?,
+    ];
+    let mut stream = call
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(ctx("open watch"))?
+        .into_inner();
+    let mut got = Vec::new();
+    // One change read proves the watcher is registered before the flood.
+    let first = stream
+        .message()
+        .await
+        .map_err(ctx("first event"))?
+        .unwrap_or_default();
+    got.extend(
+        first
+            .events
+            .iter()
+            .filter(|ev| is_change(ev))
+            .map(|ev| ev.revision),
+    );
+
+    // Flood while not reading: 1,200 changes of ~2 KiB, 24 per batch.
+    for b in 0..50u32 {
+        let batch: Vec<_> = (0..24)
+            .map(|i| b * 24 + i)
+            .map(|n| padded(&servers[n as usize % servers.len()], &client_id, 10_000 + n))
+            .collect();
+        let len = batch.len() as i64;
+        let rev = e.proxy.report(batch).await?;
+        want.extend(rev - len + 1..=rev);
+    }
+    let final_rev = *want.last().expect("not empty");
+
+    // Now read: the stream must end with WATCHER_TOO_SLOW, not just deliver
+    // everything; a bounded wait after the last revision tells them apart.
+    let status = loop {
+        match tokio::time::timeout(Duration::from_secs(15), stream.message()).await {
+            Err(_) | Ok(Ok(None)) => {
+                return Err(format!(
+                    "watcher that did not read while {} changes (~{} KiB) were written was never ended WATCHER_TOO_SLOW (it received {})",
+                    want.len() - 1,
+                    (want.len() - 1) * 2,
+                    got.len()
+                ));
+            }
+            Ok(Ok(Some(resp))) => got.extend(
+                resp.events
+                    .iter()
+                    .filter(|ev| is_change(ev))
+                    .map(|ev| ev.revision),
+            ),
+            Ok(Err(status)) => break status,
+        }
+    };
+    let d = expect_error(
+        "slow watcher",
+        Err::<(), _>(status),
+        Code::ResourceExhausted,
+        reason::WATCHER_TOO_SLOW,
+    )?;
+    let Some(named) = d.revision(meta::LAST_REVISION) else {
+        return Err(format!(
+            "ErrorInfo metadata last_revision = {:?}, want a revision",
+            d.metadata(meta::LAST_REVISION)
+        ));
+    };
+    let last_got = got.last().copied().unwrap_or(start);
+    if named != last_got {
+        return Err(format!(
+            "last_revision = {named} but the last revision received was {last_got}: resuming from it would lose or repeat changes"
+        ));
+    }
+    if named >= final_rev {
+        return Err(format!(
+            "watcher was ended only after receiving everything (last_revision {named}, final write {final_rev})"
+        ));
+    }
+    // Resume exactly where the server said, through the Watcher.
+    let opts = WatchOptions {
+        start_after_revision: named,
+        filter,
+        ..Default::default()
+    };
+    let mut watcher = Watcher::new(e.client.clone(), opts);
+    while watcher.last_revision() < final_rev {
+        if let WatchItem::Event(ev) = watcher
+            .next()
+            .await
+            .map_err(ctx("resume from last_revision"))?
+            && is_change(&ev)
+        {
+            got.push(ev.revision);
+        }
+    }
+    check_revisions(&got, &want)
+}
+
+async fn keepalive(e: &mut Env) -> R {
+    let counter = PingCounter::default();
+    let opts = ConnectOptions {
+        keepalive: Duration::from_secs(10),
+        ..Default::default()
+    };
+    let channel = counting_channel(&e.target, &opts, counter.clone()).await?;
+    let mut c = connmeta::Client::new(channel);
+    let client_id = new_id();
+    e.proxy.report(vec![client_snapshot(&client_id)]).await?;
+    let start = c
+        .current_revision()
+        .await
+        .map_err(ctx("current revision"))?;
+    // No bookmarks: the stream must stay silent so only pings cross it.
+    let req = WatchConnectionsRequest {
+        start_after_revision: start,
+        filter: Some(ConnectionFilter {
+            client_id: client_id.clone(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let (tx, mut rx) = tokio::sync::mpsc::channel(4);
+    let mut connections = c.connections.clone();
+    tokio::spawn(async move {
+        let mut stream = match connections.watch_connections(req).await {
+            Ok(r) => r.into_inner(),
+            Err(s) => return tx.send(Err(s)).await,
+        };
+        loop {
+            let item = match stream.message().await {
+                Ok(Some(m)) => Ok(m),
+                Ok(None) => Err(Status::unavailable("stream ended")),
+                Err(s) => Err(s),
+            };
+            let end = item.is_err();
+            tx.send(item).await?;
+            if end {
+                return Ok(());
+            }
+        }
+    });
+    if let Ok(item) = tokio::time::timeout(e.keepalive, rx.recv()).await {
+        let pings = counter.pings();
+        return Err(match item {
+            Some(Err(s))
+                if s.message().contains("too_many_pings")
+                    || format!("{s:?}").contains("too_many_pings") =>
+            {
+                format!(
+                    "idle watch ended after {pings} pings with too_many_pings (the server's minimum ping interval is above 10 s): {s:?}"
+                )
+            }
+            Some(Err(s)) => format!("idle watch ended after {pings} pings: {s:?}"),
+            Some(Ok(m)) => format!("idle watch received {m:?}; nothing should match"),
+            None => "watch task ended".into(),
+        });
+    }
+    let pings = counter.pings();
+    // Half the ideal count: timers drift and pings wait for activity to stop,
+    // but a client that does not ping at all sends none.
+    let min_pings = (e.keepalive.as_secs() / 20).max(1);
+    if e.keepalive >= Duration::from_secs(20) && pings < min_pings {
+        return Err(format!(
+            "only {pings} keepalive pings in {:?} with a 10 s interval: the client is not pinging, so this proved nothing",
+            e.keepalive
+        ));
+    }
+    // The watch is still alive: a change arrives on it.
+    let rev = e
+        .proxy
+        .report(vec![server_snapshot(
+            &new_id(),
+            &client_id,
+            CLOSED,
+            "origin.example",
+            443,
+        )])
+        .await?;
+    match tokio::time::timeout(Duration::from_secs(10), rx.recv()).await {
+        Ok(Some(Ok(m))) if m.events.first().map(|ev| ev.revision) == Some(rev) => {}
+        Ok(other) => {
+            return Err(format!(
+                "after the idle period the watch delivered {other:?}, want revision {rev}"
+            ));
+        }
+        Err(_) => {
+            return Err(format!(
+                "after {:?} idle and {pings} pings the watch did not deliver revision {rev}",
+                e.keepalive
+            ));
+        }
+    }
+    println!("keepalive: {pings} pings in {:?}, watch alive", e.keepalive);
+    Ok(())
+}
+
+async fn health(e: &mut Env) -> R {
+    for service in ["", "connmeta.v1.ConnectionService"] {
+        let resp = e
+            .client
+            .health
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .map_err(|s| format!("health check {service:?}: {s:?}"))?
+            .into_inner();
+        if resp.status != ServingStatus::Serving as i32 {
+            return Err(format!(
+                "health check {service:?}: {:?}, want SERVING",
+                ServingStatus::try_from(resp.status)
+            ));
+        }
+    }
+    Ok(())
+}
+
+async fn unix_socket(e: &mut Env) -> R {
+    let target = if e.unix_target.is_empty() && e.target.starts_with("unix:") {
+        e.target.clone()
+    } else {
+        e.unix_target.clone()
+    };
+    if !target.starts_with("unix:") {
+        return Err(format!(
+            "case unix_socket needs --unix-target unix:///path (got {target:?})"
+        ));
+    }
+    let (_, id) = report_server(e, OPEN, "origin.example", 443).await?;
+    let over_tcp = e.client.get(&id).await.map_err(ctx("get"))?;
+    let mut uds = connmeta::connect(&target)
+        .await
+        .map_err(|e| e.to_string())?;
+    let over_uds = uds
+        .get(&id)
+        .await
+        .map_err(|s| format!("over {target}: {s:?}"))?;
+    if over_tcp != over_uds {
+        return Err(format!(
+            "record differs between listeners:\n{}: {over_tcp:?}\n{target}: {over_uds:?}",
+            e.target
+        ));
+    }
+    let res = uds
+        .connections
+        .get_connection(GetConnectionRequest {
+            id: new_id(),
+            ..Default::default()
+        })
+        .await;
+    expect_error(
+        &format!("get unknown id over {target}"),
+        res,
+        Code::NotFound,
+        reason::CONNECTION_NOT_FOUND,
+    )
+    .map(drop)
+}

@@ -1,0 +1,367 @@
+"""The Go and Rust clients against the real server: every case of cases.md in every language.
+
+Each language's interop program is built once per session; the server is the real
+``connmeta serve`` subprocess, one per distinct set of flags (cases.md, "server flags").
+Missing toolchains fail these tests rather than skip them: CI has Go and Rust, and a
+silently skipped interop suite proves nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+import pytest
+
+pytestmark = pytest.mark.interop
+
+ROOT = Path(__file__).resolve().parents[2]
+CASES_MD = Path(__file__).with_name("cases.md")
+GO_DIR = ROOT / "clients" / "go"
+RUST_DIR = ROOT / "clients" / "rust"
+# One fixed target dir and one profile (debug), shared with developers' plain `cargo build`
+# and `cargo test` (and cacheable in CI): a cold tonic build takes minutes on two cores, a
+# warm one seconds. Debug, not release: it builds in about half the CPU time, and the
+# interop programs wait on the server, not on their own code.
+RUST_TARGET_DIR = RUST_DIR / "target"
+LANGUAGES = ("go", "rust")
+
+# Every case gets these; cases.md's "server flags" column overrides some.
+DEFAULT_FLAGS = {
+    "--history-size": "100000",
+    "--watch-max-lag": "10000",
+    "--bookmark-interval": "1",
+}
+KEEPALIVE_ENV = "CONNMETA_INTEROP_KEEPALIVE_SECONDS"
+BUILD_TIMEOUT = 1800  # seconds; a cold Rust build on a 2-core runner takes ~2 minutes
+CASE_TIMEOUT = 120  # seconds, on top of the keepalive duration
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    proves: str
+    flags: tuple[str, ...]
+
+
+def _parse_cases() -> list[Case]:
+    """The rows of the "## Cases" table in cases.md."""
+    text = CASES_MD.read_text(encoding="utf-8")
+    section = text.split("\n## Cases\n", 1)[1].split("\n## ", 1)[0]
+    cases = []
+    for match in re.finditer(r"^\| `(\w+)` \| (.+?) \| (.+?) \|$", section, re.MULTILINE):
+        case_id, proves, flags_cell = match.groups()
+        flags = dict(DEFAULT_FLAGS)
+        for name, value in re.findall(r"`(--[\w-]+) (\S+)`", flags_cell):
+            flags[name] = value
+        cases.append(Case(case_id, proves, tuple(x for kv in sorted(flags.items()) for x in kv)))
+    assert cases, f"no case rows found in {CASES_MD}"
+    return cases
+
+
+CASES = _parse_cases()
+
+
+def _keepalive_seconds() -> str | None:
+    """How long the keepalive case runs, or None when it is not asked for."""
+    value = os.environ.get(KEEPALIVE_ENV)
+    if value:
+        return value
+    return "60" if os.environ.get("CI") else None
+
+
+def _run_build(argv: list[str], cwd: Path, env: dict[str, str], what: str) -> None:
+    tool = argv[0]
+    if shutil.which(tool) is None:
+        pytest.fail(f"{tool} is not on PATH: the interop suite needs it to build the {what}")
+    try:
+        done = subprocess.run(
+            argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=BUILD_TIMEOUT
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"building the {what} took more than {BUILD_TIMEOUT} s: {' '.join(argv)}")
+    if done.returncode != 0:
+        pytest.fail(
+            f"building the {what} failed ({' '.join(argv)} in {cwd}):\n{done.stdout}{done.stderr}"
+        )
+
+
+class Programs:
+    """The interop program of each language, built on first use."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self._out_dir = out_dir
+        self._built: dict[str, Path] = {}
+
+    def get(self, language: str) -> Path:
+        if language not in self._built:
+            self._built[language] = getattr(self, f"_build_{language}")()
+        return self._built[language]
+
+    def _build_go(self) -> Path:
+        # Every package compiles (and vets), not only the interop program.
+        _run_build(["go", "vet", "./..."], GO_DIR, dict(os.environ), "Go client (go vet)")
+        binary = self._out_dir / "connmeta-interop"
+        _run_build(
+            ["go", "build", "-o", str(binary), "./cmd/connmeta-interop"],
+            GO_DIR,
+            dict(os.environ),
+            "Go interop program",
+        )
+        return binary
+
+    def _build_rust(self) -> Path:
+        env = dict(os.environ, CARGO_TARGET_DIR=str(RUST_TARGET_DIR))
+        _run_build(
+            ["cargo", "build", "--locked", "--examples"],
+            RUST_DIR,
+            env,
+            "Rust examples (interop, get_connection, watch)",
+        )
+        return RUST_TARGET_DIR / "debug" / "examples" / "interop"
+
+    def rust_example(self, name: str) -> Path:
+        """Another example of the crate; `cargo build --examples` built them all."""
+        return self.get("rust").with_name(name)
+
+
+@dataclass
+class Server:
+    """One ``connmeta serve`` subprocess."""
+
+    process: subprocess.Popen[str]
+    tcp: str
+    unix: str
+    log: Path
+    directory: Path
+    _drain: threading.Thread = field(repr=False)
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError as error:
+            return f"(no server log: {error})"
+
+    def stop(self) -> None:
+        """SIGTERM, as the contract says; kill only if it ignores that."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+                raise AssertionError(
+                    f"connmeta serve did not stop within 15 s of SIGTERM\n{self.log_tail()}"
+                ) from None
+        self._drain.join(timeout=5)
+        assert self.process.stdout is not None
+        self.process.stdout.close()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def _connmeta_executable() -> str:
+    beside_python = Path(sys.executable).parent / "connmeta"
+    if beside_python.exists():
+        return str(beside_python)
+    found = shutil.which("connmeta")
+    if found is None:
+        pytest.fail("no connmeta executable beside the interpreter or on PATH (pip install -e .)")
+    return found
+
+
+def _drain(stream: IO[str], first_line: queue.Queue[str], log: Path) -> None:
+    """Hand the first stdout line over, then keep the pipe empty so the server never blocks."""
+    first_line.put(stream.readline())
+    with log.open("a", encoding="utf-8") as out:
+        for line in stream:
+            out.write(line)
+
+
+def start_server(flags: tuple[str, ...]) -> Server:
+    # Short directory: a Unix socket path must fit in sun_path (108 bytes).
+    directory = Path(tempfile.mkdtemp(prefix="cm-"))
+    log = directory / "server.log"
+    argv = [
+        _connmeta_executable(),
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--unix-socket",
+        str(directory / "connmeta.sock"),
+        *flags,
+    ]
+    with log.open("w", encoding="utf-8") as stderr:
+        process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=stderr, text=True)
+    assert process.stdout is not None
+    first: queue.Queue[str] = queue.Queue()
+    drain = threading.Thread(target=_drain, args=(process.stdout, first, log), daemon=True)
+    drain.start()
+    try:
+        line = first.get(timeout=30)
+    except queue.Empty:
+        line = ""
+    tcp = re.search(r"\btcp=(\S+)", line)
+    unix = re.search(r"\bunix=(\S+)", line)
+    if tcp is None or unix is None:
+        process.kill()
+        process.wait()
+        drain.join(timeout=5)
+        process.stdout.close()
+        tail = log.read_text(errors="replace")
+        shutil.rmtree(directory, ignore_errors=True)
+        pytest.fail(
+            f"{' '.join(argv)} did not print 'connmeta <version> serving tcp=... unix=...' "
+            f"within 30 s; first line {line!r}\n{tail}"
+        )
+    return Server(process, tcp.group(1), unix.group(1), log, directory, drain)
+
+
+class Servers:
+    """One server per distinct flag set, started on first use, stopped at session end."""
+
+    def __init__(self) -> None:
+        self._running: dict[tuple[str, ...], Server] = {}
+
+    def get(self, flags: tuple[str, ...]) -> Server:
+        server = self._running.get(flags)
+        if server is None or server.process.poll() is not None:
+            server = self._running[flags] = start_server(flags)
+        return server
+
+    def stop_all(self) -> None:
+        errors = []
+        for server in self._running.values():
+            try:
+                server.stop()
+            except AssertionError as error:
+                errors.append(str(error))
+        assert not errors, "\n".join(errors)
+
+
+@pytest.fixture(scope="session")
+def programs(tmp_path_factory: pytest.TempPathFactory) -> Programs:
+    return Programs(tmp_path_factory.mktemp("interop-bin"))
+
+
+@pytest.fixture(scope="session")
+def servers() -> Iterator[Servers]:
+    pool = Servers()
+    yield pool
+    pool.stop_all()
+
+
+@pytest.mark.parametrize(
+    ("language", "case"),
+    [pytest.param(lang, case, id=f"{lang}-{case.id}") for lang in LANGUAGES for case in CASES],
+)
+def test_interop(language: str, case: Case, programs: Programs, servers: Servers) -> None:
+    env = dict(os.environ)
+    timeout = CASE_TIMEOUT
+    if case.id == "keepalive":
+        seconds = _keepalive_seconds()
+        if seconds is None:
+            pytest.skip(
+                f"keepalive holds an idle watch for 60 s per language; set {KEEPALIVE_ENV}=60 "
+                "(CI runs it because CI is set)"
+            )
+        env[KEEPALIVE_ENV] = seconds
+        timeout += int(seconds)
+    program = programs.get(language)
+    server = servers.get(case.flags)
+    argv = [
+        str(program),
+        "--target",
+        server.tcp,
+        "--unix-target",
+        f"unix://{server.unix}",
+        "--case",
+        case.id,
+    ]
+    try:
+        done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as expired:
+        pytest.fail(f"{language} {case.id} ran longer than {timeout} s\n{expired.stdout!r}")
+    crashed = server.process.poll() is not None
+    if done.returncode != 0 or crashed:
+        pytest.fail(
+            f"{language} {case.id} exited {done.returncode}"
+            f"{' and the server died' if crashed else ''}\n"
+            f"{done.stdout}{done.stderr}\n--- server log (tail) ---\n{server.log_tail()}"
+        )
+
+
+@pytest.mark.parametrize("language", LANGUAGES)
+def test_cases_md_matches_the_program(language: str, programs: Programs) -> None:
+    """cases.md, the Go program and the Rust program name the same cases, in the same words."""
+    done = subprocess.run(
+        [str(programs.get(language)), "--list"], capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == 0, done.stderr
+    listed = [tuple(line.split("\t", 1)) for line in done.stdout.splitlines()]
+    assert listed == [(case.id, case.proves) for case in CASES]
+
+
+def _rust_env() -> dict[str, str]:
+    return dict(os.environ, CARGO_TARGET_DIR=str(RUST_TARGET_DIR))
+
+
+@pytest.mark.parametrize("language", LANGUAGES)
+def test_client_unit_tests(language: str, programs: Programs) -> None:
+    """go test / cargo test of the client packages (fakes only, no server)."""
+    programs.get(language)  # the build fails here first, with its own message
+    if language == "go":
+        argv, cwd, env = ["go", "test", "-count=1", "./..."], GO_DIR, dict(os.environ)
+    else:
+        argv, cwd, env = ["cargo", "test", "--locked"], RUST_DIR, _rust_env()
+    done = subprocess.run(
+        argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=BUILD_TIMEOUT
+    )
+    assert done.returncode == 0, f"{' '.join(argv)} failed:\n{done.stdout}{done.stderr}"
+
+
+@pytest.mark.parametrize("language", LANGUAGES)
+def test_readme_examples_against_the_server(
+    language: str, programs: Programs, servers: Servers
+) -> None:
+    """The documented examples (Go Example tests, Rust examples/) work as written."""
+    programs.get(language)
+    server = servers.get(CASES[0].flags)
+    if language == "go":
+        for target in (server.tcp, f"unix://{server.unix}"):
+            done = subprocess.run(
+                ["go", "test", "-count=1", "-run", "^Example", "./connmeta"],
+                cwd=GO_DIR,
+                env=dict(os.environ, CONNMETA_TARGET=target),
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
+            assert done.returncode == 0, f"Go examples against {target}:\n{done.stdout}"
+        return
+    for target in (server.tcp, f"unix://{server.unix}"):
+        done = subprocess.run(
+            [str(programs.rust_example("get_connection")), target],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert (done.returncode, done.stdout) == (0, "no such connection\n"), done.stderr
+    done = subprocess.run(
+        [str(programs.rust_example("watch")), server.tcp, "*.example.invalid", "1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (done.returncode, done.stdout) == (0, "listed 0 servers\nstopped\n"), done.stderr
