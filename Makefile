@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 PYTHON_BOOT ?= $(shell command -v python3.12 || command -v python3)
 BUF := $(VENV)/bin/buf
 
-.PHONY: serve test check lint typecheck buf-lint buf-breaking gen gen-check baseline bench clean
+.PHONY: serve test check lint typecheck buf-lint buf-breaking gen gen-check baseline bench clean deploy-tools
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON_BOOT) -m venv $(VENV)
@@ -20,8 +20,12 @@ $(STAMP): pyproject.toml constraints.txt
 serve: $(STAMP)
 	$(VENV)/bin/connmeta serve
 
-test: $(STAMP)
+test: $(STAMP) deploy-tools
 	$(PY) -m pytest
+
+# kustomize, kubernetes-validate and hadolint for tests/deploy, pinned, in .tools/.
+deploy-tools:
+	scripts/install-deploy-tools
 
 check: lint typecheck buf-lint buf-breaking gen-check
 
@@ -46,6 +50,7 @@ baseline: $(STAMP)
 
 gen: $(STAMP)
 	PYTHON=$(PY) scripts/gen
+	BUF=$(BUF) scripts/gen-clients
 
 # Regenerate into the work tree and fail if anything differs from what is committed.
 gen-check: gen
