@@ -18,8 +18,8 @@ import heapq
 import itertools
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Final, TypeVar
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, Final, Protocol, TypeVar
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -37,7 +37,7 @@ from connmeta.records import (
     Record,
     StoreError,
     encode_field,
-    encode_metadata,
+    encode_record,
     encode_repeated,
     encode_varint,
     pack_bits,
@@ -48,6 +48,7 @@ from connmeta.v1 import report_service_pb2 as rs
 __all__ = [
     "Compacted",
     "ConnectionOpen",
+    "EncodedSnapshot",
     "EtagMismatch",
     "Event",
     "EventType",
@@ -75,8 +76,27 @@ _UPDATABLE: Final = frozenset(("address", "via"))
 _VIA_SCHEMES: Final = frozenset((pb.SCHEME_HTTP, pb.SCHEME_HTTPS))
 _OVERLAY_CACHE: Final = 4
 _INTERN_MAX: Final = 1 << 16
+# pack_bits for every combination, indexed without a call (a call costs more
+# than the lookup on the ingest path): kind, state, hook (< 16), terminal,
+# has_certs, has_last_change.
+_BITS: Final = tuple(
+    pack_bits(i & 3, i >> 2 & 3, bool(i >> 8 & 1), bool(i >> 9 & 1), bool(i >> 10 & 1), i >> 4 & 15)
+    for i in range(1 << 11)
+)
+assert max(_HOOKS) < 16, "_BITS holds hooks in 4 bits"
+_HOOK_FIELDS: Final = {hook: b"\x28" + bytes((hook,)) if hook else b"" for hook in _HOOKS}
 _MISSING: Final = object()
 _T = TypeVar("_T")
+
+
+class EncodedSnapshot(Protocol):
+    """A snapshot's client and server as encoded bytes (b"" when not set)."""
+
+    @property
+    def client(self) -> bytes: ...
+
+    @property
+    def server(self) -> bytes: ...
 
 
 class Store:
@@ -203,7 +223,11 @@ class Store:
 
     # -- writes ---------------------------------------------------------------
 
-    def apply(self, snapshots: Sequence[rs.ConnectionSnapshot]) -> int:
+    def apply(
+        self,
+        snapshots: Sequence[rs.ConnectionSnapshot],
+        encoded: Sequence[EncodedSnapshot] | None = None,
+    ) -> int:
         """Store each snapshot at its own revision; returns the revision reached.
 
         A new id is ADDED, a known one MODIFIED. A snapshot whose connection,
@@ -212,17 +236,43 @@ class Store:
         reconnecting proxy's resync does not flood watchers. Certificates are
         described from their DER. A malformed snapshot raises InvalidArgument
         naming ``snapshots[i]``; the ones before it stay applied.
+
+        ``encoded``, when given, holds the same snapshots with their client or
+        server as the bytes they arrived in (``connmeta._rawview``); the store
+        then keeps those bytes instead of serializing the parsed message again.
         """
+        if encoded is not None and len(encoded) != len(snapshots):
+            raise ValueError(f"{len(encoded)} encoded snapshots for {len(snapshots)} snapshots")
         events: builtins.list[Event] = []
         now = self._clock()
         update_time = encode_field(7, _timestamp(now).SerializeToString())
         records = self._records
         terminal = self._terminal
         seen = self._resync_seen
-        intern = self._intern
+        unsorted = self._unsorted
+        deleted = self._deleted
+        interned = self._interned
+        if len(interned) >= _INTERN_MAX:
+            interned.clear()
+        intern = interned.setdefault
+        pairs: Iterable[tuple[rs.ConnectionSnapshot, EncodedSnapshot | None]] = (
+            zip(snapshots, encoded, strict=True)
+            if encoded is not None
+            else zip(snapshots, itertools.repeat(None))
+        )
         try:
-            for i, snap in enumerate(snapshots):
-                which = snap.WhichOneof("connection")
+            for i, (snap, raw) in enumerate(pairs):
+                # The raw bytes tell the kind for free; WhichOneof costs a
+                # microsecond and is only needed when neither side has a byte.
+                body: bytes | None = None
+                if raw is not None:
+                    body = raw.server
+                    which = "server" if body else "client" if (body := raw.client) else None
+                else:
+                    which = None
+                if which is None:
+                    body = None
+                    which = snap.WhichOneof("connection")
                 if which == "server":
                     side: pb.Server | pb.Client = snap.server
                     kind = Kind.SERVER
@@ -247,17 +297,23 @@ class Store:
                     or (kind is Kind.SERVER and not client_id)
                 ):
                     raise InvalidArgument(_snapshot_violations(i, which, snap))
-                has_certs = bool(conn.certificate_list) or (
-                    kind is Kind.CLIENT and snap.client.HasField("mitmcert")
-                )
+                if kind is Kind.SERVER:
+                    # A certificate_list entry is tagged 0x42 ("B"); bytes
+                    # without one hold no certificate, and searching them in C
+                    # is far cheaper than the repeated field's container.
+                    has_certs = (body is None or b"B" in body) and bool(conn.certificate_list)
+                else:
+                    has_certs = bool(conn.certificate_list) or snap.client.HasField("mitmcert")
                 if has_certs:
                     side = _described(side, f"snapshots[{i}].{which}")
-                body = side.SerializeToString()
-                kind_field = tag + encode_varint(len(body)) + body
+                    body = None
+                if body is None:
+                    body = side.SerializeToString()
                 prev = records.get(id)
                 if seen is not None:
                     seen.add(id)
                 if prev is not None:
+                    kind_field = tag + encode_varint(len(body)) + body
                     if (
                         (hook == prev.last_hook or hook == pb.HOOK_RESYNC)
                         and prev.client_id == (client_id or prev.id)
@@ -270,13 +326,12 @@ class Store:
                     last_change = _last_change_field(prev) if prev.has_last_change else b""
                 if kind is Kind.SERVER:
                     owner = records.get(client_id)
-                    client_id = owner.id if owner is not None else intern(client_id)
-                    address = side.address  # type: ignore[union-attr]
-                    host, port = address.host, address.port
+                    client_id = owner.id if owner is not None else intern(client_id, client_id)
+                    cid = client_id.encode()
+                    client_id_field = b"\x22" + encode_varint(len(cid)) + cid
                 else:
                     client_id = id
-                    peer = conn.peername
-                    host, port = peer.host, peer.port
+                    client_id_field = b""
                 revision = self._revision + 1
                 if prev is None:
                     create_revision = revision
@@ -285,23 +340,34 @@ class Store:
                 record = Record(
                     id,
                     client_id,
-                    intern(host),
-                    intern(port),
-                    intern(conn.sni),
-                    pack_bits(kind, state, is_terminal, has_certs, bool(last_change), hook),
-                    encode_metadata(
+                    None,  # host, port and sni: read from data when a filter asks
+                    None,
+                    None,
+                    _BITS[
+                        kind
+                        | state << 2
+                        | hook << 4
+                        | is_terminal << 8
+                        | has_certs << 9
+                        | bool(last_change) << 10
+                    ],
+                    encode_record(
                         revision,
                         create_revision,
-                        client_id.encode() if kind is Kind.SERVER else b"",
-                        hook,
-                        last_change + update_time,
-                    )
-                    + kind_field,
+                        client_id_field,
+                        _HOOK_FIELDS[hook],
+                        last_change + update_time if last_change else update_time,
+                        tag,
+                        body,
+                    ),
                 )
                 self._revision = revision
                 records[id] = record
                 if prev is None:
-                    self._index_new(id)
+                    if id in deleted:
+                        deleted.discard(id)  # still in _sorted from its previous life
+                    else:
+                        unsorted.append(id)
                     events.append(Event(revision, EventType.ADDED, record, None))
                 else:
                     events.append(Event(revision, EventType.MODIFIED, record, prev))
@@ -499,12 +565,6 @@ class Store:
         self._revision = revision
         self._records[prev.id] = record
         return record
-
-    def _index_new(self, id: str) -> None:
-        if id in self._deleted:
-            self._deleted.discard(id)  # still in _sorted from its previous life
-        else:
-            self._unsorted.append(id)
 
     def _sorted_ids(self) -> builtins.list[str]:
         ids = self._sorted

@@ -29,6 +29,7 @@ from connmeta.records import (
     EventType,
     InvalidArgument,
     Record,
+    encode_repeated,
     encode_watch_event,
 )
 from connmeta.store import Store
@@ -56,6 +57,29 @@ class Evicted(Exception):
     def __init__(self, last_revision: int) -> None:
         super().__init__(f"watcher too slow, evicted after revision {last_revision}")
         self.last_revision = last_revision
+
+
+class _Batch(list[Event]):
+    """The events of one store change, as the hub hands them to every watcher.
+
+    Unfiltered watchers that are keeping up take a whole batch at once; its
+    encodings are computed by the first of them and shared, so the per-watcher
+    cost of a batch is a few operations instead of a few per event.
+    """
+
+    __slots__ = ("_views",)
+
+    def __init__(self, events: Sequence[Event]) -> None:
+        super().__init__(events)
+        self._views: dict[bool, tuple[list[bytes], bytes]] = {}
+
+    def view(self, basic: bool) -> tuple[list[bytes], bytes]:
+        """Every event encoded, and all of them as a WatchConnectionsResponse."""
+        cached = self._views.get(basic)
+        if cached is None:
+            chunks = [event.encoded(basic) for event in self]
+            cached = self._views[basic] = (chunks, encode_repeated(1, chunks))
+        return cached
 
 
 class Watcher:
@@ -87,6 +111,7 @@ class Watcher:
         self._ended = False
         self._wake: asyncio.Event | None = None
         self._last_sent = time.monotonic()
+        self._response: bytes | None = None  # the last take, already a response
 
     @property
     def last_revision(self) -> int:
@@ -153,6 +178,19 @@ class Watcher:
             raise StopAsyncIteration
         return batch
 
+    async def next_response(self) -> bytes:
+        """Like ``next`` but as a serialized WatchConnectionsResponse; b"" at the end.
+
+        A whole shared batch comes back as the bytes encoded once for every
+        watcher, instead of being framed again for each.
+        """
+        self._response = None
+        batch = await self.next()
+        response = self._response
+        if response is not None:
+            return response
+        return encode_repeated(1, batch) if batch else b""
+
     # -- hub side ------------------------------------------------------------------
 
     def _replay(self, events: Sequence[Event]) -> None:
@@ -203,6 +241,20 @@ class Watcher:
         pending = self._pending
         position = self._position
         offset = self._offset
+        if flt is None and not offset and pending:
+            events = pending[0]
+            if (
+                isinstance(events, _Batch)
+                and len(events) <= MAX_BATCH_EVENTS
+                and events[0].revision > position
+            ):
+                chunks, response = events.view(basic)
+                if len(response) <= MAX_BATCH_BYTES:
+                    pending.popleft()
+                    self._position = events[-1].revision
+                    self._pending_count -= len(events)  # live: never part of a replay
+                    self._response = response
+                    return list(chunks)
         taken = 0
         while pending and len(out) < MAX_BATCH_EVENTS and size < MAX_BATCH_BYTES:
             events = pending[0]
@@ -347,7 +399,10 @@ class WatchHub:
         self._unsubscribe()
 
     def _broadcast(self, events: Sequence[Event]) -> None:
-        evicted = [w for w in self._watchers if not w._push(events)]
+        if not events:
+            return
+        batch = _Batch(events)
+        evicted = [w for w in self._watchers if not w._push(batch)]
         for watcher in evicted:
             self._remove(watcher)
 
