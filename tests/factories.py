@@ -76,10 +76,13 @@ class Reporter:
         self._sequence += 1
         request.sequence = self._sequence
         await self._call.write(request)
-        response = await self._call.read()
-        assert isinstance(response, rs.ReportResponse), response
-        assert response.ack.sequence == self._sequence
-        return response.ack
+        while True:
+            response = await self._call.read()
+            assert isinstance(response, rs.ReportResponse), response
+            # The sidecar also writes routing state and decisions here.
+            if response.WhichOneof("message") == "ack":
+                assert response.ack.sequence == self._sequence
+                return response.ack
 
     async def report(self, *snapshots: rs.ConnectionSnapshot) -> int:
         """Send one batch; the revision the store reached."""

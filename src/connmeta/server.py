@@ -19,7 +19,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from connmeta import __version__
-from connmeta.service import SERVICE_NAMES, add_servicers
+from connmeta.router_service import SERVICE_NAMES, add_servicers
 from connmeta.store import Store
 from connmeta.watch import WatchHub
 

@@ -46,6 +46,10 @@ const (
 	// cannot take effect in server_connect (mitmproxy built the connection's
 	// layers already), so the proxy applies it to the requests that use this
 	// server, by routing them through a new server connection via the proxy.
+	// Those are the requests inside a CONNECT tunnel to this server and, in
+	// reverse and transparent modes, the client's requests. A plain-HTTP
+	// request in regular mode picks its server after its request hooks, so a
+	// via decided at that server's connect does not reach it.
 	RouteOutcomeKind_ROUTE_OUTCOME_KIND_DEFERRED RouteOutcomeKind = 4
 )
 

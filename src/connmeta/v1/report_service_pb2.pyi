@@ -8,8 +8,11 @@ connection's life into the sidecar.
 from collections import abc as _abc
 from connmeta.v1 import connection_pb2 as _connection_pb2
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
+from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -21,6 +24,66 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _RouteOutcomeKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _RouteOutcomeKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RouteOutcomeKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ROUTE_OUTCOME_KIND_UNSPECIFIED: _RouteOutcomeKind.ValueType  # 0
+    """ROUTE_OUTCOME_KIND_UNSPECIFIED is never sent."""
+    ROUTE_OUTCOME_KIND_APPLIED: _RouteOutcomeKind.ValueType  # 1
+    """ROUTE_OUTCOME_KIND_APPLIED: every field of the decision was applied
+    before the connect.
+    """
+    ROUTE_OUTCOME_KIND_NO_CHANGE: _RouteOutcomeKind.ValueType  # 2
+    """ROUTE_OUTCOME_KIND_NO_CHANGE: the decision changed nothing."""
+    ROUTE_OUTCOME_KIND_TIMED_OUT: _RouteOutcomeKind.ValueType  # 3
+    """ROUTE_OUTCOME_KIND_TIMED_OUT: no decision arrived within the proxy's
+    route deadline, or the router did not answer within the sidecar's share
+    of it (RouteDecision.timed_out); the server connects to its original
+    target (fail open).
+    """
+    ROUTE_OUTCOME_KIND_DEFERRED: _RouteOutcomeKind.ValueType  # 4
+    """ROUTE_OUTCOME_KIND_DEFERRED: address (if decided) was applied; via
+    cannot take effect in server_connect (mitmproxy built the connection's
+    layers already), so the proxy applies it to the requests that use this
+    server, by routing them through a new server connection via the proxy.
+    Those are the requests inside a CONNECT tunnel to this server and, in
+    reverse and transparent modes, the client's requests. A plain-HTTP
+    request in regular mode picks its server after its request hooks, so a
+    via decided at that server's connect does not reach it.
+    """
+
+class RouteOutcomeKind(_RouteOutcomeKind, metaclass=_RouteOutcomeKindEnumTypeWrapper):
+    """RouteOutcomeKind is what became of a route decision in the proxy."""
+
+ROUTE_OUTCOME_KIND_UNSPECIFIED: RouteOutcomeKind.ValueType  # 0
+"""ROUTE_OUTCOME_KIND_UNSPECIFIED is never sent."""
+ROUTE_OUTCOME_KIND_APPLIED: RouteOutcomeKind.ValueType  # 1
+"""ROUTE_OUTCOME_KIND_APPLIED: every field of the decision was applied
+before the connect.
+"""
+ROUTE_OUTCOME_KIND_NO_CHANGE: RouteOutcomeKind.ValueType  # 2
+"""ROUTE_OUTCOME_KIND_NO_CHANGE: the decision changed nothing."""
+ROUTE_OUTCOME_KIND_TIMED_OUT: RouteOutcomeKind.ValueType  # 3
+"""ROUTE_OUTCOME_KIND_TIMED_OUT: no decision arrived within the proxy's
+route deadline, or the router did not answer within the sidecar's share
+of it (RouteDecision.timed_out); the server connects to its original
+target (fail open).
+"""
+ROUTE_OUTCOME_KIND_DEFERRED: RouteOutcomeKind.ValueType  # 4
+"""ROUTE_OUTCOME_KIND_DEFERRED: address (if decided) was applied; via
+cannot take effect in server_connect (mitmproxy built the connection's
+layers already), so the proxy applies it to the requests that use this
+server, by routing them through a new server connection via the proxy.
+Those are the requests inside a CONNECT tunnel to this server and, in
+reverse and transparent modes, the client's requests. A plain-HTTP
+request in regular mode picks its server after its request hooks, so a
+via decided at that server's connect does not reach it.
+"""
+Global___RouteOutcomeKind: _TypeAlias = RouteOutcomeKind  # noqa: Y015
+
 @_typing.final
 class ConnectionSnapshot(_message.Message):
     """ConnectionSnapshot is the full state of one connection after a hook."""
@@ -31,6 +94,7 @@ class ConnectionSnapshot(_message.Message):
     CLIENT_ID_FIELD_NUMBER: _builtins.int
     CLIENT_FIELD_NUMBER: _builtins.int
     SERVER_FIELD_NUMBER: _builtins.int
+    ROUTE_OUTCOME_FIELD_NUMBER: _builtins.int
     hook: _connection_pb2.Hook.ValueType
     """hook is the mitmproxy hook after which the snapshot was taken."""
     client_id: _builtins.str
@@ -43,6 +107,13 @@ class ConnectionSnapshot(_message.Message):
     def server(self) -> _connection_pb2.Server:
         """server is a server connection."""
 
+    @_builtins.property
+    def route_outcome(self) -> Global___RouteOutcome:
+        """route_outcome is set on the snapshot the proxy sends after it applied,
+        or gave up waiting for, a route decision for this server (in
+        server_connect); the snapshot then shows the server as it will connect.
+        """
+
     def __init__(
         self,
         *,
@@ -50,16 +121,69 @@ class ConnectionSnapshot(_message.Message):
         client_id: _builtins.str = ...,
         client: _connection_pb2.Client | None = ...,
         server: _connection_pb2.Server | None = ...,
+        route_outcome: Global___RouteOutcome | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["client", b"client", "connection", b"connection", "server", b"server"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["client", b"client", "connection", b"connection", "route_outcome", b"route_outcome", "server", b"server"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["client", b"client", "client_id", b"client_id", "connection", b"connection", "hook", b"hook", "server", b"server"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client", b"client", "client_id", b"client_id", "connection", b"connection", "hook", b"hook", "route_outcome", b"route_outcome", "server", b"server"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_connection: _TypeAlias = _typing.Literal["client", "server"]  # noqa: Y015
     _WhichOneofArgType_connection: _TypeAlias = _typing.Literal["connection", b"connection"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_connection) -> _WhichOneofReturnType_connection | None: ...
 
 Global___ConnectionSnapshot: _TypeAlias = ConnectionSnapshot  # noqa: Y015
+
+@_typing.final
+class RouteOutcome(_message.Message):
+    """RouteOutcome tells the sidecar what the proxy did with a route decision."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    QUERY_ID_FIELD_NUMBER: _builtins.int
+    ACTOR_FIELD_NUMBER: _builtins.int
+    APPLIED_FIELDS_FIELD_NUMBER: _builtins.int
+    DEFERRED_FIELDS_FIELD_NUMBER: _builtins.int
+    WAITED_FIELD_NUMBER: _builtins.int
+    kind: Global___RouteOutcomeKind.ValueType
+    """kind is what became of the decision."""
+    query_id: _builtins.str
+    """query_id is the decision's query id; empty for a pending change that was
+    not asked for (see RouteDecision.query_id).
+    """
+    actor: _builtins.str
+    """actor is who made the decision (RouteDecision.actor); empty when none
+    arrived.
+    """
+    @_builtins.property
+    def applied_fields(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """applied_fields are the fields applied before the connect: "address"."""
+
+    @_builtins.property
+    def deferred_fields(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """deferred_fields are the fields applied later, per request: "via"."""
+
+    @_builtins.property
+    def waited(self) -> _duration_pb2.Duration:
+        """waited is how long the connect was held for the decision."""
+
+    def __init__(
+        self,
+        *,
+        kind: Global___RouteOutcomeKind.ValueType = ...,
+        query_id: _builtins.str = ...,
+        actor: _builtins.str = ...,
+        applied_fields: _abc.Iterable[_builtins.str] | None = ...,
+        deferred_fields: _abc.Iterable[_builtins.str] | None = ...,
+        waited: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["waited", b"waited"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "applied_fields", b"applied_fields", "deferred_fields", b"deferred_fields", "kind", b"kind", "query_id", b"query_id", "waited", b"waited"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RouteOutcome: _TypeAlias = RouteOutcome  # noqa: Y015
 
 @_typing.final
 class ReportBatch(_message.Message):
@@ -93,12 +217,23 @@ class ResyncStart(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    ROUTE_DEADLINE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def route_deadline(self) -> _duration_pb2.Duration:
+        """route_deadline is how long the proxy holds a server connect for a route
+        decision before it connects unchanged. The sidecar stops waiting for a
+        router somewhat earlier, so that its "no change" still arrives in time.
+        Unset: the sidecar's own default.
+        """
+
     def __init__(
         self,
+        *,
+        route_deadline: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["route_deadline", b"route_deadline"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["route_deadline", b"route_deadline"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -197,26 +332,137 @@ class ReportAck(_message.Message):
 Global___ReportAck: _TypeAlias = ReportAck  # noqa: Y015
 
 @_typing.final
+class RoutingState(_message.Message):
+    """RoutingState tells the proxy whether a router takes part in server
+    connects. It is the first message on every report stream and is sent again
+    whenever it changes.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACTIVE_FIELD_NUMBER: _builtins.int
+    ROUTER_FIELD_NUMBER: _builtins.int
+    active: _builtins.bool
+    """active is true while a router is subscribed: the proxy then waits, up to
+    its route deadline, for a RouteDecision after reporting a server_connect.
+    While false the proxy never waits.
+    """
+    router: _builtins.str
+    """router is the name of the router that receives queries; empty while
+    inactive.
+    """
+    def __init__(
+        self,
+        *,
+        active: _builtins.bool = ...,
+        router: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "router", b"router"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RoutingState: _TypeAlias = RoutingState  # noqa: Y015
+
+@_typing.final
+class RouteDecision(_message.Message):
+    """RouteDecision tells the proxy how to change one server before it connects.
+    It is sent in answer to a server_connect snapshot while routing is active
+    (query_id set; an empty update_mask means "no change, go ahead"), and
+    unasked, with an empty query_id, when an UpdateServerConnection changed a
+    server that is not OPEN: the proxy keeps it and applies it where mitmproxy
+    honours it. The sidecar has already recorded the change (with actor as
+    metadata.last_change.actor) when it sends the decision.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SERVER_ID_FIELD_NUMBER: _builtins.int
+    QUERY_ID_FIELD_NUMBER: _builtins.int
+    ACTOR_FIELD_NUMBER: _builtins.int
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    VIA_FIELD_NUMBER: _builtins.int
+    UPDATE_MASK_FIELD_NUMBER: _builtins.int
+    TIMED_OUT_FIELD_NUMBER: _builtins.int
+    server_id: _builtins.str
+    """server_id is the id of the server connection to change."""
+    query_id: _builtins.str
+    """query_id identifies the route query this answers; empty for a pending
+    change from UpdateServerConnection.
+    """
+    actor: _builtins.str
+    """actor is who decided: a router's name or an update's actor."""
+    timed_out: _builtins.bool
+    """timed_out is true when the router did not answer in time: update_mask
+    is empty and the proxy connects unchanged, reporting TIMED_OUT.
+    """
+    @_builtins.property
+    def address(self) -> _connection_pb2.Address:
+        """address is the new target; set when update_mask names "address"."""
+
+    @_builtins.property
+    def via(self) -> _connection_pb2.ServerSpec:
+        """via is the new upstream proxy (http or https only); unset while
+        update_mask names "via" means connect directly.
+        """
+
+    @_builtins.property
+    def update_mask(self) -> _field_mask_pb2.FieldMask:
+        """update_mask names the fields to change: "address", "via", both or none."""
+
+    def __init__(
+        self,
+        *,
+        server_id: _builtins.str = ...,
+        query_id: _builtins.str = ...,
+        actor: _builtins.str = ...,
+        address: _connection_pb2.Address | None = ...,
+        via: _connection_pb2.ServerSpec | None = ...,
+        update_mask: _field_mask_pb2.FieldMask | None = ...,
+        timed_out: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "update_mask", b"update_mask", "via", b"via"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "address", b"address", "query_id", b"query_id", "server_id", b"server_id", "timed_out", b"timed_out", "update_mask", b"update_mask", "via", b"via"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RouteDecision: _TypeAlias = RouteDecision  # noqa: Y015
+
+@_typing.final
 class ReportResponse(_message.Message):
     """ReportResponse is one message from the sidecar on the report stream."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     ACK_FIELD_NUMBER: _builtins.int
+    ROUTING_STATE_FIELD_NUMBER: _builtins.int
+    ROUTE_DECISION_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def ack(self) -> Global___ReportAck:
         """ack acknowledges a request."""
+
+    @_builtins.property
+    def routing_state(self) -> Global___RoutingState:
+        """routing_state says whether the proxy should wait for route decisions."""
+
+    @_builtins.property
+    def route_decision(self) -> Global___RouteDecision:
+        """route_decision changes a server before it connects."""
 
     def __init__(
         self,
         *,
         ack: Global___ReportAck | None = ...,
+        routing_state: Global___RoutingState | None = ...,
+        route_decision: Global___RouteDecision | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "message", b"message"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "message", b"message", "route_decision", b"route_decision", "routing_state", b"routing_state"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "message", b"message"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "message", b"message", "route_decision", b"route_decision", "routing_state", b"routing_state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["ack"]  # noqa: Y015
+    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["ack", "routing_state", "route_decision"]  # noqa: Y015
     _WhichOneofArgType_message: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
 

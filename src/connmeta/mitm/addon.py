@@ -1,0 +1,537 @@
+"""The connmeta mitmproxy addon: report every connection's life to the sidecar
+and apply routing decisions before connect.
+
+Load it with ``mitmdump -s "$(connmeta addon-path)"``. Options:
+
+    connmeta_target          unix:///path or host:port of the sidecar
+    connmeta_route_deadline  ms a server connect may wait for a route decision
+    connmeta_queue_size      snapshots held while the sidecar is slow
+    connmeta_rpc_deadline    ms for connecting, each write and each ack
+
+The proxy never waits for the sidecar, with one exception it asks for:
+
+- Reporting hooks only convert the object (without certificate facts, which
+  the sidecar derives) and append it to a bounded queue. A background task
+  sends everything pending as one batch, keeps at most ``_WINDOW`` batches
+  unacknowledged, and on any trouble (down, slow, no ack within the deadline)
+  drops the stream and reconnects with exponential backoff and jitter. After
+  every (re)connect, and after the queue overflowed, it resyncs: ResyncStart,
+  every live connection it holds, ResyncEnd. So the sidecar converges even
+  when snapshots were lost.
+- ``server_connect`` waits only while the sidecar says a router is subscribed
+  (RoutingState), and then at most ``connmeta_route_deadline``; it connects to
+  the original target when nothing arrives (fail open). A change made through
+  UpdateServerConnection while the server was not OPEN arrives ahead of time
+  and is applied without waiting.
+
+Where decisions take effect is mitmproxy's rule (facts §11): ``address`` in
+``server_connect``; ``via`` only before the layer stack is built, i.e. on the
+server a request is about to use, in ``requestheaders``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import time
+from collections import OrderedDict, deque
+from collections.abc import Iterable
+from typing import Any, Final, Literal
+
+import grpc
+from mitmproxy import ctx, http, tls
+from mitmproxy.addonmanager import Loader
+from mitmproxy.connection import Client, ConnectionState, Server
+from mitmproxy.net.server_spec import ServerSpec
+from mitmproxy.proxy.server_hooks import ServerConnectionHookData
+
+from connmeta.mitm import to_proto
+from connmeta.v1 import connection_pb2 as pb
+from connmeta.v1 import report_service_pb2 as rs
+from connmeta.v1 import report_service_pb2_grpc as rs_grpc
+
+__all__ = ["ConnmetaAddon", "addons", "default_target"]
+
+log = logging.getLogger("connmeta.addon")
+
+_WINDOW: Final = 64
+"""Unacknowledged batches in flight; beyond it, snapshots wait in the queue."""
+_MAX_BATCH: Final = 1000
+"""Snapshots per request: bounded so a resync or a burst stays far below the
+16 MiB message limit."""
+_BATCH_INTERVAL: Final = 0.05
+"""Seconds between two batches, at least, unless a connect waits for its
+route decision. A batch costs the proxy's event loop far more than a
+snapshot does (gRPC's write and the ack's read, each a hop through gRPC's
+poller thread), so under load the reporter sends at most 20 batches a second,
+each with everything pending; after a quiet spell the first snapshot leaves
+at once."""
+_BACKOFF_MIN: Final = 0.1
+_BACKOFF_MAX: Final = 5.0
+_MAX_DECISIONS: Final = 4096
+_LOG_INTERVAL: Final = 10.0
+
+_SCHEMES: Final[dict[int, Literal["http", "https"]]] = {
+    pb.SCHEME_HTTP: "http",
+    pb.SCHEME_HTTPS: "https",
+}
+Via = ServerSpec | None
+
+
+def default_target() -> str:
+    """The sidecar's own default Unix socket (``connmeta serve`` without
+    flags), so the two meet without configuration."""
+    base = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/connmeta-{os.getuid()}"
+    return f"unix://{os.path.join(base, 'connmeta.sock')}"
+
+
+class _Throttled:
+    """Log a recurring warning at most once per interval, with a count."""
+
+    def __init__(self) -> None:
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+
+    def warn(self, key: str, message: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self._last.get(key, -_LOG_INTERVAL) < _LOG_INTERVAL:
+            self._suppressed[key] = self._suppressed.get(key, 0) + 1
+            return
+        suppressed = self._suppressed.pop(key, 0)
+        self._last[key] = now
+        suffix = f" ({suppressed} similar since the last message)" if suppressed else ""
+        log.warning(message + suffix, *args)
+
+
+class _StreamBroken(Exception):
+    """The report stream must be dropped and opened again."""
+
+
+def _snapshot(
+    conn: Client | Server, hook: pb.Hook.ValueType, client_id: str = ""
+) -> rs.ConnectionSnapshot:
+    snap = rs.ConnectionSnapshot(hook=hook, client_id=client_id)
+    if isinstance(conn, Client):
+        snap.client.CopyFrom(to_proto(conn, describe_certificates=False))
+    else:
+        snap.server.CopyFrom(to_proto(conn, describe_certificates=False))
+    return snap
+
+
+def _describe(error: Exception) -> str:
+    if isinstance(error, grpc.aio.AioRpcError):
+        return f"{error.code().name}: {error.details()}"
+    return str(error) or type(error).__name__
+
+
+def _via_of(decision: rs.RouteDecision) -> Via:
+    if not decision.HasField("via"):
+        return None
+    spec = decision.via
+    return (_SCHEMES[spec.scheme], (spec.address.host, spec.address.port))
+
+
+class ConnmetaAddon:
+    """Reports connections to the connmeta sidecar; applies its route decisions."""
+
+    def __init__(self) -> None:
+        self._queue: deque[rs.ConnectionSnapshot] = deque()
+        self._wake = asyncio.Event()
+        self._urgent = asyncio.Event()
+        self._last_batch = 0.0
+        self._task: asyncio.Task[None] | None = None
+        self._connected = False
+        self._routing_active = False
+        self._resync_needed = True
+        # Live objects by id: what a resync sends. Servers are also filed
+        # under their client, because a server reached through an upstream
+        # proxy never gets a server_disconnected of its own.
+        self._live: dict[str, Client | Server] = {}
+        self._client_of: dict[str, str] = {}
+        self._servers_of: dict[str, set[str]] = {}
+        self._waiters: dict[str, asyncio.Future[rs.RouteDecision | None]] = {}
+        self._decisions: OrderedDict[str, rs.RouteDecision] = OrderedDict()
+        self._pending_via: dict[str, Via] = {}
+        self._throttled = _Throttled()
+        self.stats = {"sent": 0, "dropped": 0, "reconnects": 0, "route_timeouts": 0}
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def load(self, loader: Loader) -> None:
+        loader.add_option(
+            "connmeta_target", str, default_target(),
+            "Where the connmeta sidecar listens: unix:///path or host:port.",
+        )  # fmt: skip
+        loader.add_option(
+            "connmeta_route_deadline", int, 200,
+            "Milliseconds a server connect waits for a route decision while a "
+            "router is subscribed; then it connects unchanged.",
+        )  # fmt: skip
+        loader.add_option(
+            "connmeta_queue_size", int, 10_000,
+            "Connection snapshots held while the sidecar is slow; beyond it "
+            "they are dropped and a resync repairs the sidecar's view.",
+        )  # fmt: skip
+        loader.add_option(
+            "connmeta_rpc_deadline", int, 2_000,
+            "Milliseconds for connecting to the sidecar, each write and each "
+            "acknowledgement; past it the stream is reopened.",
+        )  # fmt: skip
+
+    def configure(self, updated: set[str]) -> None:
+        if "connmeta_target" in updated and self._task is not None:
+            # A new target needs a new channel: restart the reporter.
+            self._task.cancel()
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def running(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def done(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    # -- reporting hooks: convert, enqueue, return ---------------------------
+
+    async def client_connected(self, client: Client) -> None:
+        self._live[client.id] = client
+        self._enqueue(_snapshot(client, pb.HOOK_CLIENT_CONNECTED))
+
+    async def client_disconnected(self, client: Client) -> None:
+        self._enqueue(_snapshot(client, pb.HOOK_CLIENT_DISCONNECTED))
+        self._live.pop(client.id, None)
+        for server_id in self._servers_of.pop(client.id, ()):
+            self._forget_server(server_id)
+
+    async def server_connect(self, data: ServerConnectionHookData) -> None:
+        server, client = data.server, data.client
+        self._track(server, client.id)
+        decision = self._decisions.pop(server.id, None)
+        waited = 0.0
+        if decision is None:
+            self._enqueue(_snapshot(server, pb.HOOK_SERVER_CONNECT, client.id))
+            if not (self._routing_active and self._connected):
+                return  # the path every connect takes while nobody routes
+            started = time.perf_counter()
+            decision = await self._await_decision(server.id)
+            waited = time.perf_counter() - started
+        outcome = self._apply_at_connect(server, decision, waited)
+        snap = _snapshot(server, pb.HOOK_SERVER_CONNECT, client.id)
+        snap.route_outcome.CopyFrom(outcome)
+        self._enqueue(snap)
+
+    async def server_connected(self, data: ServerConnectionHookData) -> None:
+        self._track(data.server, data.client.id)
+        self._enqueue(_snapshot(data.server, pb.HOOK_SERVER_CONNECTED, data.client.id))
+
+    async def server_connect_error(self, data: ServerConnectionHookData) -> None:
+        self._enqueue(_snapshot(data.server, pb.HOOK_SERVER_CONNECT_ERROR, data.client.id))
+        self._forget_server(data.server.id)
+
+    async def server_disconnected(self, data: ServerConnectionHookData) -> None:
+        self._enqueue(_snapshot(data.server, pb.HOOK_SERVER_DISCONNECTED, data.client.id))
+        self._forget_server(data.server.id)
+
+    async def tls_established_client(self, data: tls.TlsData) -> None:
+        self._tls(data, pb.HOOK_TLS_ESTABLISHED_CLIENT, pb.HOOK_TLS_ESTABLISHED_SERVER)
+
+    async def tls_established_server(self, data: tls.TlsData) -> None:
+        self._tls(data, pb.HOOK_TLS_ESTABLISHED_CLIENT, pb.HOOK_TLS_ESTABLISHED_SERVER)
+
+    async def tls_failed_client(self, data: tls.TlsData) -> None:
+        self._tls(data, pb.HOOK_TLS_FAILED_CLIENT, pb.HOOK_TLS_FAILED_SERVER)
+
+    async def tls_failed_server(self, data: tls.TlsData) -> None:
+        self._tls(data, pb.HOOK_TLS_FAILED_CLIENT, pb.HOOK_TLS_FAILED_SERVER)
+
+    def _tls(
+        self, data: tls.TlsData, client_hook: pb.Hook.ValueType, server_hook: pb.Hook.ValueType
+    ) -> None:
+        conn = data.conn
+        if isinstance(conn, Client):
+            self._enqueue(_snapshot(conn, client_hook))
+        elif isinstance(conn, Server):
+            # A server reached through an upstream proxy (the "logical"
+            # server) shows up here first: its server_* hooks report the
+            # tunnel to the proxy instead.
+            self._track(conn, data.context.client.id)
+            self._enqueue(_snapshot(conn, server_hook, data.context.client.id))
+
+    # -- routing -------------------------------------------------------------
+
+    async def requestheaders(self, flow: http.HTTPFlow) -> None:
+        """Apply a deferred via to the server this request is about to use.
+
+        An OPEN server (an eager CONNECT tunnel) cannot take a via (the
+        guard); a fresh Server for the same address can, and mitmproxy then
+        opens it through the upstream proxy for this and later requests.
+        """
+        if not self._pending_via:
+            return
+        current = flow.server_conn
+        if current.id not in self._pending_via:
+            return
+        via = self._pending_via[current.id]
+        if current.via == via:
+            return
+        if current.state is ConnectionState.OPEN:
+            fresh = Server(address=current.address, transport_protocol=current.transport_protocol)
+            fresh.via = via
+            flow.server_conn = fresh
+        else:
+            current.via = via
+
+    async def _await_decision(self, server_id: str) -> rs.RouteDecision | None:
+        future: asyncio.Future[rs.RouteDecision | None] = asyncio.get_running_loop().create_future()
+        self._waiters[server_id] = future
+        self._urgent.set()  # the server_connect snapshot must leave now
+        self._wake.set()
+        try:
+            return await asyncio.wait_for(future, ctx.options.connmeta_route_deadline / 1000)
+        except TimeoutError:
+            self.stats["route_timeouts"] += 1
+            self._throttled.warn(
+                "route-timeout",
+                "connmeta: no route decision within %d ms; connecting unchanged",
+                ctx.options.connmeta_route_deadline,
+            )
+            return None
+        finally:
+            self._waiters.pop(server_id, None)
+
+    def _apply_at_connect(
+        self, server: Server, decision: rs.RouteDecision | None, waited: float
+    ) -> rs.RouteOutcome:
+        outcome = rs.RouteOutcome()
+        outcome.waited.FromNanoseconds(int(waited * 1e9))
+        if decision is None or decision.timed_out:
+            outcome.kind = rs.ROUTE_OUTCOME_KIND_TIMED_OUT
+            if decision is not None:
+                outcome.query_id, outcome.actor = decision.query_id, decision.actor
+            return outcome
+        outcome.query_id, outcome.actor = decision.query_id, decision.actor
+        fields = set(decision.update_mask.paths)
+        if "address" in fields and decision.HasField("address"):
+            target = (decision.address.host, decision.address.port)
+            if server.address != target:
+                server.address = target  # CLOSED in server_connect: no guard
+                outcome.applied_fields.append("address")
+        if "via" in fields:
+            via = _via_of(decision)
+            if server.via != via:
+                # mitmproxy built this connection's layers before the hook:
+                # a via set now would be ignored (facts §11 ④).
+                self._pending_via[server.id] = via
+                outcome.deferred_fields.append("via")
+        if outcome.deferred_fields:
+            outcome.kind = rs.ROUTE_OUTCOME_KIND_DEFERRED
+        elif outcome.applied_fields:
+            outcome.kind = rs.ROUTE_OUTCOME_KIND_APPLIED
+        else:
+            outcome.kind = rs.ROUTE_OUTCOME_KIND_NO_CHANGE
+        return outcome
+
+    def _on_decision(self, decision: rs.RouteDecision) -> None:
+        waiter = self._waiters.get(decision.server_id)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(decision)
+            return
+        if decision.query_id:
+            return  # an answer for a connect that already went ahead
+        # A pending change: apply it at this server's next connect, and its
+        # via to requests that use the server meanwhile.
+        self._decisions[decision.server_id] = decision
+        self._decisions.move_to_end(decision.server_id)
+        while len(self._decisions) > _MAX_DECISIONS:
+            self._decisions.popitem(last=False)
+        if "via" in decision.update_mask.paths and decision.server_id in self._live:
+            self._pending_via[decision.server_id] = _via_of(decision)
+
+    # -- bookkeeping ---------------------------------------------------------
+
+    def _track(self, server: Server, client_id: str) -> None:
+        if server.id not in self._live:
+            self._live[server.id] = server
+            self._client_of[server.id] = client_id
+            self._servers_of.setdefault(client_id, set()).add(server.id)
+
+    def _forget_server(self, server_id: str) -> None:
+        self._live.pop(server_id, None)
+        self._pending_via.pop(server_id, None)
+        client_id = self._client_of.pop(server_id, None)
+        if client_id is not None:
+            self._servers_of.get(client_id, set()).discard(server_id)
+
+    def _enqueue(self, snap: rs.ConnectionSnapshot) -> None:
+        if not self._connected:
+            # Nothing to send to: the resync after the reconnect carries the
+            # state of every live connection instead.
+            return
+        if len(self._queue) >= ctx.options.connmeta_queue_size:
+            self.stats["dropped"] += 1
+            self._resync_needed = True
+            self._throttled.warn(
+                "queue-full",
+                "connmeta: sidecar too slow, snapshot queue full (%d); dropped %d so far, "
+                "a resync will repair the sidecar's view",
+                ctx.options.connmeta_queue_size,
+                self.stats["dropped"],
+            )
+            return
+        self._queue.append(snap)
+        self._wake.set()
+
+    # -- the reporter task -----------------------------------------------------
+
+    async def _run(self) -> None:
+        backoff = _BACKOFF_MIN
+        while True:
+            started = time.monotonic()
+            try:
+                await self._session()
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # every failure means: reconnect later
+                self._throttled.warn(
+                    "stream", "connmeta: report stream to %s: %s; reconnecting",
+                    ctx.options.connmeta_target, _describe(error),
+                )  # fmt: skip
+            finally:
+                self._disconnected()
+            if time.monotonic() - started > 10 * _BACKOFF_MAX:
+                backoff = _BACKOFF_MIN  # it worked for a while: retry soon
+            # Full jitter: proxies restarted together do not reconnect in step.
+            await asyncio.sleep(random.uniform(backoff / 2, backoff))
+            backoff = min(backoff * 2, _BACKOFF_MAX)
+            self.stats["reconnects"] += 1
+
+    def _disconnected(self) -> None:
+        self._connected = False
+        self._routing_active = False
+        self._resync_needed = True
+        self._queue.clear()
+        for waiter in self._waiters.values():
+            if not waiter.done():
+                waiter.set_result(None)  # fail open now, not at the deadline
+
+    async def _session(self) -> None:
+        deadline = ctx.options.connmeta_rpc_deadline / 1000
+        channel = grpc.aio.insecure_channel(
+            ctx.options.connmeta_target,
+            options=[("grpc.keepalive_time_ms", 30_000), ("grpc.keepalive_timeout_ms", 10_000)],
+        )
+        call: Any = None
+        reader: asyncio.Task[None] | None = None
+        try:
+            await asyncio.wait_for(channel.channel_ready(), deadline)
+            # The stream itself has no deadline: it lives as long as the
+            # proxy. Liveness is enforced per message instead: every write
+            # and every acknowledgement must finish within the deadline.
+            # Called without an iterator: the write()/read() form.
+            call = rs_grpc.ReportServiceStub(channel).Report()
+            in_flight: dict[int, float] = {}
+            reader = asyncio.get_running_loop().create_task(self._read(call, in_flight))
+            sequence = 0
+            while True:
+                if reader.done():
+                    reader.result()
+                    raise _StreamBroken("the sidecar ended the stream")
+                if self._resync_needed:
+                    for request in self._resync_requests(deadline):
+                        sequence += 1
+                        request.sequence = sequence
+                        await self._write(call, request, in_flight, deadline)
+                while self._queue and len(in_flight) < _WINDOW:
+                    request = rs.ReportRequest()
+                    snapshots = request.batch.snapshots
+                    for _ in range(min(len(self._queue), _MAX_BATCH)):
+                        snapshots.append(self._queue.popleft())
+                    sequence += 1
+                    request.sequence = sequence
+                    await self._write(call, request, in_flight, deadline)
+                    self.stats["sent"] += len(snapshots)
+                    self._last_batch = time.monotonic()
+                if in_flight and time.monotonic() - min(in_flight.values()) > deadline:
+                    raise _StreamBroken(f"no acknowledgement within {deadline * 1000:.0f} ms")
+                self._wake.clear()
+                self._urgent.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), deadline / 4)
+                pause = self._last_batch + _BATCH_INTERVAL - time.monotonic()
+                if pause > 0 and self._wake.is_set() and not self._urgent.is_set():
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._urgent.wait(), pause)
+        finally:
+            if reader is not None:
+                reader.cancel()
+            if call is not None:
+                call.cancel()
+            await channel.close(grace=None)
+
+    def _resync_requests(self, deadline: float) -> Iterable[rs.ReportRequest]:
+        """ResyncStart, every live connection, ResyncEnd, built at one instant.
+
+        The queue is emptied in the same step: whatever it held is older than
+        these snapshots, and every later hook appends after them.
+        """
+        self._queue.clear()
+        self._resync_needed = False
+        self._connected = True  # hooks from now on queue up behind the resync
+        log.info(
+            "connmeta: reporting to %s; resync of %d live connections",
+            ctx.options.connmeta_target,
+            len(self._live),
+        )
+        start = rs.ReportRequest()
+        start.resync_start.route_deadline.FromMilliseconds(ctx.options.connmeta_route_deadline)
+        snaps = [
+            _snapshot(conn, pb.HOOK_RESYNC, self._client_of.get(conn.id, ""))
+            for conn in self._live.values()
+        ]
+        requests = [start]
+        for i in range(0, len(snaps), _MAX_BATCH):
+            batch = rs.ReportRequest()
+            batch.batch.snapshots.extend(snaps[i : i + _MAX_BATCH])
+            requests.append(batch)
+        end = rs.ReportRequest()
+        end.resync_end.SetInParent()
+        requests.append(end)
+        return requests
+
+    @staticmethod
+    async def _write(
+        call: Any, request: rs.ReportRequest, in_flight: dict[int, float], deadline: float
+    ) -> None:
+        in_flight[request.sequence] = time.monotonic()
+        await asyncio.wait_for(call.write(request), deadline)
+
+    async def _read(self, call: Any, in_flight: dict[int, float]) -> None:
+        try:
+            while True:
+                response = await call.read()
+                if response is grpc.aio.EOF:
+                    return
+                self._handle(response, in_flight)
+        finally:
+            self._wake.set()  # the sender notices the end at once
+
+    def _handle(self, response: rs.ReportResponse, in_flight: dict[int, float]) -> None:
+        kind = response.WhichOneof("message")
+        if kind == "ack":
+            in_flight.pop(response.ack.sequence, None)
+            if self._queue and len(in_flight) == _WINDOW - 1:
+                self._wake.set()  # the window was full: room for the next batch
+        elif kind == "routing_state":
+            self._routing_active = response.routing_state.active
+        elif kind == "route_decision":
+            self._on_decision(response.route_decision)
+
+
+addons = [ConnmetaAddon()]
