@@ -65,7 +65,7 @@ func ExampleClient_Watch() {
 	defer client.Close()
 
 	// A real consumer runs until shutdown; the example stops after a moment.
-	ctx, cancel := context.WithTimeout(context.Background(), 500*time.Millisecond)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()
 	servers := map[string]*connmetav1.ConnectionRecord{}
 	err = client.Watch(ctx, connmeta.WatchOptions{

@@ -63,6 +63,11 @@ func (c *Client) Watch(ctx context.Context, opts WatchOptions, handle func(*conn
 	if last == 0 {
 		var err error
 		if last, err = c.startRevision(ctx, opts); err != nil {
+			if ctx.Err() != nil {
+				// The caller's deadline, not the server's answer: report it as
+				// such, like every other exit on a done context.
+				return ctx.Err()
+			}
 			return unwrapHandler(err)
 		}
 	}
@@ -96,6 +101,9 @@ func (c *Client) Watch(ctx context.Context, opts WatchOptions, handle func(*conn
 			continue // catch up at once: waiting only makes the lag worse
 		case IsReason(err, ReasonRevisionCompacted) && opts.Relist != nil:
 			if last, err = c.relist(ctx, opts); err != nil {
+				if ctx.Err() != nil {
+					return ctx.Err()
+				}
 				return unwrapHandler(err)
 			}
 			continue

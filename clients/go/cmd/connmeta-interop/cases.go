@@ -37,6 +37,9 @@ var cases = []interopCase{
 	{"keepalive", "keepalive pings every 10 s on an idle watch do not get the connection closed (too_many_pings); the watch still delivers afterwards", caseKeepalive},
 	{"health", "grpc.health.v1 Check reports SERVING for \"\" and connmeta.v1.ConnectionService", caseHealth},
 	{"unix_socket", "the Unix socket serves the same store: a record reported over TCP reads back identical, errors keep their details", caseUnixSocket},
+	{"router_retargets_connect", "a server_connect reported while a router is subscribed reaches it as a RouteQuery; its answer reaches the proxy as a RouteDecision and shows on the record and in the watch with last_change.actor = the router's name", caseRouterRetargetsConnect},
+	{"router_silent_fails_open", "a query the router leaves unanswered ends in a timed-out no-change RouteDecision within the sidecar's share of the proxy's route deadline; the server keeps its address and a late answer is ignored", caseRouterSilentFailsOpen},
+	{"router_standby_takes_over", "a second router is a standby naming the active one and a duplicate name fails ALREADY_EXISTS; when the active router leaves, the standby is told it is active, RoutingState names it and it gets the next query", caseRouterStandbyTakesOver},
 }
 
 const actor = "interop-go"

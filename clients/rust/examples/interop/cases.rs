@@ -21,6 +21,9 @@ use tonic::{Code, Status};
 use crate::Env;
 use crate::keepalive::{PingCounter, counting_channel};
 use crate::proxy::{Proxy, addr, client_snapshot, new_id, padded, server_snapshot};
+use crate::router::{
+    router_retargets_connect, router_silent_fails_open, router_standby_takes_over,
+};
 
 type R = Result<(), String>;
 type BoxFut<'a> = Pin<Box<dyn Future<Output = R> + 'a>>;
@@ -106,6 +109,21 @@ pub static CASES: &[Case] = &[
         "unix_socket",
         "the Unix socket serves the same store: a record reported over TCP reads back identical, errors keep their details",
         unix_socket
+    ),
+    case!(
+        "router_retargets_connect",
+        "a server_connect reported while a router is subscribed reaches it as a RouteQuery; its answer reaches the proxy as a RouteDecision and shows on the record and in the watch with last_change.actor = the router's name",
+        router_retargets_connect
+    ),
+    case!(
+        "router_silent_fails_open",
+        "a query the router leaves unanswered ends in a timed-out no-change RouteDecision within the sidecar's share of the proxy's route deadline; the server keeps its address and a late answer is ignored",
+        router_silent_fails_open
+    ),
+    case!(
+        "router_standby_takes_over",
+        "a second router is a standby naming the active one and a duplicate name fails ALREADY_EXISTS; when the active router leaves, the standby is told it is active, RoutingState names it and it gets the next query",
+        router_standby_takes_over
     ),
 ];
 
