@@ -248,6 +248,11 @@ class RoutingReportServicer:
         if kind != "batch":
             return
         routing = self._routers.active is not None
+        if not routing and not self._routers.has_pending:
+            # Nobody routes and nothing waits: skip the per-snapshot scan, which
+            # would cost about as much as applying the batch (route outcomes
+            # only follow decisions, and those need one of the two).
+            return
         for snap in request.batch.snapshots:
             if snap.WhichOneof("connection") != "server":
                 continue

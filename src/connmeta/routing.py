@@ -269,6 +269,11 @@ class RouterHub:
         for feed in self._feeds:
             feed.items.put_nowait(decision)
 
+    @property
+    def has_pending(self) -> bool:
+        """Whether any change waits for its server's connect."""
+        return bool(self._pending)
+
     def pending(self, server_id: str) -> Decision | None:
         """The pending decision for a server, if any."""
         return self._pending.get(server_id)
