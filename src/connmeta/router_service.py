@@ -357,10 +357,6 @@ class RoutingConnectionServicer:
         return data
 
 
-def _identity(data: bytes) -> bytes:
-    return data
-
-
 def add_servicers(
     server: grpc.aio.Server, store: Store, hub: WatchHub, routers: RouterHub | None = None
 ) -> RouterHub:
@@ -381,7 +377,7 @@ def add_servicers(
                     "UpdateServerConnection": grpc.unary_unary_rpc_method_handler(
                         connections.UpdateServerConnection,
                         request_deserializer=cs.UpdateServerConnectionRequest.FromString,
-                        response_serializer=_identity,
+                        response_serializer=service.identity,
                     )
                 },
             ),

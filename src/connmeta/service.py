@@ -243,7 +243,8 @@ class ReportServicer:
             yield response
 
 
-def _identity(data: bytes) -> bytes:
+def identity(data: bytes) -> bytes:
+    """The serializer of methods that answer with bytes the store already holds."""
     return data
 
 
@@ -273,7 +274,7 @@ def add_servicers(server: grpc.aio.Server, store: Store, hub: WatchHub) -> None:
         ),
     }
     handlers = {
-        name: make(method, request_deserializer=message.FromString, response_serializer=_identity)
+        name: make(method, request_deserializer=message.FromString, response_serializer=identity)
         for name, (method, message, make) in reads.items()
     }
     server.add_generic_rpc_handlers(
