@@ -257,7 +257,12 @@ async def test_watch_resumed_under_concurrent_writes_has_no_gap_and_no_duplicate
         call = stub.WatchConnections(cs.WatchConnectionsRequest(start_after_revision=cursor))
         # Read a few responses, then hang up mid-stream and resume.
         for _ in range(rng.randint(1, 4)):
-            response = await call.read()
+            try:
+                # Bounded: the last events may all be in before the writer's
+                # final ack; then nothing more comes and the loop re-checks.
+                response = await asyncio.wait_for(call.read(), 0.5)
+            except TimeoutError:
+                break
             if response is grpc.aio.EOF:
                 break
             assert isinstance(response, cs.WatchConnectionsResponse)

@@ -81,6 +81,18 @@ def _state_message(active_router: str) -> rs.ReportResponse:
     )
 
 
+async def _cancel(*tasks: asyncio.Future[Any]) -> None:
+    """Cancel ``tasks`` and wait until they ended. A task that is only
+    cancelled runs its cancellation later; if what it waits on (a router's
+    queue, a proxy's feed) is dropped first, the task is garbage collected
+    still pending ("Task was destroyed but it is pending!")."""
+    for task in tasks:
+        task.cancel()
+    # return_exceptions: their outcome is of no interest any more, and an
+    # exception left unretrieved would be logged as well.
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
 class RouterServicer:
     """connmeta.v1.RouterService over the hub."""
 
@@ -133,18 +145,19 @@ class RouterServicer:
             if problems:
                 await abort(context, invalid_argument(problems))
         finally:
-            reader.cancel()
             self._routers.unsubscribe(router)
+            await _cancel(reader)
 
     @staticmethod
     async def _until(waiting: Any, reader: asyncio.Task[None]) -> Any:
         """Await ``waiting`` unless the router's side of the stream ends first."""
         task = asyncio.ensure_future(waiting)
-        await asyncio.wait({task, reader}, return_when=asyncio.FIRST_COMPLETED)
-        if task.done():
-            return task.result()
-        task.cancel()
-        return None
+        try:
+            await asyncio.wait({task, reader}, return_when=asyncio.FIRST_COMPLETED)
+            return task.result() if task.done() else None
+        finally:
+            # Also when the RPC itself is cancelled while waiting here.
+            await _cancel(task)
 
     async def _read(
         self, router: Router, requests: AsyncIterator[rt.RouteRequest], problems: list[Any]
@@ -186,6 +199,8 @@ class RoutingReportServicer:
         out: asyncio.Queue[rs.ReportResponse | StoreError | None] = asyncio.Queue()
         connects: dict[int, list[tuple[str, str]]] = {}
         timeout = [routers.timeout]
+        # Server ids reported since this stream's resync_start; None outside a resync.
+        resync: list[set[str] | None] = [None]
         tasks: set[asyncio.Task[None]] = set()
 
         def spawn(coro: Any) -> None:
@@ -200,8 +215,11 @@ class RoutingReportServicer:
             try:
                 async for item in requests:
                     request = item.request if isinstance(item, service.DecodedReport) else item
-                    self._observe(request, connects, timeout)
+                    self._observe(request, connects, timeout, resync)
                     response = self._inner.handle(item)
+                    if request.HasField("resync_end"):
+                        self._drop_unreported(resync[0])
+                        resync[0] = None
                     out.put_nowait(response)
                     for server_id, client_id in connects.pop(response.ack.sequence, ()):
                         spawn(self._route(server_id, client_id, timeout[0], out.put_nowait))
@@ -230,23 +248,34 @@ class RoutingReportServicer:
                 yield item
         finally:
             routers.detach(feed)
-            for task in list(tasks):
-                task.cancel()
+            await _cancel(*tasks)
 
     def _observe(
         self,
         request: rs.ReportRequest,
         connects: dict[int, list[tuple[str, str]]],
         timeout: list[float],
+        resync: list[set[str] | None],
     ) -> None:
         """Note what needs routing once the inner servicer applied ``request``."""
         kind = request.WhichOneof("message")
-        if kind == "resync_start" and request.resync_start.HasField("route_deadline"):
-            proxy_deadline = request.resync_start.route_deadline.ToNanoseconds() / 1e9
-            timeout[0] = proxy_deadline * _DEADLINE_SHARE
+        if kind == "resync_start":
+            resync[0] = set()
+            if request.resync_start.HasField("route_deadline"):
+                proxy_deadline = request.resync_start.route_deadline.ToNanoseconds() / 1e9
+                timeout[0] = proxy_deadline * _DEADLINE_SHARE
             return
         if kind != "batch":
             return
+        reported = resync[0]
+        if reported is not None:
+            # Before the shortcut below: a change noted mid-resync must not be
+            # dropped for a server reported while nothing was pending.
+            reported.update(
+                snap.server.connection.id
+                for snap in request.batch.snapshots
+                if snap.WhichOneof("connection") == "server"
+            )
         routing = self._routers.active is not None
         if not routing and not self._routers.has_pending:
             # Nobody routes and nothing waits: skip the per-snapshot scan, which
@@ -265,6 +294,21 @@ class RoutingReportServicer:
                 connects.setdefault(request.sequence, []).append((server_id, snap.client_id))
             elif snap.hook in (pb.HOOK_SERVER_CONNECTED, pb.HOOK_SERVER_CONNECT_ERROR):
                 self._routers.settle(server_id)
+
+    def _drop_unreported(self, reported: set[str] | None) -> None:
+        """At resync_end: forget the pending changes of servers the resync did
+        not report. The proxy no longer holds them, so they never connect and
+        nothing would settle them; kept, they were replayed to every later
+        Report stream. That covers the servers the resync just closed (CLOSED,
+        last_hook RESYNC), those retention deleted, and those already CLOSED
+        (waiting in server_connect, or disconnected), which the resync leaves
+        as they were. A server the resync did report may still connect, even
+        if it is CLOSED now, so its change is kept."""
+        if reported is None:  # no resync_start on this stream: nothing to go by
+            return
+        dropped = self._routers.drop_pending(lambda server_id: server_id not in reported)
+        if dropped:
+            log.info("dropped %d pending changes of servers the proxy no longer holds", dropped)
 
     def _outcome(self, server_id: str, outcome: rs.RouteOutcome) -> None:
         # The proxy's word on what it did. Counted and logged here; keeping it

@@ -26,6 +26,7 @@ import logging
 import os
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from connmeta.v1 import connection_pb2 as pb
@@ -281,6 +282,15 @@ class RouterHub:
     def settle(self, server_id: str) -> None:
         """The proxy connected (or gave up on) the server: nothing is pending."""
         self._pending.pop(server_id, None)
+
+    def drop_pending(self, stale: Callable[[str], bool]) -> int:
+        """Forget the pending changes whose server ``stale`` says will never
+        connect; returns how many. Feeds that already received them keep
+        them, but no stream attached later is handed them."""
+        gone = [server_id for server_id in self._pending if stale(server_id)]
+        for server_id in gone:
+            del self._pending[server_id]
+        return len(gone)
 
     def _broadcast(self, active_name: str) -> None:
         log.info("routing %s", f"active: router {active_name!r}" if active_name else "inactive")

@@ -1,0 +1,363 @@
+"""RouterService and the routing half of the Report stream, against the real
+gRPC server: subscriptions, routing state, a query answered end to end, rich
+errors, and which pending changes a new proxy stream is handed."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+
+import grpc
+import pytest
+from google.protobuf import field_mask_pb2
+
+from connmeta.v1 import connection_pb2 as pb
+from connmeta.v1 import connection_service_pb2 as cs
+from connmeta.v1 import connection_service_pb2_grpc as cs_grpc
+from connmeta.v1 import report_service_pb2 as rs
+from connmeta.v1 import report_service_pb2_grpc as rs_grpc
+from connmeta.v1 import router_service_pb2 as rt
+from connmeta.v1 import router_service_pb2_grpc as rt_grpc
+from tests import factories
+from tests.factories import CLOSED
+from tests.sidecar import StartSidecar, channel, details, start_sidecar, transport
+
+__all__ = ["channel", "start_sidecar", "transport"]  # fixtures used below
+
+WAIT = 5.0
+"""Bound on every read: a missing message fails the test instead of hanging it."""
+
+
+class Proxy:
+    """The proxy's side of one Report stream, keeping every message."""
+
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self.call = rs_grpc.ReportServiceStub(channel).Report()
+        self._sequence = 0
+
+    async def read(self) -> rs.ReportResponse:
+        response = await asyncio.wait_for(self.call.read(), WAIT)
+        assert isinstance(response, rs.ReportResponse), response
+        return response
+
+    async def send(self, request: rs.ReportRequest) -> list[rs.ReportResponse]:
+        """Send one request; every message up to and including its ack."""
+        self._sequence += 1
+        request.sequence = self._sequence
+        await self.call.write(request)
+        received = []
+        while True:
+            response = await self.read()
+            received.append(response)
+            if response.WhichOneof("message") == "ack":
+                assert response.ack.sequence == self._sequence
+                return received
+
+    async def report(self, *snapshots: rs.ConnectionSnapshot) -> list[rs.ReportResponse]:
+        return await self.send(rs.ReportRequest(batch=rs.ReportBatch(snapshots=snapshots)))
+
+    async def resync(self, *snapshots: rs.ConnectionSnapshot) -> list[rs.ReportResponse]:
+        """A whole resync, with a route deadline far above any test's run time."""
+        start = rs.ReportRequest()
+        start.resync_start.route_deadline.FromSeconds(int(WAIT))
+        received = await self.send(start)
+        if snapshots:
+            received += await self.report(*snapshots)
+        return received + await self.send(rs.ReportRequest(resync_end=rs.ResyncEnd()))
+
+    async def close(self) -> list[rs.ReportResponse]:
+        """End the stream; whatever the sidecar still sent."""
+        await self.call.done_writing()
+        rest = []
+        while (response := await asyncio.wait_for(self.call.read(), WAIT)) is not grpc.aio.EOF:
+            assert isinstance(response, rs.ReportResponse)
+            rest.append(response)
+        return rest
+
+
+class Router:
+    """A router's side of one Route stream."""
+
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self.call = rt_grpc.RouterServiceStub(channel).Route()
+
+    async def read(self) -> rt.RouteResponse:
+        response = await asyncio.wait_for(self.call.read(), WAIT)
+        assert isinstance(response, rt.RouteResponse), response
+        return response
+
+    async def subscribe(self, name: str) -> rt.RouteSubscribed:
+        await self.call.write(rt.RouteRequest(subscribe=rt.RouteSubscribe(name=name)))
+        response = await self.read()
+        assert response.WhichOneof("message") == "subscribed", response
+        return response.subscribed
+
+    async def leave(self) -> None:
+        await self.call.done_writing()
+        assert await asyncio.wait_for(self.call.read(), WAIT) is grpc.aio.EOF
+        assert await self.call.code() == grpc.StatusCode.OK
+
+
+def of_kind(responses: list[rs.ReportResponse], kind: str) -> list[rs.ReportResponse]:
+    return [r for r in responses if r.WhichOneof("message") == kind]
+
+
+def resynced(snapshot: rs.ConnectionSnapshot) -> rs.ConnectionSnapshot:
+    """``snapshot`` as the proxy reports it again in a resync."""
+    again = rs.ConnectionSnapshot()
+    again.CopyFrom(snapshot)
+    again.hook = pb.HOOK_RESYNC
+    return again
+
+
+def waiting_server(**kwargs: object) -> rs.ConnectionSnapshot:
+    """A server in server_connect: CLOSED, about to connect."""
+    return factories.server(state=CLOSED, hook=pb.HOOK_SERVER_CONNECT, **kwargs)  # type: ignore[arg-type]
+
+
+async def update_address(channel: grpc.aio.Channel, server_id: str, port: int) -> None:
+    await cs_grpc.ConnectionServiceStub(channel).UpdateServerConnection(
+        cs.UpdateServerConnectionRequest(
+            id=server_id,
+            address=pb.Address(host="origin-b.example", port=port),
+            update_mask=field_mask_pb2.FieldMask(paths=["address"]),
+            actor="operator",
+        )
+    )
+
+
+# -- subscriptions and routing state -----------------------------------------
+
+
+async def test_first_router_is_active_and_a_standby_is_told_when_it_takes_over(
+    channel: grpc.aio.Channel,
+) -> None:
+    first, second = Router(channel), Router(channel)
+    assert await first.subscribe("r1") == rt.RouteSubscribed(active=True, active_router="r1")
+    assert await second.subscribe("r2") == rt.RouteSubscribed(active=False, active_router="r1")
+    await first.leave()
+    taken_over = await second.read()
+    assert taken_over.subscribed == rt.RouteSubscribed(active=True, active_router="r2")
+    await second.leave()
+
+
+async def test_report_stream_starts_with_routing_state_and_follows_routers(
+    channel: grpc.aio.Channel,
+) -> None:
+    proxy = Proxy(channel)
+    await proxy.call.wait_for_connection()
+    first = await proxy.read()
+    assert first.routing_state == rs.RoutingState(active=False, router="")
+    router = Router(channel)
+    await router.subscribe("r1")
+    assert (await proxy.read()).routing_state == rs.RoutingState(active=True, router="r1")
+    await router.leave()
+    assert (await proxy.read()).routing_state == rs.RoutingState(active=False, router="")
+    assert await proxy.close() == []
+
+
+async def test_report_stream_opened_while_a_router_is_subscribed_starts_active(
+    channel: grpc.aio.Channel,
+) -> None:
+    router = Router(channel)
+    await router.subscribe("r1")
+    proxy = Proxy(channel)
+    assert (await proxy.read()).routing_state == rs.RoutingState(active=True, router="r1")
+    await proxy.close()
+    await router.leave()
+
+
+async def test_second_router_with_the_same_name_is_already_exists_with_error_info(
+    channel: grpc.aio.Channel,
+) -> None:
+    first, second = Router(channel), Router(channel)
+    await first.subscribe("r1")
+    await second.call.write(rt.RouteRequest(subscribe=rt.RouteSubscribe(name="r1")))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await second.read()
+    assert caught.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    info = details(caught.value)["ErrorInfo"]
+    assert info.reason == "ROUTER_ALREADY_SUBSCRIBED"
+    assert info.metadata["name"] == "r1"
+    await first.leave()
+
+
+async def test_first_message_that_is_not_subscribe_is_invalid_argument_with_bad_request(
+    channel: grpc.aio.Channel,
+) -> None:
+    router = Router(channel)
+    await router.call.write(rt.RouteRequest(answer=rt.RouteAnswer(query_id="q1")))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await router.read()
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    found = details(caught.value)
+    (violation,) = found["BadRequest"].field_violations
+    assert violation.field == "message"
+    assert "subscribe" in violation.description
+
+
+async def test_malformed_answer_ends_the_router_stream_with_invalid_argument(
+    channel: grpc.aio.Channel,
+) -> None:
+    router = Router(channel)
+    await router.subscribe("r1")
+    answer = rt.RouteAnswer(query_id="q1", address=pb.Address(host="b.example", port=0))
+    answer.update_mask.paths.append("address")
+    await router.call.write(rt.RouteRequest(answer=answer))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await router.read()
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    fields = [v.field for v in details(caught.value)["BadRequest"].field_violations]
+    assert "answer.address.port" in fields
+
+
+# -- a query, end to end -------------------------------------------------------
+
+
+async def test_server_connect_is_asked_and_the_answer_becomes_a_recorded_decision(
+    channel: grpc.aio.Channel,
+) -> None:
+    router = Router(channel)
+    await router.subscribe("r1")
+    proxy = Proxy(channel)
+    await proxy.resync()
+    client = factories.client()
+    snapshot = waiting_server(client_id=client.client.connection.id, port=443)
+    server_id = snapshot.server.connection.id
+    await proxy.report(client, snapshot)
+
+    query = (await router.read()).query
+    assert query.server.server.connection.id == server_id
+    assert query.server.server.connection.state == CLOSED
+    assert query.client.client.connection.id == client.client.connection.id
+    assert query.deadline.seconds > 0
+    answer = rt.RouteAnswer(
+        query_id=query.query_id, address=pb.Address(host="origin-b.example", port=8443)
+    )
+    answer.update_mask.paths.append("address")
+    await router.call.write(rt.RouteRequest(answer=answer))
+
+    response = await proxy.read()
+    assert response.WhichOneof("message") == "route_decision"
+    decision = response.route_decision
+    assert decision.server_id == server_id
+    assert decision.query_id == query.query_id
+    assert decision.actor == "r1"
+    assert not decision.timed_out
+    assert list(decision.update_mask.paths) == ["address"]
+    assert decision.address == pb.Address(host="origin-b.example", port=8443)
+
+    got = await cs_grpc.ConnectionServiceStub(channel).GetConnection(
+        cs.GetConnectionRequest(id=server_id)
+    )
+    assert got.connection.server.address.port == 8443
+    assert got.connection.metadata.last_change.actor == "r1"
+    assert list(got.connection.metadata.last_change.fields) == ["address"]
+    await proxy.close()
+    await router.leave()
+
+
+# -- pending changes across proxy reconnects -----------------------------------
+
+
+async def test_pending_change_of_a_server_the_proxy_still_holds_is_replayed(
+    channel: grpc.aio.Channel,
+) -> None:
+    first = Proxy(channel)
+    snapshot = waiting_server()
+    server_id = snapshot.server.connection.id
+    await first.report(snapshot)
+    await update_address(channel, server_id, 8443)
+    await first.close()
+
+    # The proxy reconnects and its resync still reports the waiting server.
+    second = Proxy(channel)
+    replayed = of_kind(await second.resync(resynced(snapshot)), "route_decision")
+    assert [r.route_decision.server_id for r in replayed] == [server_id]
+    await second.close()
+
+    third = Proxy(channel)
+    replayed = of_kind(await third.report(), "route_decision")
+    assert [r.route_decision.server_id for r in replayed] == [server_id]
+    assert replayed[0].route_decision.actor == "operator"
+    assert replayed[0].route_decision.query_id == ""
+    await third.close()
+
+
+@pytest.mark.parametrize(
+    ("state", "hook"),
+    [
+        # Waiting in server_connect: the resync leaves a CLOSED record alone.
+        (CLOSED, pb.HOOK_SERVER_CONNECT),
+        # Disconnected: mitmproxy never connects a Server object again.
+        (CLOSED, pb.HOOK_SERVER_DISCONNECTED),
+        # Half-closed: the resync closes it (CLOSED, last_hook RESYNC).
+        (pb.CONNECTION_STATE_CAN_READ, pb.HOOK_SERVER_CONNECTED),
+    ],
+    ids=["waiting", "disconnected", "half-closed"],
+)
+async def test_pending_change_of_a_server_the_resync_did_not_report_is_dropped(
+    channel: grpc.aio.Channel, state: int, hook: int
+) -> None:
+    first = Proxy(channel)
+    gone = factories.server(state=state, hook=hook)
+    kept = waiting_server()
+    await first.report(gone, kept)
+    await update_address(channel, gone.server.connection.id, 8443)
+    await update_address(channel, kept.server.connection.id, 8444)
+    await first.close()
+
+    # The proxy reconnects without ``gone``: that server will never connect.
+    second = Proxy(channel)
+    await second.resync(resynced(kept))
+    await second.close()
+
+    third = Proxy(channel)
+    replayed = of_kind(await third.report(), "route_decision")
+    assert [r.route_decision.server_id for r in replayed] == [kept.server.connection.id]
+    await third.close()
+
+
+async def test_pending_change_of_a_server_deleted_by_retention_is_dropped_at_resync(
+    start_sidecar: StartSidecar,
+) -> None:
+    sidecar, channel = await start_sidecar(closed_retention_count=0)
+    first = Proxy(channel)
+    snapshot = factories.server(state=CLOSED, hook=pb.HOOK_SERVER_DISCONNECTED)
+    await first.report(snapshot)
+    await update_address(channel, snapshot.server.connection.id, 8443)
+    await first.close()
+    sidecar.store.expire()
+    assert sidecar.store.get(snapshot.server.connection.id) is None
+
+    second = Proxy(channel)
+    await second.resync()
+    await second.close()
+
+    third = Proxy(channel)
+    assert of_kind(await third.report(), "route_decision") == []
+    await third.close()
+
+
+# -- stream ends ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("standby", [False, True], ids=["active", "standby"])
+async def test_router_that_cancels_its_stream_leaves_no_task_behind(
+    channel: grpc.aio.Channel, caplog: pytest.LogCaptureFixture, standby: bool
+) -> None:
+    proxy = Proxy(channel)
+    assert not (await proxy.read()).routing_state.active
+    routers = [Router(channel) for _ in range(2 if standby else 1)]
+    for i, router in enumerate(routers):
+        await router.subscribe(f"r{i}")
+    assert (await proxy.read()).routing_state.router == "r0"
+    for router in reversed(routers):
+        router.call.cancel()
+    assert not (await proxy.read()).routing_state.active
+    await proxy.close()
+    # A task left pending is only reported when it is collected.
+    await asyncio.sleep(0.1)
+    gc.collect()
+    await asyncio.sleep(0)
+    assert "Task was destroyed but it is pending" not in caplog.text
