@@ -446,11 +446,13 @@ class Store:
         server = msg.server
         changed: builtins.list[str] = []
         current_values = {
-            "address": _address_tuple(server.address) if server.HasField("address") else None,
+            "address": addresses.address_to_tuple(server.address)
+            if server.HasField("address")
+            else None,
             "via": _via_tuple(server.via) if server.HasField("via") else None,
         }
         new_values = {
-            "address": _address_tuple(address) if address is not None else None,
+            "address": addresses.address_to_tuple(address) if address is not None else None,
             "via": _via_tuple(via) if via is not None else None,
         }
         for field in ("address", "via"):
@@ -626,13 +628,9 @@ def guard_refuses(state: int, current: object, new: object) -> bool:
     return state == _OPEN and current != new
 
 
-def _address_tuple(address: pb.Address) -> tuple[object, ...]:
-    return addresses.address_to_tuple(address)
-
-
 def _via_tuple(via: pb.ServerSpec) -> tuple[object, ...]:
     scheme = addresses.SCHEME_NAMES.get(via.scheme, via.scheme)
-    return (scheme, _address_tuple(via.address) if via.HasField("address") else None)
+    return (scheme, addresses.address_to_tuple(via.address) if via.HasField("address") else None)
 
 
 def _host_problem(host: str) -> str | None:
