@@ -414,19 +414,88 @@ func (Hook) EnumDescriptor() ([]byte, []int) {
 	return file_connmeta_v1_connection_proto_rawDescGZIP(), []int{4}
 }
 
+// ChangeStatus is how far a change of a server's address or via got.
+type ChangeStatus int32
+
+const (
+	// CHANGE_STATUS_UNSPECIFIED is never set by the sidecar.
+	ChangeStatus_CHANGE_STATUS_UNSPECIFIED ChangeStatus = 0
+	// CHANGE_STATUS_PENDING: accepted by the sidecar and handed to the proxy,
+	// which has not reported applying it yet. The record's server fields still
+	// show what the proxy holds.
+	ChangeStatus_CHANGE_STATUS_PENDING ChangeStatus = 1
+	// CHANGE_STATUS_APPLIED: the proxy applied every field before connecting;
+	// the record's server fields show the new values.
+	ChangeStatus_CHANGE_STATUS_APPLIED ChangeStatus = 2
+	// CHANGE_STATUS_DEFERRED: the address (if changed) was applied; the via
+	// takes effect on the requests that use this server, through a new server
+	// connection (see RouteOutcomeKind DEFERRED), so this record keeps its via.
+	ChangeStatus_CHANGE_STATUS_DEFERRED ChangeStatus = 3
+	// CHANGE_STATUS_NOT_APPLIED: the proxy connected, or stopped holding the
+	// server, without applying the change; status_detail says why.
+	ChangeStatus_CHANGE_STATUS_NOT_APPLIED ChangeStatus = 4
+)
+
+// Enum value maps for ChangeStatus.
+var (
+	ChangeStatus_name = map[int32]string{
+		0: "CHANGE_STATUS_UNSPECIFIED",
+		1: "CHANGE_STATUS_PENDING",
+		2: "CHANGE_STATUS_APPLIED",
+		3: "CHANGE_STATUS_DEFERRED",
+		4: "CHANGE_STATUS_NOT_APPLIED",
+	}
+	ChangeStatus_value = map[string]int32{
+		"CHANGE_STATUS_UNSPECIFIED": 0,
+		"CHANGE_STATUS_PENDING":     1,
+		"CHANGE_STATUS_APPLIED":     2,
+		"CHANGE_STATUS_DEFERRED":    3,
+		"CHANGE_STATUS_NOT_APPLIED": 4,
+	}
+)
+
+func (x ChangeStatus) Enum() *ChangeStatus {
+	p := new(ChangeStatus)
+	*p = x
+	return p
+}
+
+func (x ChangeStatus) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (ChangeStatus) Descriptor() protoreflect.EnumDescriptor {
+	return file_connmeta_v1_connection_proto_enumTypes[5].Descriptor()
+}
+
+func (ChangeStatus) Type() protoreflect.EnumType {
+	return &file_connmeta_v1_connection_proto_enumTypes[5]
+}
+
+func (x ChangeStatus) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use ChangeStatus.Descriptor instead.
+func (ChangeStatus) EnumDescriptor() ([]byte, []int) {
+	return file_connmeta_v1_connection_proto_rawDescGZIP(), []int{5}
+}
+
 // Address is a socket address as mitmproxy holds it: (host, port) for IPv4
 // and host names, (host, port, flowinfo, scope_id) for IPv6 sockets.
 type Address struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	// host is a host name, an IPv4 literal or an unbracketed IPv6 literal.
+	// host is a host name, an IPv4 literal or an unbracketed IPv6 literal; at
+	// most 255 bytes, without control characters.
 	Host string `protobuf:"bytes,1,opt,name=host,proto3" json:"host,omitempty"`
 	// port is 0-65535; mitmproxy itself admits 0 (an unbound socket).
 	Port uint32 `protobuf:"varint,2,opt,name=port,proto3" json:"port,omitempty"`
 	// flowinfo is the IPv6 flow information, present when the tuple mitmproxy
-	// held had a third element.
+	// held had a third element. Socket addresses (peername, sockname) only:
+	// Server.address and ServerSpec addresses are (host, port) pairs.
 	Flowinfo *uint32 `protobuf:"varint,3,opt,name=flowinfo,proto3,oneof" json:"flowinfo,omitempty"`
 	// scope_id is the IPv6 scope (interface) id, present when the tuple had a
-	// fourth element.
+	// fourth element; requires flowinfo.
 	ScopeId       *uint32 `protobuf:"varint,4,opt,name=scope_id,json=scopeId,proto3,oneof" json:"scope_id,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -493,7 +562,8 @@ func (x *Address) GetScopeId() uint32 {
 // ServerSpec mirrors mitmproxy's ServerSpec tuple (scheme, (host, port)).
 type ServerSpec struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	// scheme is the protocol spoken to that server.
+	// scheme is the protocol spoken to that server; required (not
+	// UNSPECIFIED).
 	Scheme Scheme `protobuf:"varint,1,opt,name=scheme,proto3,enum=connmeta.v1.Scheme" json:"scheme,omitempty"`
 	// address is where the server listens; required.
 	Address       *Address `protobuf:"bytes,2,opt,name=address,proto3" json:"address,omitempty"`
@@ -607,7 +677,8 @@ func (x *NameAttribute) GetValue() string {
 // queries and display, is output only, and is ignored on input.
 type Certificate struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	// der is the DER encoding of the certificate; required.
+	// der is the DER encoding of the certificate; required, and it must parse
+	// as an X.509 certificate.
 	Der []byte `protobuf:"bytes,1,opt,name=der,proto3" json:"der,omitempty"`
 	// subject_common_name is the subject's first CN (Cert.cn), absent if none.
 	SubjectCommonName *string `protobuf:"bytes,2,opt,name=subject_common_name,json=subjectCommonName,proto3,oneof" json:"subject_common_name,omitempty"`
@@ -775,7 +846,9 @@ func (x *Certificate) GetIsCa() bool {
 // parts are output only and ignored on input.
 type ProxyMode struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	// full_spec is the mode exactly as typed, case preserved:
+	// full_spec is the mode exactly as typed, case preserved, and must be a
+	// spec mitmproxy's ProxyMode.parse accepts (mode name, its data, an
+	// optional "@[host:]port" with an ASCII-digit port 0-65535):
 	// "regular", "REGULAR", "reverse:https://example.com@8443",
 	// "upstream:http://proxy:3128@127.0.0.1:8081", "wireguard:wg0.conf".
 	FullSpec string `protobuf:"bytes,1,opt,name=full_spec,json=fullSpec,proto3" json:"full_spec,omitempty"`
@@ -863,7 +936,10 @@ func (x *ProxyMode) GetCustomListenPort() uint32 {
 type Connection struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// id is mitmproxy's connection id, a UUID string; ids of clients and
-	// servers share one space.
+	// servers share one space, and an id keeps its kind: a client id reported
+	// as a server is refused. Required: 1-256 bytes of printable ASCII without
+	// spaces (0x21-0x7E). Ids must be unique across the proxies reporting to
+	// one sidecar (mitmproxy's UUIDs are).
 	Id string `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
 	// state is the connection's state. mitmproxy's get_state() drops it; the
 	// sidecar carries it because the guard depends on it.
@@ -874,7 +950,7 @@ type Connection struct {
 	// sockname is the local socket address; absent for servers that are not
 	// connected.
 	Sockname *Address `protobuf:"bytes,4,opt,name=sockname,proto3" json:"sockname,omitempty"`
-	// transport_protocol is tcp or udp; required.
+	// transport_protocol is tcp or udp; required (not UNSPECIFIED).
 	TransportProtocol TransportProtocol `protobuf:"varint,5,opt,name=transport_protocol,json=transportProtocol,proto3,enum=connmeta.v1.TransportProtocol" json:"transport_protocol,omitempty"`
 	// error is why the connection failed or was killed; while set, mitmproxy
 	// will not attempt connections to this endpoint.
@@ -900,7 +976,8 @@ type Connection struct {
 	// sni is the Server Name Indication the client sent or the proxy will send.
 	Sni *string `protobuf:"bytes,14,opt,name=sni,proto3,oneof" json:"sni,omitempty"`
 	// timestamp_start is when establishment started (TCP SYN, or the start of
-	// DNS resolution). Required for clients.
+	// DNS resolution). Required for clients. Every timestamp must be valid:
+	// nanos 0-999999999, 0001-01-01 to 9999-12-31.
 	TimestampStart *timestamppb.Timestamp `protobuf:"bytes,15,opt,name=timestamp_start,json=timestampStart,proto3" json:"timestamp_start,omitempty"`
 	// timestamp_end is when the connection closed.
 	TimestampEnd *timestamppb.Timestamp `protobuf:"bytes,16,opt,name=timestamp_end,json=timestampEnd,proto3" json:"timestamp_end,omitempty"`
@@ -1128,7 +1205,9 @@ func (x *Client) GetProxyMode() *ProxyMode {
 }
 
 // Server is a connection between mitmproxy and an upstream server
-// (mitmproxy.connection.Server).
+// (mitmproxy.connection.Server). Encoded, a Client or Server is at most
+// 1 MiB, so that any record fits a page or a watch batch a client with the
+// default 4 MiB message limit can read.
 type Server struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// connection holds the shared fields.
@@ -1205,19 +1284,31 @@ func (x *Server) GetVia() *ServerSpec {
 	return nil
 }
 
-// Change records who last changed a server's address or via through the
-// sidecar (an update call or a router decision).
+// Change records a change of a server's address or via asked for through
+// the sidecar (an update call or a router decision), and what became of it.
 type Change struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	// actor names who made the change: the actor given in the update request,
-	// or the router's name.
+	// actor names who asked for the change: the actor given in the update
+	// request, or the router's name. At most 256 bytes of printable ASCII.
 	Actor string `protobuf:"bytes,1,opt,name=actor,proto3" json:"actor,omitempty"`
 	// time is when the sidecar accepted the change.
 	Time *timestamppb.Timestamp `protobuf:"bytes,2,opt,name=time,proto3" json:"time,omitempty"`
-	// fields are the changed fields: "address", "via" or both.
+	// fields are the fields asked to change: "address", "via" or both.
 	Fields []string `protobuf:"bytes,3,rep,name=fields,proto3" json:"fields,omitempty"`
-	// revision is the store revision the change was recorded at.
-	Revision      int64 `protobuf:"varint,4,opt,name=revision,proto3" json:"revision,omitempty"`
+	// revision is the store revision the change was accepted at.
+	Revision int64 `protobuf:"varint,4,opt,name=revision,proto3" json:"revision,omitempty"`
+	// address is the address asked for; set when fields names "address".
+	Address *Address `protobuf:"bytes,5,opt,name=address,proto3" json:"address,omitempty"`
+	// via is the upstream proxy asked for; when fields names "via", unset
+	// means "connect directly".
+	Via *ServerSpec `protobuf:"bytes,6,opt,name=via,proto3" json:"via,omitempty"`
+	// status is how far the change got.
+	Status ChangeStatus `protobuf:"varint,7,opt,name=status,proto3,enum=connmeta.v1.ChangeStatus" json:"status,omitempty"`
+	// status_detail says, for NOT_APPLIED, why the proxy did not apply it.
+	StatusDetail string `protobuf:"bytes,8,opt,name=status_detail,json=statusDetail,proto3" json:"status_detail,omitempty"`
+	// query_id is the route query whose answer asked for the change; empty
+	// for a change made with UpdateServerConnection.
+	QueryId       string `protobuf:"bytes,9,opt,name=query_id,json=queryId,proto3" json:"query_id,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1280,8 +1371,49 @@ func (x *Change) GetRevision() int64 {
 	return 0
 }
 
+func (x *Change) GetAddress() *Address {
+	if x != nil {
+		return x.Address
+	}
+	return nil
+}
+
+func (x *Change) GetVia() *ServerSpec {
+	if x != nil {
+		return x.Via
+	}
+	return nil
+}
+
+func (x *Change) GetStatus() ChangeStatus {
+	if x != nil {
+		return x.Status
+	}
+	return ChangeStatus_CHANGE_STATUS_UNSPECIFIED
+}
+
+func (x *Change) GetStatusDetail() string {
+	if x != nil {
+		return x.StatusDetail
+	}
+	return ""
+}
+
+func (x *Change) GetQueryId() string {
+	if x != nil {
+		return x.QueryId
+	}
+	return ""
+}
+
 // RecordMetadata is the sidecar's bookkeeping around one connection, kept
 // apart from mitmproxy's fields.
+//
+// Desired and observed state are kept apart, like a Kubernetes object's spec
+// and status: the Client or Server message is always what the proxy last
+// reported (observed), and a change asked for through the sidecar waits in
+// pending_change (desired) until the proxy reports what became of it. A
+// record therefore never claims an address the proxy is not using.
 type RecordMetadata struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// revision is the store revision of this record's last change. Revisions
@@ -1298,10 +1430,21 @@ type RecordMetadata struct {
 	ClientId string `protobuf:"bytes,4,opt,name=client_id,json=clientId,proto3" json:"client_id,omitempty"`
 	// last_hook is the mitmproxy hook after which the proxy last reported it.
 	LastHook Hook `protobuf:"varint,5,opt,name=last_hook,json=lastHook,proto3,enum=connmeta.v1.Hook" json:"last_hook,omitempty"`
-	// last_change is the last address/via change made through the sidecar.
+	// last_change is the last change of address or via asked for through the
+	// sidecar that the proxy settled: its status is APPLIED, DEFERRED or
+	// NOT_APPLIED.
 	LastChange *Change `protobuf:"bytes,6,opt,name=last_change,json=lastChange,proto3" json:"last_change,omitempty"`
 	// update_time is when the sidecar last changed this record.
-	UpdateTime    *timestamppb.Timestamp `protobuf:"bytes,7,opt,name=update_time,json=updateTime,proto3" json:"update_time,omitempty"`
+	UpdateTime *timestamppb.Timestamp `protobuf:"bytes,7,opt,name=update_time,json=updateTime,proto3" json:"update_time,omitempty"`
+	// pending_change is a change of address or via the sidecar accepted and
+	// the proxy has not settled yet (status PENDING). A resync keeps it; the
+	// proxy applies it at the server's next connect. It becomes last_change
+	// when the proxy reports the outcome, connects without applying it, or no
+	// longer holds the server.
+	PendingChange *Change `protobuf:"bytes,8,opt,name=pending_change,json=pendingChange,proto3" json:"pending_change,omitempty"`
+	// proxy_id is the proxy instance that last reported this connection
+	// (ReportRequest.proxy_id); one sidecar may serve several proxies.
+	ProxyId       string `protobuf:"bytes,9,opt,name=proxy_id,json=proxyId,proto3" json:"proxy_id,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1383,6 +1526,20 @@ func (x *RecordMetadata) GetUpdateTime() *timestamppb.Timestamp {
 		return x.UpdateTime
 	}
 	return nil
+}
+
+func (x *RecordMetadata) GetPendingChange() *Change {
+	if x != nil {
+		return x.PendingChange
+	}
+	return nil
+}
+
+func (x *RecordMetadata) GetProxyId() string {
+	if x != nil {
+		return x.ProxyId
+	}
+	return ""
 }
 
 // ConnectionRecord is one connection as the sidecar holds it: its metadata
@@ -1568,12 +1725,17 @@ const file_connmeta_v1_connection_proto_rawDesc = "" +
 	"connection\x12.\n" +
 	"\aaddress\x18\x02 \x01(\v2\x14.connmeta.v1.AddressR\aaddress\x12J\n" +
 	"\x13timestamp_tcp_setup\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\x11timestampTcpSetup\x12)\n" +
-	"\x03via\x18\x04 \x01(\v2\x17.connmeta.v1.ServerSpecR\x03via\"\x82\x01\n" +
+	"\x03via\x18\x04 \x01(\v2\x17.connmeta.v1.ServerSpecR\x03via\"\xd0\x02\n" +
 	"\x06Change\x12\x14\n" +
 	"\x05actor\x18\x01 \x01(\tR\x05actor\x12.\n" +
 	"\x04time\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\x04time\x12\x16\n" +
 	"\x06fields\x18\x03 \x03(\tR\x06fields\x12\x1a\n" +
-	"\brevision\x18\x04 \x01(\x03R\brevision\"\xa9\x02\n" +
+	"\brevision\x18\x04 \x01(\x03R\brevision\x12.\n" +
+	"\aaddress\x18\x05 \x01(\v2\x14.connmeta.v1.AddressR\aaddress\x12)\n" +
+	"\x03via\x18\x06 \x01(\v2\x17.connmeta.v1.ServerSpecR\x03via\x121\n" +
+	"\x06status\x18\a \x01(\x0e2\x19.connmeta.v1.ChangeStatusR\x06status\x12#\n" +
+	"\rstatus_detail\x18\b \x01(\tR\fstatusDetail\x12\x19\n" +
+	"\bquery_id\x18\t \x01(\tR\aqueryId\"\x80\x03\n" +
 	"\x0eRecordMetadata\x12\x1a\n" +
 	"\brevision\x18\x01 \x01(\x03R\brevision\x12'\n" +
 	"\x0fcreate_revision\x18\x02 \x01(\x03R\x0ecreateRevision\x12\x12\n" +
@@ -1583,7 +1745,9 @@ const file_connmeta_v1_connection_proto_rawDesc = "" +
 	"\vlast_change\x18\x06 \x01(\v2\x13.connmeta.v1.ChangeR\n" +
 	"lastChange\x12;\n" +
 	"\vupdate_time\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\n" +
-	"updateTime\"\xb1\x01\n" +
+	"updateTime\x12:\n" +
+	"\x0epending_change\x18\b \x01(\v2\x13.connmeta.v1.ChangeR\rpendingChange\x12\x19\n" +
+	"\bproxy_id\x18\t \x01(\tR\aproxyId\"\xb1\x01\n" +
 	"\x10ConnectionRecord\x127\n" +
 	"\bmetadata\x18\x01 \x01(\v2\x1b.connmeta.v1.RecordMetadataR\bmetadata\x12-\n" +
 	"\x06client\x18\x02 \x01(\v2\x13.connmeta.v1.ClientH\x00R\x06client\x12-\n" +
@@ -1638,7 +1802,13 @@ const file_connmeta_v1_connection_proto_rawDesc = "" +
 	"\x16HOOK_TLS_FAILED_CLIENT\x10\t\x12\x1a\n" +
 	"\x16HOOK_TLS_FAILED_SERVER\x10\n" +
 	"\x12\x0f\n" +
-	"\vHOOK_RESYNC\x10\vB?Z=github.com/connmeta/connmeta/clients/go/connmetav1;connmetav1b\x06proto3"
+	"\vHOOK_RESYNC\x10\v*\x9e\x01\n" +
+	"\fChangeStatus\x12\x1d\n" +
+	"\x19CHANGE_STATUS_UNSPECIFIED\x10\x00\x12\x19\n" +
+	"\x15CHANGE_STATUS_PENDING\x10\x01\x12\x19\n" +
+	"\x15CHANGE_STATUS_APPLIED\x10\x02\x12\x1a\n" +
+	"\x16CHANGE_STATUS_DEFERRED\x10\x03\x12\x1d\n" +
+	"\x19CHANGE_STATUS_NOT_APPLIED\x10\x04B?Z=github.com/connmeta/connmeta/clients/go/connmetav1;connmetav1b\x06proto3"
 
 var (
 	file_connmeta_v1_connection_proto_rawDescOnce sync.Once
@@ -1652,7 +1822,7 @@ func file_connmeta_v1_connection_proto_rawDescGZIP() []byte {
 	return file_connmeta_v1_connection_proto_rawDescData
 }
 
-var file_connmeta_v1_connection_proto_enumTypes = make([]protoimpl.EnumInfo, 5)
+var file_connmeta_v1_connection_proto_enumTypes = make([]protoimpl.EnumInfo, 6)
 var file_connmeta_v1_connection_proto_msgTypes = make([]protoimpl.MessageInfo, 11)
 var file_connmeta_v1_connection_proto_goTypes = []any{
 	(ConnectionState)(0),          // 0: connmeta.v1.ConnectionState
@@ -1660,54 +1830,59 @@ var file_connmeta_v1_connection_proto_goTypes = []any{
 	(TlsVersion)(0),               // 2: connmeta.v1.TlsVersion
 	(Scheme)(0),                   // 3: connmeta.v1.Scheme
 	(Hook)(0),                     // 4: connmeta.v1.Hook
-	(*Address)(nil),               // 5: connmeta.v1.Address
-	(*ServerSpec)(nil),            // 6: connmeta.v1.ServerSpec
-	(*NameAttribute)(nil),         // 7: connmeta.v1.NameAttribute
-	(*Certificate)(nil),           // 8: connmeta.v1.Certificate
-	(*ProxyMode)(nil),             // 9: connmeta.v1.ProxyMode
-	(*Connection)(nil),            // 10: connmeta.v1.Connection
-	(*Client)(nil),                // 11: connmeta.v1.Client
-	(*Server)(nil),                // 12: connmeta.v1.Server
-	(*Change)(nil),                // 13: connmeta.v1.Change
-	(*RecordMetadata)(nil),        // 14: connmeta.v1.RecordMetadata
-	(*ConnectionRecord)(nil),      // 15: connmeta.v1.ConnectionRecord
-	(*timestamppb.Timestamp)(nil), // 16: google.protobuf.Timestamp
+	(ChangeStatus)(0),             // 5: connmeta.v1.ChangeStatus
+	(*Address)(nil),               // 6: connmeta.v1.Address
+	(*ServerSpec)(nil),            // 7: connmeta.v1.ServerSpec
+	(*NameAttribute)(nil),         // 8: connmeta.v1.NameAttribute
+	(*Certificate)(nil),           // 9: connmeta.v1.Certificate
+	(*ProxyMode)(nil),             // 10: connmeta.v1.ProxyMode
+	(*Connection)(nil),            // 11: connmeta.v1.Connection
+	(*Client)(nil),                // 12: connmeta.v1.Client
+	(*Server)(nil),                // 13: connmeta.v1.Server
+	(*Change)(nil),                // 14: connmeta.v1.Change
+	(*RecordMetadata)(nil),        // 15: connmeta.v1.RecordMetadata
+	(*ConnectionRecord)(nil),      // 16: connmeta.v1.ConnectionRecord
+	(*timestamppb.Timestamp)(nil), // 17: google.protobuf.Timestamp
 }
 var file_connmeta_v1_connection_proto_depIdxs = []int32{
 	3,  // 0: connmeta.v1.ServerSpec.scheme:type_name -> connmeta.v1.Scheme
-	5,  // 1: connmeta.v1.ServerSpec.address:type_name -> connmeta.v1.Address
-	7,  // 2: connmeta.v1.Certificate.subject:type_name -> connmeta.v1.NameAttribute
-	7,  // 3: connmeta.v1.Certificate.issuer:type_name -> connmeta.v1.NameAttribute
-	16, // 4: connmeta.v1.Certificate.not_before:type_name -> google.protobuf.Timestamp
-	16, // 5: connmeta.v1.Certificate.not_after:type_name -> google.protobuf.Timestamp
+	6,  // 1: connmeta.v1.ServerSpec.address:type_name -> connmeta.v1.Address
+	8,  // 2: connmeta.v1.Certificate.subject:type_name -> connmeta.v1.NameAttribute
+	8,  // 3: connmeta.v1.Certificate.issuer:type_name -> connmeta.v1.NameAttribute
+	17, // 4: connmeta.v1.Certificate.not_before:type_name -> google.protobuf.Timestamp
+	17, // 5: connmeta.v1.Certificate.not_after:type_name -> google.protobuf.Timestamp
 	0,  // 6: connmeta.v1.Connection.state:type_name -> connmeta.v1.ConnectionState
-	5,  // 7: connmeta.v1.Connection.peername:type_name -> connmeta.v1.Address
-	5,  // 8: connmeta.v1.Connection.sockname:type_name -> connmeta.v1.Address
+	6,  // 7: connmeta.v1.Connection.peername:type_name -> connmeta.v1.Address
+	6,  // 8: connmeta.v1.Connection.sockname:type_name -> connmeta.v1.Address
 	1,  // 9: connmeta.v1.Connection.transport_protocol:type_name -> connmeta.v1.TransportProtocol
-	8,  // 10: connmeta.v1.Connection.certificate_list:type_name -> connmeta.v1.Certificate
+	9,  // 10: connmeta.v1.Connection.certificate_list:type_name -> connmeta.v1.Certificate
 	2,  // 11: connmeta.v1.Connection.tls_version:type_name -> connmeta.v1.TlsVersion
-	16, // 12: connmeta.v1.Connection.timestamp_start:type_name -> google.protobuf.Timestamp
-	16, // 13: connmeta.v1.Connection.timestamp_end:type_name -> google.protobuf.Timestamp
-	16, // 14: connmeta.v1.Connection.timestamp_tls_setup:type_name -> google.protobuf.Timestamp
-	10, // 15: connmeta.v1.Client.connection:type_name -> connmeta.v1.Connection
-	8,  // 16: connmeta.v1.Client.mitmcert:type_name -> connmeta.v1.Certificate
-	9,  // 17: connmeta.v1.Client.proxy_mode:type_name -> connmeta.v1.ProxyMode
-	10, // 18: connmeta.v1.Server.connection:type_name -> connmeta.v1.Connection
-	5,  // 19: connmeta.v1.Server.address:type_name -> connmeta.v1.Address
-	16, // 20: connmeta.v1.Server.timestamp_tcp_setup:type_name -> google.protobuf.Timestamp
-	6,  // 21: connmeta.v1.Server.via:type_name -> connmeta.v1.ServerSpec
-	16, // 22: connmeta.v1.Change.time:type_name -> google.protobuf.Timestamp
-	4,  // 23: connmeta.v1.RecordMetadata.last_hook:type_name -> connmeta.v1.Hook
-	13, // 24: connmeta.v1.RecordMetadata.last_change:type_name -> connmeta.v1.Change
-	16, // 25: connmeta.v1.RecordMetadata.update_time:type_name -> google.protobuf.Timestamp
-	14, // 26: connmeta.v1.ConnectionRecord.metadata:type_name -> connmeta.v1.RecordMetadata
-	11, // 27: connmeta.v1.ConnectionRecord.client:type_name -> connmeta.v1.Client
-	12, // 28: connmeta.v1.ConnectionRecord.server:type_name -> connmeta.v1.Server
-	29, // [29:29] is the sub-list for method output_type
-	29, // [29:29] is the sub-list for method input_type
-	29, // [29:29] is the sub-list for extension type_name
-	29, // [29:29] is the sub-list for extension extendee
-	0,  // [0:29] is the sub-list for field type_name
+	17, // 12: connmeta.v1.Connection.timestamp_start:type_name -> google.protobuf.Timestamp
+	17, // 13: connmeta.v1.Connection.timestamp_end:type_name -> google.protobuf.Timestamp
+	17, // 14: connmeta.v1.Connection.timestamp_tls_setup:type_name -> google.protobuf.Timestamp
+	11, // 15: connmeta.v1.Client.connection:type_name -> connmeta.v1.Connection
+	9,  // 16: connmeta.v1.Client.mitmcert:type_name -> connmeta.v1.Certificate
+	10, // 17: connmeta.v1.Client.proxy_mode:type_name -> connmeta.v1.ProxyMode
+	11, // 18: connmeta.v1.Server.connection:type_name -> connmeta.v1.Connection
+	6,  // 19: connmeta.v1.Server.address:type_name -> connmeta.v1.Address
+	17, // 20: connmeta.v1.Server.timestamp_tcp_setup:type_name -> google.protobuf.Timestamp
+	7,  // 21: connmeta.v1.Server.via:type_name -> connmeta.v1.ServerSpec
+	17, // 22: connmeta.v1.Change.time:type_name -> google.protobuf.Timestamp
+	6,  // 23: connmeta.v1.Change.address:type_name -> connmeta.v1.Address
+	7,  // 24: connmeta.v1.Change.via:type_name -> connmeta.v1.ServerSpec
+	5,  // 25: connmeta.v1.Change.status:type_name -> connmeta.v1.ChangeStatus
+	4,  // 26: connmeta.v1.RecordMetadata.last_hook:type_name -> connmeta.v1.Hook
+	14, // 27: connmeta.v1.RecordMetadata.last_change:type_name -> connmeta.v1.Change
+	17, // 28: connmeta.v1.RecordMetadata.update_time:type_name -> google.protobuf.Timestamp
+	14, // 29: connmeta.v1.RecordMetadata.pending_change:type_name -> connmeta.v1.Change
+	15, // 30: connmeta.v1.ConnectionRecord.metadata:type_name -> connmeta.v1.RecordMetadata
+	12, // 31: connmeta.v1.ConnectionRecord.client:type_name -> connmeta.v1.Client
+	13, // 32: connmeta.v1.ConnectionRecord.server:type_name -> connmeta.v1.Server
+	33, // [33:33] is the sub-list for method output_type
+	33, // [33:33] is the sub-list for method input_type
+	33, // [33:33] is the sub-list for extension type_name
+	33, // [33:33] is the sub-list for extension extendee
+	0,  // [0:33] is the sub-list for field type_name
 }
 
 func init() { file_connmeta_v1_connection_proto_init() }
@@ -1728,7 +1903,7 @@ func file_connmeta_v1_connection_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_connmeta_v1_connection_proto_rawDesc), len(file_connmeta_v1_connection_proto_rawDesc)),
-			NumEnums:      5,
+			NumEnums:      6,
 			NumMessages:   11,
 			NumExtensions: 0,
 			NumServices:   0,

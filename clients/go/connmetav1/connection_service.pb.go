@@ -302,7 +302,7 @@ func (x *ConnectionFilter) GetClientId() string {
 // GetConnectionRequest names one connection.
 type GetConnectionRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	// id is the connection id; required.
+	// id is the connection id; required, 1-256 bytes.
 	Id string `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
 	// view selects how much of the record to return.
 	View          ConnectionView `protobuf:"varint,2,opt,name=view,proto3,enum=connmeta.v1.ConnectionView" json:"view,omitempty"`
@@ -405,12 +405,16 @@ type ListConnectionsRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// page_size is the most records to return: 0 means 100, values above 1000
 	// are taken as 1000, negative values are INVALID_ARGUMENT. A page may hold
-	// fewer records even when more follow.
+	// fewer records even when more follow: a page stops before it would pass
+	// 1 MiB (it always holds at least one record), so a client with the
+	// default 4 MiB message limit can read every page.
 	PageSize int32 `protobuf:"varint,1,opt,name=page_size,json=pageSize,proto3" json:"page_size,omitempty"`
 	// page_token is next_page_token from the previous page, or empty for the
-	// first page. Other request fields must not change between pages
-	// (INVALID_ARGUMENT); page_size may. A token whose snapshot revision is no
-	// longer in the history is OUT_OF_RANGE: list again from the first page.
+	// first page. Tokens are opaque and signed: a token this server did not
+	// issue is INVALID_ARGUMENT. Other request fields must not change between
+	// pages (INVALID_ARGUMENT); page_size may. A token whose snapshot revision
+	// is no longer in the history is OUT_OF_RANGE: list again from the first
+	// page.
 	PageToken string `protobuf:"bytes,2,opt,name=page_token,json=pageToken,proto3" json:"page_token,omitempty"`
 	// filter selects the connections.
 	Filter *ConnectionFilter `protobuf:"bytes,3,opt,name=filter,proto3" json:"filter,omitempty"`
@@ -755,20 +759,25 @@ type UpdateServerConnectionRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// id is the server connection's id; required.
 	Id string `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
-	// address is the new address; required when update_mask names "address".
-	// The port must be 1-65535 and the host non-empty.
+	// address is the new address; required when update_mask names "address",
+	// ignored otherwise. The host must be a host name or IP literal (1-253
+	// bytes, no spaces, control characters or any of "/[]@?#"), the port
+	// 1-65535, and flowinfo and scope_id unset: mitmproxy holds a server's
+	// address as a (host, port) pair.
 	Address *Address `protobuf:"bytes,2,opt,name=address,proto3" json:"address,omitempty"`
 	// via is the new upstream proxy; only http and https work as upstream
-	// proxies in mitmproxy. Leaving it unset while update_mask names "via"
-	// removes the upstream proxy (connect directly).
+	// proxies in mitmproxy, and its address follows the rules of address.
+	// Leaving it unset while update_mask names "via" removes the upstream
+	// proxy (connect directly). Ignored when update_mask does not name "via".
 	Via *ServerSpec `protobuf:"bytes,3,opt,name=via,proto3" json:"via,omitempty"`
 	// update_mask names the fields to change: "address", "via" or both;
 	// required, and no other path is allowed.
 	UpdateMask *fieldmaskpb.FieldMask `protobuf:"bytes,4,opt,name=update_mask,json=updateMask,proto3" json:"update_mask,omitempty"`
 	// etag, when set, must equal the record's current etag, else ABORTED.
 	Etag string `protobuf:"bytes,5,opt,name=etag,proto3" json:"etag,omitempty"`
-	// actor names who makes the change, for metadata.last_change and the
-	// watch stream; defaults to the caller's peer address.
+	// actor names who makes the change, for metadata.pending_change and the
+	// watch stream; defaults to the caller's peer address. At most 256 bytes of
+	// printable ASCII (spaces allowed).
 	Actor         string `protobuf:"bytes,6,opt,name=actor,proto3" json:"actor,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -849,7 +858,8 @@ func (x *UpdateServerConnectionRequest) GetActor() string {
 // UpdateServerConnectionResponse holds the record after the update.
 type UpdateServerConnectionResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	// connection is the updated record.
+	// connection is the updated record, with the change in
+	// metadata.pending_change.
 	Connection    *ConnectionRecord `protobuf:"bytes,1,opt,name=connection,proto3" json:"connection,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache

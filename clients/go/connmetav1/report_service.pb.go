@@ -103,7 +103,8 @@ type ConnectionSnapshot struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// hook is the mitmproxy hook after which the snapshot was taken.
 	Hook Hook `protobuf:"varint,1,opt,name=hook,proto3,enum=connmeta.v1.Hook" json:"hook,omitempty"`
-	// client_id is, for a server, the id of the client it serves.
+	// client_id is, for a server, the id of the client it serves; required
+	// for a server (the same form as Connection.id), ignored for a client.
 	ClientId string `protobuf:"bytes,2,opt,name=client_id,json=clientId,proto3" json:"client_id,omitempty"`
 	// connection is the mitmproxy object; exactly one is set.
 	//
@@ -115,6 +116,8 @@ type ConnectionSnapshot struct {
 	// route_outcome is set on the snapshot the proxy sends after it applied,
 	// or gave up waiting for, a route decision for this server (in
 	// server_connect); the snapshot then shows the server as it will connect.
+	// It settles the record's pending_change. Only for servers, with a known
+	// kind.
 	RouteOutcome  *RouteOutcome `protobuf:"bytes,5,opt,name=route_outcome,json=routeOutcome,proto3" json:"route_outcome,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -310,7 +313,8 @@ func (x *RouteOutcome) GetWaited() *durationpb.Duration {
 // ReportBatch is snapshots in the order their hooks fired.
 type ReportBatch struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	// snapshots are applied in order, each at its own revision.
+	// snapshots are applied in order, each at its own revision; a snapshot
+	// identical to the stored version makes no revision.
 	Snapshots     []*ConnectionSnapshot `protobuf:"bytes,1,rep,name=snapshots,proto3" json:"snapshots,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -360,7 +364,7 @@ type ResyncStart struct {
 	// route_deadline is how long the proxy holds a server connect for a route
 	// decision before it connects unchanged. The sidecar stops waiting for a
 	// router somewhat earlier, so that its "no change" still arrives in time.
-	// Unset: the sidecar's own default.
+	// Unset: the sidecar's own default. At most 60 s and not negative.
 	RouteDeadline *durationpb.Duration `protobuf:"bytes,1,opt,name=route_deadline,json=routeDeadline,proto3" json:"route_deadline,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -403,9 +407,12 @@ func (x *ResyncStart) GetRouteDeadline() *durationpb.Duration {
 	return nil
 }
 
-// ResyncEnd completes a resync: every connection the sidecar holds as not
-// CLOSED that was not reported since ResyncStart is set to CLOSED, because
-// the proxy no longer has it.
+// ResyncEnd completes a resync: every connection this proxy (proxy_id)
+// reported before, that is not CLOSED and that this proxy did not report
+// since ResyncStart (on any of its streams), is set to CLOSED with last_hook
+// RESYNC, because the proxy no longer has it; a pending_change of a server
+// it no longer holds becomes NOT_APPLIED. Connections other proxies report
+// are never touched, and resyncs of different proxies may overlap.
 type ResyncEnd struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	unknownFields protoimpl.UnknownFields
@@ -447,6 +454,14 @@ type ReportRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// sequence is chosen by the proxy and echoed in the acknowledgement.
 	Sequence uint64 `protobuf:"varint,1,opt,name=sequence,proto3" json:"sequence,omitempty"`
+	// proxy_id names the proxy instance this stream reports for: stable across
+	// the proxy's reconnects (and, ideally, its restarts on the same listen
+	// address), unique among the proxies reporting to one sidecar; 1-256 bytes
+	// of printable ASCII without spaces. Set on the stream's first message;
+	// later messages leave it empty or repeat it. A stream that never sets it
+	// reports as an anonymous proxy of its own ("stream-N"), whose resync
+	// closes only what that stream reported.
+	ProxyId string `protobuf:"bytes,5,opt,name=proxy_id,json=proxyId,proto3" json:"proxy_id,omitempty"`
 	// message is what this request carries.
 	//
 	// Types that are valid to be assigned to Message:
@@ -494,6 +509,13 @@ func (x *ReportRequest) GetSequence() uint64 {
 		return x.Sequence
 	}
 	return 0
+}
+
+func (x *ReportRequest) GetProxyId() string {
+	if x != nil {
+		return x.ProxyId
+	}
+	return ""
 }
 
 func (x *ReportRequest) GetMessage() isReportRequest_Message {
@@ -564,8 +586,11 @@ type ReportAck struct {
 	Revision int64 `protobuf:"varint,2,opt,name=revision,proto3" json:"revision,omitempty"`
 	// closed_by_resync counts, on a ResyncEnd, the connections it closed.
 	ClosedByResync uint32 `protobuf:"varint,3,opt,name=closed_by_resync,json=closedByResync,proto3" json:"closed_by_resync,omitempty"`
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	// rejected lists the snapshots of this request's batch that were refused,
+	// in batch order; every other snapshot was applied.
+	Rejected      []*SnapshotRejection `protobuf:"bytes,4,rep,name=rejected,proto3" json:"rejected,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *ReportAck) Reset() {
@@ -619,6 +644,156 @@ func (x *ReportAck) GetClosedByResync() uint32 {
 	return 0
 }
 
+func (x *ReportAck) GetRejected() []*SnapshotRejection {
+	if x != nil {
+		return x.Rejected
+	}
+	return nil
+}
+
+// FieldViolation is one problem with one field, as google.rpc.BadRequest's
+// FieldViolation describes it.
+type FieldViolation struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// field is the path of the field at fault, from the request: for example
+	// "batch.snapshots[3].server.connection.transport_protocol".
+	Field string `protobuf:"bytes,1,opt,name=field,proto3" json:"field,omitempty"`
+	// description says what is wrong and what is expected.
+	Description   string `protobuf:"bytes,2,opt,name=description,proto3" json:"description,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *FieldViolation) Reset() {
+	*x = FieldViolation{}
+	mi := &file_connmeta_v1_report_service_proto_msgTypes[7]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *FieldViolation) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*FieldViolation) ProtoMessage() {}
+
+func (x *FieldViolation) ProtoReflect() protoreflect.Message {
+	mi := &file_connmeta_v1_report_service_proto_msgTypes[7]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use FieldViolation.ProtoReflect.Descriptor instead.
+func (*FieldViolation) Descriptor() ([]byte, []int) {
+	return file_connmeta_v1_report_service_proto_rawDescGZIP(), []int{7}
+}
+
+func (x *FieldViolation) GetField() string {
+	if x != nil {
+		return x.Field
+	}
+	return ""
+}
+
+func (x *FieldViolation) GetDescription() string {
+	if x != nil {
+		return x.Description
+	}
+	return ""
+}
+
+// SnapshotRejection says why one snapshot of a batch was refused.
+type SnapshotRejection struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// index is the snapshot's position in ReportBatch.snapshots.
+	Index uint32 `protobuf:"varint,1,opt,name=index,proto3" json:"index,omitempty"`
+	// connection_id is the snapshot's connection id (at most its first 256
+	// bytes, escaped); empty when it had none.
+	ConnectionId string `protobuf:"bytes,2,opt,name=connection_id,json=connectionId,proto3" json:"connection_id,omitempty"`
+	// reason is a stable identifier, as in google.rpc.ErrorInfo:
+	// INVALID_SNAPSHOT (violations name the fields), CONNECTION_KIND_CONFLICT
+	// (the id is known as the other kind), CONNECTION_OWNED_BY_OTHER_PROXY
+	// (another live proxy holds this id).
+	Reason string `protobuf:"bytes,3,opt,name=reason,proto3" json:"reason,omitempty"`
+	// message explains the rejection in one sentence.
+	Message string `protobuf:"bytes,4,opt,name=message,proto3" json:"message,omitempty"`
+	// violations are the fields at fault (INVALID_SNAPSHOT).
+	Violations    []*FieldViolation `protobuf:"bytes,5,rep,name=violations,proto3" json:"violations,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SnapshotRejection) Reset() {
+	*x = SnapshotRejection{}
+	mi := &file_connmeta_v1_report_service_proto_msgTypes[8]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SnapshotRejection) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SnapshotRejection) ProtoMessage() {}
+
+func (x *SnapshotRejection) ProtoReflect() protoreflect.Message {
+	mi := &file_connmeta_v1_report_service_proto_msgTypes[8]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SnapshotRejection.ProtoReflect.Descriptor instead.
+func (*SnapshotRejection) Descriptor() ([]byte, []int) {
+	return file_connmeta_v1_report_service_proto_rawDescGZIP(), []int{8}
+}
+
+func (x *SnapshotRejection) GetIndex() uint32 {
+	if x != nil {
+		return x.Index
+	}
+	return 0
+}
+
+func (x *SnapshotRejection) GetConnectionId() string {
+	if x != nil {
+		return x.ConnectionId
+	}
+	return ""
+}
+
+func (x *SnapshotRejection) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
+func (x *SnapshotRejection) GetMessage() string {
+	if x != nil {
+		return x.Message
+	}
+	return ""
+}
+
+func (x *SnapshotRejection) GetViolations() []*FieldViolation {
+	if x != nil {
+		return x.Violations
+	}
+	return nil
+}
+
 // RoutingState tells the proxy whether a router takes part in server
 // connects. It is the first message on every report stream and is sent again
 // whenever it changes.
@@ -637,7 +812,7 @@ type RoutingState struct {
 
 func (x *RoutingState) Reset() {
 	*x = RoutingState{}
-	mi := &file_connmeta_v1_report_service_proto_msgTypes[7]
+	mi := &file_connmeta_v1_report_service_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -649,7 +824,7 @@ func (x *RoutingState) String() string {
 func (*RoutingState) ProtoMessage() {}
 
 func (x *RoutingState) ProtoReflect() protoreflect.Message {
-	mi := &file_connmeta_v1_report_service_proto_msgTypes[7]
+	mi := &file_connmeta_v1_report_service_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -662,7 +837,7 @@ func (x *RoutingState) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RoutingState.ProtoReflect.Descriptor instead.
 func (*RoutingState) Descriptor() ([]byte, []int) {
-	return file_connmeta_v1_report_service_proto_rawDescGZIP(), []int{7}
+	return file_connmeta_v1_report_service_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *RoutingState) GetActive() bool {
@@ -682,10 +857,12 @@ func (x *RoutingState) GetRouter() string {
 // RouteDecision tells the proxy how to change one server before it connects.
 // It is sent in answer to a server_connect snapshot while routing is active
 // (query_id set; an empty update_mask means "no change, go ahead"), and
-// unasked, with an empty query_id, when an UpdateServerConnection changed a
-// server that is not OPEN: the proxy keeps it and applies it where mitmproxy
-// honours it. The sidecar has already recorded the change (with actor as
-// metadata.last_change.actor) when it sends the decision.
+// unasked, with an empty query_id, for every pending change of a server this
+// proxy holds (UpdateServerConnection on a server that is not OPEN; sent
+// again after every reconnect): the proxy keeps it and applies it where
+// mitmproxy honours it. The sidecar has already recorded the change as the
+// record's metadata.pending_change when it sends the decision; the proxy's
+// route_outcome (or its server_connected) settles it.
 type RouteDecision struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// server_id is the id of the server connection to change.
@@ -711,7 +888,7 @@ type RouteDecision struct {
 
 func (x *RouteDecision) Reset() {
 	*x = RouteDecision{}
-	mi := &file_connmeta_v1_report_service_proto_msgTypes[8]
+	mi := &file_connmeta_v1_report_service_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -723,7 +900,7 @@ func (x *RouteDecision) String() string {
 func (*RouteDecision) ProtoMessage() {}
 
 func (x *RouteDecision) ProtoReflect() protoreflect.Message {
-	mi := &file_connmeta_v1_report_service_proto_msgTypes[8]
+	mi := &file_connmeta_v1_report_service_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -736,7 +913,7 @@ func (x *RouteDecision) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RouteDecision.ProtoReflect.Descriptor instead.
 func (*RouteDecision) Descriptor() ([]byte, []int) {
-	return file_connmeta_v1_report_service_proto_rawDescGZIP(), []int{8}
+	return file_connmeta_v1_report_service_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *RouteDecision) GetServerId() string {
@@ -805,7 +982,7 @@ type ReportResponse struct {
 
 func (x *ReportResponse) Reset() {
 	*x = ReportResponse{}
-	mi := &file_connmeta_v1_report_service_proto_msgTypes[9]
+	mi := &file_connmeta_v1_report_service_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -817,7 +994,7 @@ func (x *ReportResponse) String() string {
 func (*ReportResponse) ProtoMessage() {}
 
 func (x *ReportResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_connmeta_v1_report_service_proto_msgTypes[9]
+	mi := &file_connmeta_v1_report_service_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -830,7 +1007,7 @@ func (x *ReportResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReportResponse.ProtoReflect.Descriptor instead.
 func (*ReportResponse) Descriptor() ([]byte, []int) {
-	return file_connmeta_v1_report_service_proto_rawDescGZIP(), []int{9}
+	return file_connmeta_v1_report_service_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *ReportResponse) GetMessage() isReportResponse_Message {
@@ -916,18 +1093,31 @@ const file_connmeta_v1_report_service_proto_rawDesc = "" +
 	"\tsnapshots\x18\x01 \x03(\v2\x1f.connmeta.v1.ConnectionSnapshotR\tsnapshots\"O\n" +
 	"\vResyncStart\x12@\n" +
 	"\x0eroute_deadline\x18\x01 \x01(\v2\x19.google.protobuf.DurationR\rrouteDeadline\"\v\n" +
-	"\tResyncEnd\"\xe0\x01\n" +
+	"\tResyncEnd\"\xfb\x01\n" +
 	"\rReportRequest\x12\x1a\n" +
-	"\bsequence\x18\x01 \x01(\x04R\bsequence\x120\n" +
+	"\bsequence\x18\x01 \x01(\x04R\bsequence\x12\x19\n" +
+	"\bproxy_id\x18\x05 \x01(\tR\aproxyId\x120\n" +
 	"\x05batch\x18\x02 \x01(\v2\x18.connmeta.v1.ReportBatchH\x00R\x05batch\x12=\n" +
 	"\fresync_start\x18\x03 \x01(\v2\x18.connmeta.v1.ResyncStartH\x00R\vresyncStart\x127\n" +
 	"\n" +
 	"resync_end\x18\x04 \x01(\v2\x16.connmeta.v1.ResyncEndH\x00R\tresyncEndB\t\n" +
-	"\amessage\"m\n" +
+	"\amessage\"\xa9\x01\n" +
 	"\tReportAck\x12\x1a\n" +
 	"\bsequence\x18\x01 \x01(\x04R\bsequence\x12\x1a\n" +
 	"\brevision\x18\x02 \x01(\x03R\brevision\x12(\n" +
-	"\x10closed_by_resync\x18\x03 \x01(\rR\x0eclosedByResync\">\n" +
+	"\x10closed_by_resync\x18\x03 \x01(\rR\x0eclosedByResync\x12:\n" +
+	"\brejected\x18\x04 \x03(\v2\x1e.connmeta.v1.SnapshotRejectionR\brejected\"H\n" +
+	"\x0eFieldViolation\x12\x14\n" +
+	"\x05field\x18\x01 \x01(\tR\x05field\x12 \n" +
+	"\vdescription\x18\x02 \x01(\tR\vdescription\"\xbd\x01\n" +
+	"\x11SnapshotRejection\x12\x14\n" +
+	"\x05index\x18\x01 \x01(\rR\x05index\x12#\n" +
+	"\rconnection_id\x18\x02 \x01(\tR\fconnectionId\x12\x16\n" +
+	"\x06reason\x18\x03 \x01(\tR\x06reason\x12\x18\n" +
+	"\amessage\x18\x04 \x01(\tR\amessage\x12;\n" +
+	"\n" +
+	"violations\x18\x05 \x03(\v2\x1b.connmeta.v1.FieldViolationR\n" +
+	"violations\">\n" +
 	"\fRoutingState\x12\x16\n" +
 	"\x06active\x18\x01 \x01(\bR\x06active\x12\x16\n" +
 	"\x06router\x18\x02 \x01(\tR\x06router\"\x92\x02\n" +
@@ -967,7 +1157,7 @@ func file_connmeta_v1_report_service_proto_rawDescGZIP() []byte {
 }
 
 var file_connmeta_v1_report_service_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_connmeta_v1_report_service_proto_msgTypes = make([]protoimpl.MessageInfo, 10)
+var file_connmeta_v1_report_service_proto_msgTypes = make([]protoimpl.MessageInfo, 12)
 var file_connmeta_v1_report_service_proto_goTypes = []any{
 	(RouteOutcomeKind)(0),         // 0: connmeta.v1.RouteOutcomeKind
 	(*ConnectionSnapshot)(nil),    // 1: connmeta.v1.ConnectionSnapshot
@@ -977,42 +1167,46 @@ var file_connmeta_v1_report_service_proto_goTypes = []any{
 	(*ResyncEnd)(nil),             // 5: connmeta.v1.ResyncEnd
 	(*ReportRequest)(nil),         // 6: connmeta.v1.ReportRequest
 	(*ReportAck)(nil),             // 7: connmeta.v1.ReportAck
-	(*RoutingState)(nil),          // 8: connmeta.v1.RoutingState
-	(*RouteDecision)(nil),         // 9: connmeta.v1.RouteDecision
-	(*ReportResponse)(nil),        // 10: connmeta.v1.ReportResponse
-	(Hook)(0),                     // 11: connmeta.v1.Hook
-	(*Client)(nil),                // 12: connmeta.v1.Client
-	(*Server)(nil),                // 13: connmeta.v1.Server
-	(*durationpb.Duration)(nil),   // 14: google.protobuf.Duration
-	(*Address)(nil),               // 15: connmeta.v1.Address
-	(*ServerSpec)(nil),            // 16: connmeta.v1.ServerSpec
-	(*fieldmaskpb.FieldMask)(nil), // 17: google.protobuf.FieldMask
+	(*FieldViolation)(nil),        // 8: connmeta.v1.FieldViolation
+	(*SnapshotRejection)(nil),     // 9: connmeta.v1.SnapshotRejection
+	(*RoutingState)(nil),          // 10: connmeta.v1.RoutingState
+	(*RouteDecision)(nil),         // 11: connmeta.v1.RouteDecision
+	(*ReportResponse)(nil),        // 12: connmeta.v1.ReportResponse
+	(Hook)(0),                     // 13: connmeta.v1.Hook
+	(*Client)(nil),                // 14: connmeta.v1.Client
+	(*Server)(nil),                // 15: connmeta.v1.Server
+	(*durationpb.Duration)(nil),   // 16: google.protobuf.Duration
+	(*Address)(nil),               // 17: connmeta.v1.Address
+	(*ServerSpec)(nil),            // 18: connmeta.v1.ServerSpec
+	(*fieldmaskpb.FieldMask)(nil), // 19: google.protobuf.FieldMask
 }
 var file_connmeta_v1_report_service_proto_depIdxs = []int32{
-	11, // 0: connmeta.v1.ConnectionSnapshot.hook:type_name -> connmeta.v1.Hook
-	12, // 1: connmeta.v1.ConnectionSnapshot.client:type_name -> connmeta.v1.Client
-	13, // 2: connmeta.v1.ConnectionSnapshot.server:type_name -> connmeta.v1.Server
+	13, // 0: connmeta.v1.ConnectionSnapshot.hook:type_name -> connmeta.v1.Hook
+	14, // 1: connmeta.v1.ConnectionSnapshot.client:type_name -> connmeta.v1.Client
+	15, // 2: connmeta.v1.ConnectionSnapshot.server:type_name -> connmeta.v1.Server
 	2,  // 3: connmeta.v1.ConnectionSnapshot.route_outcome:type_name -> connmeta.v1.RouteOutcome
 	0,  // 4: connmeta.v1.RouteOutcome.kind:type_name -> connmeta.v1.RouteOutcomeKind
-	14, // 5: connmeta.v1.RouteOutcome.waited:type_name -> google.protobuf.Duration
+	16, // 5: connmeta.v1.RouteOutcome.waited:type_name -> google.protobuf.Duration
 	1,  // 6: connmeta.v1.ReportBatch.snapshots:type_name -> connmeta.v1.ConnectionSnapshot
-	14, // 7: connmeta.v1.ResyncStart.route_deadline:type_name -> google.protobuf.Duration
+	16, // 7: connmeta.v1.ResyncStart.route_deadline:type_name -> google.protobuf.Duration
 	3,  // 8: connmeta.v1.ReportRequest.batch:type_name -> connmeta.v1.ReportBatch
 	4,  // 9: connmeta.v1.ReportRequest.resync_start:type_name -> connmeta.v1.ResyncStart
 	5,  // 10: connmeta.v1.ReportRequest.resync_end:type_name -> connmeta.v1.ResyncEnd
-	15, // 11: connmeta.v1.RouteDecision.address:type_name -> connmeta.v1.Address
-	16, // 12: connmeta.v1.RouteDecision.via:type_name -> connmeta.v1.ServerSpec
-	17, // 13: connmeta.v1.RouteDecision.update_mask:type_name -> google.protobuf.FieldMask
-	7,  // 14: connmeta.v1.ReportResponse.ack:type_name -> connmeta.v1.ReportAck
-	8,  // 15: connmeta.v1.ReportResponse.routing_state:type_name -> connmeta.v1.RoutingState
-	9,  // 16: connmeta.v1.ReportResponse.route_decision:type_name -> connmeta.v1.RouteDecision
-	6,  // 17: connmeta.v1.ReportService.Report:input_type -> connmeta.v1.ReportRequest
-	10, // 18: connmeta.v1.ReportService.Report:output_type -> connmeta.v1.ReportResponse
-	18, // [18:19] is the sub-list for method output_type
-	17, // [17:18] is the sub-list for method input_type
-	17, // [17:17] is the sub-list for extension type_name
-	17, // [17:17] is the sub-list for extension extendee
-	0,  // [0:17] is the sub-list for field type_name
+	9,  // 11: connmeta.v1.ReportAck.rejected:type_name -> connmeta.v1.SnapshotRejection
+	8,  // 12: connmeta.v1.SnapshotRejection.violations:type_name -> connmeta.v1.FieldViolation
+	17, // 13: connmeta.v1.RouteDecision.address:type_name -> connmeta.v1.Address
+	18, // 14: connmeta.v1.RouteDecision.via:type_name -> connmeta.v1.ServerSpec
+	19, // 15: connmeta.v1.RouteDecision.update_mask:type_name -> google.protobuf.FieldMask
+	7,  // 16: connmeta.v1.ReportResponse.ack:type_name -> connmeta.v1.ReportAck
+	10, // 17: connmeta.v1.ReportResponse.routing_state:type_name -> connmeta.v1.RoutingState
+	11, // 18: connmeta.v1.ReportResponse.route_decision:type_name -> connmeta.v1.RouteDecision
+	6,  // 19: connmeta.v1.ReportService.Report:input_type -> connmeta.v1.ReportRequest
+	12, // 20: connmeta.v1.ReportService.Report:output_type -> connmeta.v1.ReportResponse
+	20, // [20:21] is the sub-list for method output_type
+	19, // [19:20] is the sub-list for method input_type
+	19, // [19:19] is the sub-list for extension type_name
+	19, // [19:19] is the sub-list for extension extendee
+	0,  // [0:19] is the sub-list for field type_name
 }
 
 func init() { file_connmeta_v1_report_service_proto_init() }
@@ -1030,7 +1224,7 @@ func file_connmeta_v1_report_service_proto_init() {
 		(*ReportRequest_ResyncStart)(nil),
 		(*ReportRequest_ResyncEnd)(nil),
 	}
-	file_connmeta_v1_report_service_proto_msgTypes[9].OneofWrappers = []any{
+	file_connmeta_v1_report_service_proto_msgTypes[11].OneofWrappers = []any{
 		(*ReportResponse_Ack)(nil),
 		(*ReportResponse_RoutingState)(nil),
 		(*ReportResponse_RouteDecision)(nil),
@@ -1041,7 +1235,7 @@ func file_connmeta_v1_report_service_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_connmeta_v1_report_service_proto_rawDesc), len(file_connmeta_v1_report_service_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   10,
+			NumMessages:   12,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -35,11 +35,22 @@ const (
 // record costs, so the proxy sends whatever its hooks queued since the last
 // message as one batch.
 type ReportServiceClient interface {
-	// Report is one long-lived stream per proxy. The proxy sends batches of
-	// snapshots (and, after every (re)connect, one resync); the sidecar
-	// acknowledges each message with the revision it reached. A malformed
-	// snapshot ends the stream with INVALID_ARGUMENT naming it; the snapshots
-	// before it in the same batch are applied, the rest are not.
+	// Report is one long-lived stream per proxy. The proxy names itself in
+	// proxy_id on the first message, sends batches of snapshots (and, after
+	// every (re)connect, one resync); the sidecar acknowledges each message
+	// with the revision it reached.
+	//
+	// A snapshot that breaks the contract of connection.proto, changes the
+	// kind of a known id, or names a connection another live proxy holds is
+	// refused on its own: the ack lists it in rejected (with the field paths
+	// at fault) and every other snapshot of the batch is applied. The stream
+	// goes on.
+	//
+	// A message that is not a valid ReportRequest at all (undecodable bytes,
+	// no message set, a resync_end without a resync_start, a proxy_id that
+	// changes, an invalid route_deadline) ends the stream with
+	// INVALID_ARGUMENT and a BadRequest naming the field; what the stream
+	// applied before stays applied.
 	Report(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[ReportRequest, ReportResponse], error)
 }
 
@@ -74,11 +85,22 @@ type ReportService_ReportClient = grpc.BidiStreamingClient[ReportRequest, Report
 // record costs, so the proxy sends whatever its hooks queued since the last
 // message as one batch.
 type ReportServiceServer interface {
-	// Report is one long-lived stream per proxy. The proxy sends batches of
-	// snapshots (and, after every (re)connect, one resync); the sidecar
-	// acknowledges each message with the revision it reached. A malformed
-	// snapshot ends the stream with INVALID_ARGUMENT naming it; the snapshots
-	// before it in the same batch are applied, the rest are not.
+	// Report is one long-lived stream per proxy. The proxy names itself in
+	// proxy_id on the first message, sends batches of snapshots (and, after
+	// every (re)connect, one resync); the sidecar acknowledges each message
+	// with the revision it reached.
+	//
+	// A snapshot that breaks the contract of connection.proto, changes the
+	// kind of a known id, or names a connection another live proxy holds is
+	// refused on its own: the ack lists it in rejected (with the field paths
+	// at fault) and every other snapshot of the batch is applied. The stream
+	// goes on.
+	//
+	// A message that is not a valid ReportRequest at all (undecodable bytes,
+	// no message set, a resync_end without a resync_start, a proxy_id that
+	// changes, an invalid route_deadline) ends the stream with
+	// INVALID_ARGUMENT and a BadRequest naming the field; what the stream
+	// applied before stays applied.
 	Report(grpc.BidiStreamingServer[ReportRequest, ReportResponse]) error
 	mustEmbedUnimplementedReportServiceServer()
 }

@@ -29,8 +29,9 @@ const (
 // RouteSubscribe registers the router; it must be the stream's first message.
 type RouteSubscribe struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	// name identifies the router in metadata.last_change.actor and in logs;
-	// required, at most 128 characters, unique among subscribed routers.
+	// name identifies the router in the change's actor and in logs;
+	// required, 1-128 bytes of printable ASCII (spaces allowed), unique among
+	// subscribed routers.
 	Name          string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -79,7 +80,7 @@ type RouteAnswer struct {
 	// query_id is the id of the RouteQuery being answered; required.
 	QueryId string `protobuf:"bytes,1,opt,name=query_id,json=queryId,proto3" json:"query_id,omitempty"`
 	// address is the new target; required when update_mask names "address".
-	// The port must be 1-65535 and the host non-empty.
+	// The same rules as UpdateServerConnectionRequest.address.
 	Address *Address `protobuf:"bytes,2,opt,name=address,proto3" json:"address,omitempty"`
 	// via is the new upstream proxy; only SCHEME_HTTP and SCHEME_HTTPS are
 	// accepted (the only schemes mitmproxy can use as an upstream proxy).

@@ -39,9 +39,10 @@ const (
 //
 // Only the router that subscribed first receives queries; routers that
 // subscribe later are standbys and take over, in subscription order, when it
-// leaves. Every applied decision is recorded on the server's record like an
-// UpdateServerConnection, with the router's name as
-// metadata.last_change.actor, and shows in WatchConnections.
+// leaves. Every decision that changes something is recorded on the server's
+// record like an UpdateServerConnection (metadata.pending_change, with the
+// router's name as actor and the query's id), becomes metadata.last_change
+// once the proxy reports the outcome, and shows in WatchConnections.
 type RouterServiceClient interface {
 	// Route is one long-lived stream per router. The router first sends a
 	// RouteSubscribe; the sidecar answers with a RouteSubscribed, then sends a
@@ -88,9 +89,10 @@ type RouterService_RouteClient = grpc.BidiStreamingClient[RouteRequest, RouteRes
 //
 // Only the router that subscribed first receives queries; routers that
 // subscribe later are standbys and take over, in subscription order, when it
-// leaves. Every applied decision is recorded on the server's record like an
-// UpdateServerConnection, with the router's name as
-// metadata.last_change.actor, and shows in WatchConnections.
+// leaves. Every decision that changes something is recorded on the server's
+// record like an UpdateServerConnection (metadata.pending_change, with the
+// router's name as actor and the query's id), becomes metadata.last_change
+// once the proxy reports the outcome, and shows in WatchConnections.
 type RouterServiceServer interface {
 	// Route is one long-lived stream per router. The router first sends a
 	// RouteSubscribe; the sidecar answers with a RouteSubscribed, then sends a

@@ -282,6 +282,58 @@ HOOK_RESYNC: Hook.ValueType  # 11
 """HOOK_RESYNC marks a snapshot sent during a resync, not after a hook."""
 Global___Hook: _TypeAlias = Hook  # noqa: Y015
 
+class _ChangeStatus:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ChangeStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ChangeStatus.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CHANGE_STATUS_UNSPECIFIED: _ChangeStatus.ValueType  # 0
+    """CHANGE_STATUS_UNSPECIFIED is never set by the sidecar."""
+    CHANGE_STATUS_PENDING: _ChangeStatus.ValueType  # 1
+    """CHANGE_STATUS_PENDING: accepted by the sidecar and handed to the proxy,
+    which has not reported applying it yet. The record's server fields still
+    show what the proxy holds.
+    """
+    CHANGE_STATUS_APPLIED: _ChangeStatus.ValueType  # 2
+    """CHANGE_STATUS_APPLIED: the proxy applied every field before connecting;
+    the record's server fields show the new values.
+    """
+    CHANGE_STATUS_DEFERRED: _ChangeStatus.ValueType  # 3
+    """CHANGE_STATUS_DEFERRED: the address (if changed) was applied; the via
+    takes effect on the requests that use this server, through a new server
+    connection (see RouteOutcomeKind DEFERRED), so this record keeps its via.
+    """
+    CHANGE_STATUS_NOT_APPLIED: _ChangeStatus.ValueType  # 4
+    """CHANGE_STATUS_NOT_APPLIED: the proxy connected, or stopped holding the
+    server, without applying the change; status_detail says why.
+    """
+
+class ChangeStatus(_ChangeStatus, metaclass=_ChangeStatusEnumTypeWrapper):
+    """ChangeStatus is how far a change of a server's address or via got."""
+
+CHANGE_STATUS_UNSPECIFIED: ChangeStatus.ValueType  # 0
+"""CHANGE_STATUS_UNSPECIFIED is never set by the sidecar."""
+CHANGE_STATUS_PENDING: ChangeStatus.ValueType  # 1
+"""CHANGE_STATUS_PENDING: accepted by the sidecar and handed to the proxy,
+which has not reported applying it yet. The record's server fields still
+show what the proxy holds.
+"""
+CHANGE_STATUS_APPLIED: ChangeStatus.ValueType  # 2
+"""CHANGE_STATUS_APPLIED: the proxy applied every field before connecting;
+the record's server fields show the new values.
+"""
+CHANGE_STATUS_DEFERRED: ChangeStatus.ValueType  # 3
+"""CHANGE_STATUS_DEFERRED: the address (if changed) was applied; the via
+takes effect on the requests that use this server, through a new server
+connection (see RouteOutcomeKind DEFERRED), so this record keeps its via.
+"""
+CHANGE_STATUS_NOT_APPLIED: ChangeStatus.ValueType  # 4
+"""CHANGE_STATUS_NOT_APPLIED: the proxy connected, or stopped holding the
+server, without applying the change; status_detail says why.
+"""
+Global___ChangeStatus: _TypeAlias = ChangeStatus  # noqa: Y015
+
 @_typing.final
 class Address(_message.Message):
     """Address is a socket address as mitmproxy holds it: (host, port) for IPv4
@@ -295,16 +347,19 @@ class Address(_message.Message):
     FLOWINFO_FIELD_NUMBER: _builtins.int
     SCOPE_ID_FIELD_NUMBER: _builtins.int
     host: _builtins.str
-    """host is a host name, an IPv4 literal or an unbracketed IPv6 literal."""
+    """host is a host name, an IPv4 literal or an unbracketed IPv6 literal; at
+    most 255 bytes, without control characters.
+    """
     port: _builtins.int
     """port is 0-65535; mitmproxy itself admits 0 (an unbound socket)."""
     flowinfo: _builtins.int
     """flowinfo is the IPv6 flow information, present when the tuple mitmproxy
-    held had a third element.
+    held had a third element. Socket addresses (peername, sockname) only:
+    Server.address and ServerSpec addresses are (host, port) pairs.
     """
     scope_id: _builtins.int
     """scope_id is the IPv6 scope (interface) id, present when the tuple had a
-    fourth element.
+    fourth element; requires flowinfo.
     """
     def __init__(
         self,
@@ -338,7 +393,9 @@ class ServerSpec(_message.Message):
     SCHEME_FIELD_NUMBER: _builtins.int
     ADDRESS_FIELD_NUMBER: _builtins.int
     scheme: Global___Scheme.ValueType
-    """scheme is the protocol spoken to that server."""
+    """scheme is the protocol spoken to that server; required (not
+    UNSPECIFIED).
+    """
     @_builtins.property
     def address(self) -> Global___Address:
         """address is where the server listens; required."""
@@ -411,7 +468,9 @@ class Certificate(_message.Message):
     KEY_SIZE_FIELD_NUMBER: _builtins.int
     IS_CA_FIELD_NUMBER: _builtins.int
     der: _builtins.bytes
-    """der is the DER encoding of the certificate; required."""
+    """der is the DER encoding of the certificate; required, and it must parse
+    as an X.509 certificate.
+    """
     subject_common_name: _builtins.str
     """subject_common_name is the subject's first CN (Cert.cn), absent if none."""
     subject_organization: _builtins.str
@@ -504,7 +563,9 @@ class ProxyMode(_message.Message):
     CUSTOM_LISTEN_HOST_FIELD_NUMBER: _builtins.int
     CUSTOM_LISTEN_PORT_FIELD_NUMBER: _builtins.int
     full_spec: _builtins.str
-    """full_spec is the mode exactly as typed, case preserved:
+    """full_spec is the mode exactly as typed, case preserved, and must be a
+    spec mitmproxy's ProxyMode.parse accepts (mode name, its data, an
+    optional "@[host:]port" with an ASCII-digit port 0-65535):
     "regular", "REGULAR", "reverse:https://example.com@8443",
     "upstream:http://proxy:3128@127.0.0.1:8081", "wireguard:wg0.conf".
     """
@@ -571,14 +632,17 @@ class Connection(_message.Message):
     TIMESTAMP_TLS_SETUP_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """id is mitmproxy's connection id, a UUID string; ids of clients and
-    servers share one space.
+    servers share one space, and an id keeps its kind: a client id reported
+    as a server is refused. Required: 1-256 bytes of printable ASCII without
+    spaces (0x21-0x7E). Ids must be unique across the proxies reporting to
+    one sidecar (mitmproxy's UUIDs are).
     """
     state: Global___ConnectionState.ValueType
     """state is the connection's state. mitmproxy's get_state() drops it; the
     sidecar carries it because the guard depends on it.
     """
     transport_protocol: Global___TransportProtocol.ValueType
-    """transport_protocol is tcp or udp; required."""
+    """transport_protocol is tcp or udp; required (not UNSPECIFIED)."""
     error: _builtins.str
     """error is why the connection failed or was killed; while set, mitmproxy
     will not attempt connections to this endpoint.
@@ -628,7 +692,8 @@ class Connection(_message.Message):
     @_builtins.property
     def timestamp_start(self) -> _timestamp_pb2.Timestamp:
         """timestamp_start is when establishment started (TCP SYN, or the start of
-        DNS resolution). Required for clients.
+        DNS resolution). Required for clients. Every timestamp must be valid:
+        nanos 0-999999999, 0001-01-01 to 9999-12-31.
         """
 
     @_builtins.property
@@ -730,7 +795,9 @@ Global___Client: _TypeAlias = Client  # noqa: Y015
 @_typing.final
 class Server(_message.Message):
     """Server is a connection between mitmproxy and an upstream server
-    (mitmproxy.connection.Server).
+    (mitmproxy.connection.Server). Encoded, a Client or Server is at most
+    1 MiB, so that any record fits a page or a watch batch a client with the
+    default 4 MiB message limit can read.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -779,8 +846,8 @@ Global___Server: _TypeAlias = Server  # noqa: Y015
 
 @_typing.final
 class Change(_message.Message):
-    """Change records who last changed a server's address or via through the
-    sidecar (an update call or a router decision).
+    """Change records a change of a server's address or via asked for through
+    the sidecar (an update call or a router decision), and what became of it.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -789,19 +856,42 @@ class Change(_message.Message):
     TIME_FIELD_NUMBER: _builtins.int
     FIELDS_FIELD_NUMBER: _builtins.int
     REVISION_FIELD_NUMBER: _builtins.int
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    VIA_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    STATUS_DETAIL_FIELD_NUMBER: _builtins.int
+    QUERY_ID_FIELD_NUMBER: _builtins.int
     actor: _builtins.str
-    """actor names who made the change: the actor given in the update request,
-    or the router's name.
+    """actor names who asked for the change: the actor given in the update
+    request, or the router's name. At most 256 bytes of printable ASCII.
     """
     revision: _builtins.int
-    """revision is the store revision the change was recorded at."""
+    """revision is the store revision the change was accepted at."""
+    status: Global___ChangeStatus.ValueType
+    """status is how far the change got."""
+    status_detail: _builtins.str
+    """status_detail says, for NOT_APPLIED, why the proxy did not apply it."""
+    query_id: _builtins.str
+    """query_id is the route query whose answer asked for the change; empty
+    for a change made with UpdateServerConnection.
+    """
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp:
         """time is when the sidecar accepted the change."""
 
     @_builtins.property
     def fields(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """fields are the changed fields: "address", "via" or both."""
+        """fields are the fields asked to change: "address", "via" or both."""
+
+    @_builtins.property
+    def address(self) -> Global___Address:
+        """address is the address asked for; set when fields names "address"."""
+
+    @_builtins.property
+    def via(self) -> Global___ServerSpec:
+        """via is the upstream proxy asked for; when fields names "via", unset
+        means "connect directly".
+        """
 
     def __init__(
         self,
@@ -810,10 +900,15 @@ class Change(_message.Message):
         time: _timestamp_pb2.Timestamp | None = ...,
         fields: _abc.Iterable[_builtins.str] | None = ...,
         revision: _builtins.int = ...,
+        address: Global___Address | None = ...,
+        via: Global___ServerSpec | None = ...,
+        status: Global___ChangeStatus.ValueType = ...,
+        status_detail: _builtins.str = ...,
+        query_id: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "time", b"time", "via", b"via"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "fields", b"fields", "revision", b"revision", "time", b"time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "address", b"address", "fields", b"fields", "query_id", b"query_id", "revision", b"revision", "status", b"status", "status_detail", b"status_detail", "time", b"time", "via", b"via"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -823,6 +918,12 @@ Global___Change: _TypeAlias = Change  # noqa: Y015
 class RecordMetadata(_message.Message):
     """RecordMetadata is the sidecar's bookkeeping around one connection, kept
     apart from mitmproxy's fields.
+
+    Desired and observed state are kept apart, like a Kubernetes object's spec
+    and status: the Client or Server message is always what the proxy last
+    reported (observed), and a change asked for through the sidecar waits in
+    pending_change (desired) until the proxy reports what became of it. A
+    record therefore never claims an address the proxy is not using.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -834,6 +935,8 @@ class RecordMetadata(_message.Message):
     LAST_HOOK_FIELD_NUMBER: _builtins.int
     LAST_CHANGE_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    PENDING_CHANGE_FIELD_NUMBER: _builtins.int
+    PROXY_ID_FIELD_NUMBER: _builtins.int
     revision: _builtins.int
     """revision is the store revision of this record's last change. Revisions
     are global and only go up; the first change of a store is revision 2
@@ -851,13 +954,29 @@ class RecordMetadata(_message.Message):
     """client_id is, for a server, the id of the client connection it serves."""
     last_hook: Global___Hook.ValueType
     """last_hook is the mitmproxy hook after which the proxy last reported it."""
+    proxy_id: _builtins.str
+    """proxy_id is the proxy instance that last reported this connection
+    (ReportRequest.proxy_id); one sidecar may serve several proxies.
+    """
     @_builtins.property
     def last_change(self) -> Global___Change:
-        """last_change is the last address/via change made through the sidecar."""
+        """last_change is the last change of address or via asked for through the
+        sidecar that the proxy settled: its status is APPLIED, DEFERRED or
+        NOT_APPLIED.
+        """
 
     @_builtins.property
     def update_time(self) -> _timestamp_pb2.Timestamp:
         """update_time is when the sidecar last changed this record."""
+
+    @_builtins.property
+    def pending_change(self) -> Global___Change:
+        """pending_change is a change of address or via the sidecar accepted and
+        the proxy has not settled yet (status PENDING). A resync keeps it; the
+        proxy applies it at the server's next connect. It becomes last_change
+        when the proxy reports the outcome, connects without applying it, or no
+        longer holds the server.
+        """
 
     def __init__(
         self,
@@ -869,10 +988,12 @@ class RecordMetadata(_message.Message):
         last_hook: Global___Hook.ValueType = ...,
         last_change: Global___Change | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
+        pending_change: Global___Change | None = ...,
+        proxy_id: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["last_change", b"last_change", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["last_change", b"last_change", "pending_change", b"pending_change", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_id", b"client_id", "create_revision", b"create_revision", "etag", b"etag", "last_change", b"last_change", "last_hook", b"last_hook", "revision", b"revision", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_id", b"client_id", "create_revision", b"create_revision", "etag", b"etag", "last_change", b"last_change", "last_hook", b"last_hook", "pending_change", b"pending_change", "proxy_id", b"proxy_id", "revision", b"revision", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -189,7 +189,7 @@ class GetConnectionRequest(_message.Message):
     ID_FIELD_NUMBER: _builtins.int
     VIEW_FIELD_NUMBER: _builtins.int
     id: _builtins.str
-    """id is the connection id; required."""
+    """id is the connection id; required, 1-256 bytes."""
     view: Global___ConnectionView.ValueType
     """view selects how much of the record to return."""
     def __init__(
@@ -243,13 +243,17 @@ class ListConnectionsRequest(_message.Message):
     page_size: _builtins.int
     """page_size is the most records to return: 0 means 100, values above 1000
     are taken as 1000, negative values are INVALID_ARGUMENT. A page may hold
-    fewer records even when more follow.
+    fewer records even when more follow: a page stops before it would pass
+    1 MiB (it always holds at least one record), so a client with the
+    default 4 MiB message limit can read every page.
     """
     page_token: _builtins.str
     """page_token is next_page_token from the previous page, or empty for the
-    first page. Other request fields must not change between pages
-    (INVALID_ARGUMENT); page_size may. A token whose snapshot revision is no
-    longer in the history is OUT_OF_RANGE: list again from the first page.
+    first page. Tokens are opaque and signed: a token this server did not
+    issue is INVALID_ARGUMENT. Other request fields must not change between
+    pages (INVALID_ARGUMENT); page_size may. A token whose snapshot revision
+    is no longer in the history is OUT_OF_RANGE: list again from the first
+    page.
     """
     view: Global___ConnectionView.ValueType
     """view selects how much of each record to return."""
@@ -442,20 +446,25 @@ class UpdateServerConnectionRequest(_message.Message):
     etag: _builtins.str
     """etag, when set, must equal the record's current etag, else ABORTED."""
     actor: _builtins.str
-    """actor names who makes the change, for metadata.last_change and the
-    watch stream; defaults to the caller's peer address.
+    """actor names who makes the change, for metadata.pending_change and the
+    watch stream; defaults to the caller's peer address. At most 256 bytes of
+    printable ASCII (spaces allowed).
     """
     @_builtins.property
     def address(self) -> _connection_pb2.Address:
-        """address is the new address; required when update_mask names "address".
-        The port must be 1-65535 and the host non-empty.
+        """address is the new address; required when update_mask names "address",
+        ignored otherwise. The host must be a host name or IP literal (1-253
+        bytes, no spaces, control characters or any of "/[]@?#"), the port
+        1-65535, and flowinfo and scope_id unset: mitmproxy holds a server's
+        address as a (host, port) pair.
         """
 
     @_builtins.property
     def via(self) -> _connection_pb2.ServerSpec:
         """via is the new upstream proxy; only http and https work as upstream
-        proxies in mitmproxy. Leaving it unset while update_mask names "via"
-        removes the upstream proxy (connect directly).
+        proxies in mitmproxy, and its address follows the rules of address.
+        Leaving it unset while update_mask names "via" removes the upstream
+        proxy (connect directly). Ignored when update_mask does not name "via".
         """
 
     @_builtins.property
@@ -491,7 +500,9 @@ class UpdateServerConnectionResponse(_message.Message):
     CONNECTION_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def connection(self) -> _connection_pb2.ConnectionRecord:
-        """connection is the updated record."""
+        """connection is the updated record, with the change in
+        metadata.pending_change.
+        """
 
     def __init__(
         self,

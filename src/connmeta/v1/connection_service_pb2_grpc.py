@@ -31,10 +31,12 @@ class ConnectionServiceStub:
     Errors carry google.rpc.Status details, always with an ErrorInfo whose
     domain is "connmeta.v1" and whose reason is one of:
     CONNECTION_NOT_FOUND (NOT_FOUND), INVALID_ARGUMENT (INVALID_ARGUMENT,
-    with BadRequest), ETAG_MISMATCH (ABORTED), CONNECTION_OPEN
-    (FAILED_PRECONDITION, with PreconditionFailure), REVISION_COMPACTED
-    (OUT_OF_RANGE), WATCHER_TOO_SLOW (RESOURCE_EXHAUSTED), SHUTTING_DOWN
-    (UNAVAILABLE).
+    with BadRequest; also for bytes that are not a valid request),
+    ETAG_MISMATCH (ABORTED), CONNECTION_OPEN (FAILED_PRECONDITION, with
+    PreconditionFailure), REVISION_COMPACTED (OUT_OF_RANGE),
+    WATCHER_TOO_SLOW (RESOURCE_EXHAUSTED).
+    Messages and ErrorInfo metadata quote at most a short, escaped prefix of
+    any value the caller sent.
     """
 
     def __init__(self, channel):
@@ -71,10 +73,12 @@ class ConnectionServiceServicer:
     Errors carry google.rpc.Status details, always with an ErrorInfo whose
     domain is "connmeta.v1" and whose reason is one of:
     CONNECTION_NOT_FOUND (NOT_FOUND), INVALID_ARGUMENT (INVALID_ARGUMENT,
-    with BadRequest), ETAG_MISMATCH (ABORTED), CONNECTION_OPEN
-    (FAILED_PRECONDITION, with PreconditionFailure), REVISION_COMPACTED
-    (OUT_OF_RANGE), WATCHER_TOO_SLOW (RESOURCE_EXHAUSTED), SHUTTING_DOWN
-    (UNAVAILABLE).
+    with BadRequest; also for bytes that are not a valid request),
+    ETAG_MISMATCH (ABORTED), CONNECTION_OPEN (FAILED_PRECONDITION, with
+    PreconditionFailure), REVISION_COMPACTED (OUT_OF_RANGE),
+    WATCHER_TOO_SLOW (RESOURCE_EXHAUSTED).
+    Messages and ErrorInfo metadata quote at most a short, escaped prefix of
+    any value the caller sent.
     """
 
     def GetConnection(self, request, context):
@@ -107,6 +111,18 @@ class ConnectionServiceServicer:
         under mitmproxy's own guard: refused with FAILED_PRECONDITION exactly when
         the server's state is OPEN and a value would actually change. Setting a
         field to its current value always succeeds (and records no change).
+
+        An accepted change is desired state: it is recorded in
+        metadata.pending_change (status PENDING) and handed to the proxy that
+        holds the server, which applies it at the server's next connect. The
+        server's own fields keep showing what the proxy holds until the proxy
+        reports the outcome; then the change moves to metadata.last_change
+        (APPLIED, DEFERRED or NOT_APPLIED). Naming a field's current value again
+        withdraws a pending change of that field.
+
+        To retarget a connect as it happens, subscribe as a router
+        (RouterService) instead: a server_connect is over before an update made
+        in reaction to its ADDED event arrives.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -149,10 +165,12 @@ class ConnectionService:
     Errors carry google.rpc.Status details, always with an ErrorInfo whose
     domain is "connmeta.v1" and whose reason is one of:
     CONNECTION_NOT_FOUND (NOT_FOUND), INVALID_ARGUMENT (INVALID_ARGUMENT,
-    with BadRequest), ETAG_MISMATCH (ABORTED), CONNECTION_OPEN
-    (FAILED_PRECONDITION, with PreconditionFailure), REVISION_COMPACTED
-    (OUT_OF_RANGE), WATCHER_TOO_SLOW (RESOURCE_EXHAUSTED), SHUTTING_DOWN
-    (UNAVAILABLE).
+    with BadRequest; also for bytes that are not a valid request),
+    ETAG_MISMATCH (ABORTED), CONNECTION_OPEN (FAILED_PRECONDITION, with
+    PreconditionFailure), REVISION_COMPACTED (OUT_OF_RANGE),
+    WATCHER_TOO_SLOW (RESOURCE_EXHAUSTED).
+    Messages and ErrorInfo metadata quote at most a short, escaped prefix of
+    any value the caller sent.
     """
 
     @staticmethod

@@ -34,10 +34,12 @@ class ConnectionServiceStub:
     Errors carry google.rpc.Status details, always with an ErrorInfo whose
     domain is "connmeta.v1" and whose reason is one of:
       CONNECTION_NOT_FOUND (NOT_FOUND), INVALID_ARGUMENT (INVALID_ARGUMENT,
-      with BadRequest), ETAG_MISMATCH (ABORTED), CONNECTION_OPEN
-      (FAILED_PRECONDITION, with PreconditionFailure), REVISION_COMPACTED
-      (OUT_OF_RANGE), WATCHER_TOO_SLOW (RESOURCE_EXHAUSTED), SHUTTING_DOWN
-      (UNAVAILABLE).
+      with BadRequest; also for bytes that are not a valid request),
+      ETAG_MISMATCH (ABORTED), CONNECTION_OPEN (FAILED_PRECONDITION, with
+      PreconditionFailure), REVISION_COMPACTED (OUT_OF_RANGE),
+      WATCHER_TOO_SLOW (RESOURCE_EXHAUSTED).
+    Messages and ErrorInfo metadata quote at most a short, escaped prefix of
+    any value the caller sent.
     """
 
     @_typing.overload
@@ -61,6 +63,18 @@ class ConnectionServiceStub:
     under mitmproxy's own guard: refused with FAILED_PRECONDITION exactly when
     the server's state is OPEN and a value would actually change. Setting a
     field to its current value always succeeds (and records no change).
+
+    An accepted change is desired state: it is recorded in
+    metadata.pending_change (status PENDING) and handed to the proxy that
+    holds the server, which applies it at the server's next connect. The
+    server's own fields keep showing what the proxy holds until the proxy
+    reports the outcome; then the change moves to metadata.last_change
+    (APPLIED, DEFERRED or NOT_APPLIED). Naming a field's current value again
+    withdraws a pending change of that field.
+
+    To retarget a connect as it happens, subscribe as a router
+    (RouterService) instead: a server_connect is over before an update made
+    in reaction to its ADDED event arrives.
     """
 
 @_typing.type_check_only
@@ -70,10 +84,12 @@ class ConnectionServiceAsyncStub(ConnectionServiceStub):
     Errors carry google.rpc.Status details, always with an ErrorInfo whose
     domain is "connmeta.v1" and whose reason is one of:
       CONNECTION_NOT_FOUND (NOT_FOUND), INVALID_ARGUMENT (INVALID_ARGUMENT,
-      with BadRequest), ETAG_MISMATCH (ABORTED), CONNECTION_OPEN
-      (FAILED_PRECONDITION, with PreconditionFailure), REVISION_COMPACTED
-      (OUT_OF_RANGE), WATCHER_TOO_SLOW (RESOURCE_EXHAUSTED), SHUTTING_DOWN
-      (UNAVAILABLE).
+      with BadRequest; also for bytes that are not a valid request),
+      ETAG_MISMATCH (ABORTED), CONNECTION_OPEN (FAILED_PRECONDITION, with
+      PreconditionFailure), REVISION_COMPACTED (OUT_OF_RANGE),
+      WATCHER_TOO_SLOW (RESOURCE_EXHAUSTED).
+    Messages and ErrorInfo metadata quote at most a short, escaped prefix of
+    any value the caller sent.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -94,6 +110,18 @@ class ConnectionServiceAsyncStub(ConnectionServiceStub):
     under mitmproxy's own guard: refused with FAILED_PRECONDITION exactly when
     the server's state is OPEN and a value would actually change. Setting a
     field to its current value always succeeds (and records no change).
+
+    An accepted change is desired state: it is recorded in
+    metadata.pending_change (status PENDING) and handed to the proxy that
+    holds the server, which applies it at the server's next connect. The
+    server's own fields keep showing what the proxy holds until the proxy
+    reports the outcome; then the change moves to metadata.last_change
+    (APPLIED, DEFERRED or NOT_APPLIED). Naming a field's current value again
+    withdraws a pending change of that field.
+
+    To retarget a connect as it happens, subscribe as a router
+    (RouterService) instead: a server_connect is over before an update made
+    in reaction to its ADDED event arrives.
     """
 
 class ConnectionServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -102,10 +130,12 @@ class ConnectionServiceServicer(metaclass=_abc_1.ABCMeta):
     Errors carry google.rpc.Status details, always with an ErrorInfo whose
     domain is "connmeta.v1" and whose reason is one of:
       CONNECTION_NOT_FOUND (NOT_FOUND), INVALID_ARGUMENT (INVALID_ARGUMENT,
-      with BadRequest), ETAG_MISMATCH (ABORTED), CONNECTION_OPEN
-      (FAILED_PRECONDITION, with PreconditionFailure), REVISION_COMPACTED
-      (OUT_OF_RANGE), WATCHER_TOO_SLOW (RESOURCE_EXHAUSTED), SHUTTING_DOWN
-      (UNAVAILABLE).
+      with BadRequest; also for bytes that are not a valid request),
+      ETAG_MISMATCH (ABORTED), CONNECTION_OPEN (FAILED_PRECONDITION, with
+      PreconditionFailure), REVISION_COMPACTED (OUT_OF_RANGE),
+      WATCHER_TOO_SLOW (RESOURCE_EXHAUSTED).
+    Messages and ErrorInfo metadata quote at most a short, escaped prefix of
+    any value the caller sent.
     """
 
     @_abc_1.abstractmethod
@@ -148,6 +178,18 @@ class ConnectionServiceServicer(metaclass=_abc_1.ABCMeta):
         under mitmproxy's own guard: refused with FAILED_PRECONDITION exactly when
         the server's state is OPEN and a value would actually change. Setting a
         field to its current value always succeeds (and records no change).
+
+        An accepted change is desired state: it is recorded in
+        metadata.pending_change (status PENDING) and handed to the proxy that
+        holds the server, which applies it at the server's next connect. The
+        server's own fields keep showing what the proxy holds until the proxy
+        reports the outcome; then the change moves to metadata.last_change
+        (APPLIED, DEFERRED or NOT_APPLIED). Naming a field's current value again
+        withdraws a pending change of that field.
+
+        To retarget a connect as it happens, subscribe as a router
+        (RouterService) instead: a server_connect is over before an update made
+        in reaction to its ADDED event arrives.
         """
 
 def add_ConnectionServiceServicer_to_server(servicer: ConnectionServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -98,7 +98,9 @@ class ConnectionSnapshot(_message.Message):
     hook: _connection_pb2.Hook.ValueType
     """hook is the mitmproxy hook after which the snapshot was taken."""
     client_id: _builtins.str
-    """client_id is, for a server, the id of the client it serves."""
+    """client_id is, for a server, the id of the client it serves; required
+    for a server (the same form as Connection.id), ignored for a client.
+    """
     @_builtins.property
     def client(self) -> _connection_pb2.Client:
         """client is a client connection."""
@@ -112,6 +114,8 @@ class ConnectionSnapshot(_message.Message):
         """route_outcome is set on the snapshot the proxy sends after it applied,
         or gave up waiting for, a route decision for this server (in
         server_connect); the snapshot then shows the server as it will connect.
+        It settles the record's pending_change. Only for servers, with a known
+        kind.
         """
 
     def __init__(
@@ -194,7 +198,9 @@ class ReportBatch(_message.Message):
     SNAPSHOTS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def snapshots(self) -> _containers.RepeatedCompositeFieldContainer[Global___ConnectionSnapshot]:
-        """snapshots are applied in order, each at its own revision."""
+        """snapshots are applied in order, each at its own revision; a snapshot
+        identical to the stored version makes no revision.
+        """
 
     def __init__(
         self,
@@ -223,7 +229,7 @@ class ResyncStart(_message.Message):
         """route_deadline is how long the proxy holds a server connect for a route
         decision before it connects unchanged. The sidecar stops waiting for a
         router somewhat earlier, so that its "no change" still arrives in time.
-        Unset: the sidecar's own default.
+        Unset: the sidecar's own default. At most 60 s and not negative.
         """
 
     def __init__(
@@ -241,9 +247,12 @@ Global___ResyncStart: _TypeAlias = ResyncStart  # noqa: Y015
 
 @_typing.final
 class ResyncEnd(_message.Message):
-    """ResyncEnd completes a resync: every connection the sidecar holds as not
-    CLOSED that was not reported since ResyncStart is set to CLOSED, because
-    the proxy no longer has it.
+    """ResyncEnd completes a resync: every connection this proxy (proxy_id)
+    reported before, that is not CLOSED and that this proxy did not report
+    since ResyncStart (on any of its streams), is set to CLOSED with last_hook
+    RESYNC, because the proxy no longer has it; a pending_change of a server
+    it no longer holds becomes NOT_APPLIED. Connections other proxies report
+    are never touched, and resyncs of different proxies may overlap.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -266,11 +275,21 @@ class ReportRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     SEQUENCE_FIELD_NUMBER: _builtins.int
+    PROXY_ID_FIELD_NUMBER: _builtins.int
     BATCH_FIELD_NUMBER: _builtins.int
     RESYNC_START_FIELD_NUMBER: _builtins.int
     RESYNC_END_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
     """sequence is chosen by the proxy and echoed in the acknowledgement."""
+    proxy_id: _builtins.str
+    """proxy_id names the proxy instance this stream reports for: stable across
+    the proxy's reconnects (and, ideally, its restarts on the same listen
+    address), unique among the proxies reporting to one sidecar; 1-256 bytes
+    of printable ASCII without spaces. Set on the stream's first message;
+    later messages leave it empty or repeat it. A stream that never sets it
+    reports as an anonymous proxy of its own ("stream-N"), whose resync
+    closes only what that stream reported.
+    """
     @_builtins.property
     def batch(self) -> Global___ReportBatch:
         """batch is a batch of snapshots."""
@@ -287,13 +306,14 @@ class ReportRequest(_message.Message):
         self,
         *,
         sequence: _builtins.int = ...,
+        proxy_id: _builtins.str = ...,
         batch: Global___ReportBatch | None = ...,
         resync_start: Global___ResyncStart | None = ...,
         resync_end: Global___ResyncEnd | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "message", b"message", "resync_end", b"resync_end", "resync_start", b"resync_start"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "message", b"message", "resync_end", b"resync_end", "resync_start", b"resync_start", "sequence", b"sequence"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "message", b"message", "proxy_id", b"proxy_id", "resync_end", b"resync_end", "resync_start", b"resync_start", "sequence", b"sequence"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["batch", "resync_start", "resync_end"]  # noqa: Y015
     _WhichOneofArgType_message: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
@@ -310,26 +330,110 @@ class ReportAck(_message.Message):
     SEQUENCE_FIELD_NUMBER: _builtins.int
     REVISION_FIELD_NUMBER: _builtins.int
     CLOSED_BY_RESYNC_FIELD_NUMBER: _builtins.int
+    REJECTED_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
     """sequence is the acknowledged request's sequence."""
     revision: _builtins.int
     """revision is the store revision after applying it."""
     closed_by_resync: _builtins.int
     """closed_by_resync counts, on a ResyncEnd, the connections it closed."""
+    @_builtins.property
+    def rejected(self) -> _containers.RepeatedCompositeFieldContainer[Global___SnapshotRejection]:
+        """rejected lists the snapshots of this request's batch that were refused,
+        in batch order; every other snapshot was applied.
+        """
+
     def __init__(
         self,
         *,
         sequence: _builtins.int = ...,
         revision: _builtins.int = ...,
         closed_by_resync: _builtins.int = ...,
+        rejected: _abc.Iterable[Global___SnapshotRejection] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["closed_by_resync", b"closed_by_resync", "revision", b"revision", "sequence", b"sequence"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["closed_by_resync", b"closed_by_resync", "rejected", b"rejected", "revision", b"revision", "sequence", b"sequence"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ReportAck: _TypeAlias = ReportAck  # noqa: Y015
+
+@_typing.final
+class FieldViolation(_message.Message):
+    """FieldViolation is one problem with one field, as google.rpc.BadRequest's
+    FieldViolation describes it.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FIELD_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    field: _builtins.str
+    """field is the path of the field at fault, from the request: for example
+    "batch.snapshots[3].server.connection.transport_protocol".
+    """
+    description: _builtins.str
+    """description says what is wrong and what is expected."""
+    def __init__(
+        self,
+        *,
+        field: _builtins.str = ...,
+        description: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "field", b"field"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FieldViolation: _TypeAlias = FieldViolation  # noqa: Y015
+
+@_typing.final
+class SnapshotRejection(_message.Message):
+    """SnapshotRejection says why one snapshot of a batch was refused."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INDEX_FIELD_NUMBER: _builtins.int
+    CONNECTION_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    VIOLATIONS_FIELD_NUMBER: _builtins.int
+    index: _builtins.int
+    """index is the snapshot's position in ReportBatch.snapshots."""
+    connection_id: _builtins.str
+    """connection_id is the snapshot's connection id (at most its first 256
+    bytes, escaped); empty when it had none.
+    """
+    reason: _builtins.str
+    """reason is a stable identifier, as in google.rpc.ErrorInfo:
+    INVALID_SNAPSHOT (violations name the fields), CONNECTION_KIND_CONFLICT
+    (the id is known as the other kind), CONNECTION_OWNED_BY_OTHER_PROXY
+    (another live proxy holds this id).
+    """
+    message: _builtins.str
+    """message explains the rejection in one sentence."""
+    @_builtins.property
+    def violations(self) -> _containers.RepeatedCompositeFieldContainer[Global___FieldViolation]:
+        """violations are the fields at fault (INVALID_SNAPSHOT)."""
+
+    def __init__(
+        self,
+        *,
+        index: _builtins.int = ...,
+        connection_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        message: _builtins.str = ...,
+        violations: _abc.Iterable[Global___FieldViolation] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["connection_id", b"connection_id", "index", b"index", "message", b"message", "reason", b"reason", "violations", b"violations"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SnapshotRejection: _TypeAlias = SnapshotRejection  # noqa: Y015
 
 @_typing.final
 class RoutingState(_message.Message):
@@ -370,10 +474,12 @@ class RouteDecision(_message.Message):
     """RouteDecision tells the proxy how to change one server before it connects.
     It is sent in answer to a server_connect snapshot while routing is active
     (query_id set; an empty update_mask means "no change, go ahead"), and
-    unasked, with an empty query_id, when an UpdateServerConnection changed a
-    server that is not OPEN: the proxy keeps it and applies it where mitmproxy
-    honours it. The sidecar has already recorded the change (with actor as
-    metadata.last_change.actor) when it sends the decision.
+    unasked, with an empty query_id, for every pending change of a server this
+    proxy holds (UpdateServerConnection on a server that is not OPEN; sent
+    again after every reconnect): the proxy keeps it and applies it where
+    mitmproxy honours it. The sidecar has already recorded the change as the
+    record's metadata.pending_change when it sends the decision; the proxy's
+    route_outcome (or its server_connected) settles it.
     """
 
     DESCRIPTOR: _descriptor.Descriptor

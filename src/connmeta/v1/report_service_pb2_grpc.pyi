@@ -41,11 +41,22 @@ class ReportServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> ReportServiceAsyncStub: ...
     Report: _grpc.StreamStreamMultiCallable[_report_service_pb2.ReportRequest, _report_service_pb2.ReportResponse]
-    """Report is one long-lived stream per proxy. The proxy sends batches of
-    snapshots (and, after every (re)connect, one resync); the sidecar
-    acknowledges each message with the revision it reached. A malformed
-    snapshot ends the stream with INVALID_ARGUMENT naming it; the snapshots
-    before it in the same batch are applied, the rest are not.
+    """Report is one long-lived stream per proxy. The proxy names itself in
+    proxy_id on the first message, sends batches of snapshots (and, after
+    every (re)connect, one resync); the sidecar acknowledges each message
+    with the revision it reached.
+
+    A snapshot that breaks the contract of connection.proto, changes the
+    kind of a known id, or names a connection another live proxy holds is
+    refused on its own: the ack lists it in rejected (with the field paths
+    at fault) and every other snapshot of the batch is applied. The stream
+    goes on.
+
+    A message that is not a valid ReportRequest at all (undecodable bytes,
+    no message set, a resync_end without a resync_start, a proxy_id that
+    changes, an invalid route_deadline) ends the stream with
+    INVALID_ARGUMENT and a BadRequest naming the field; what the stream
+    applied before stays applied.
     """
 
 @_typing.type_check_only
@@ -59,11 +70,22 @@ class ReportServiceAsyncStub(ReportServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     Report: _aio.StreamStreamMultiCallable[_report_service_pb2.ReportRequest, _report_service_pb2.ReportResponse]  # type: ignore[assignment]
-    """Report is one long-lived stream per proxy. The proxy sends batches of
-    snapshots (and, after every (re)connect, one resync); the sidecar
-    acknowledges each message with the revision it reached. A malformed
-    snapshot ends the stream with INVALID_ARGUMENT naming it; the snapshots
-    before it in the same batch are applied, the rest are not.
+    """Report is one long-lived stream per proxy. The proxy names itself in
+    proxy_id on the first message, sends batches of snapshots (and, after
+    every (re)connect, one resync); the sidecar acknowledges each message
+    with the revision it reached.
+
+    A snapshot that breaks the contract of connection.proto, changes the
+    kind of a known id, or names a connection another live proxy holds is
+    refused on its own: the ack lists it in rejected (with the field paths
+    at fault) and every other snapshot of the batch is applied. The stream
+    goes on.
+
+    A message that is not a valid ReportRequest at all (undecodable bytes,
+    no message set, a resync_end without a resync_start, a proxy_id that
+    changes, an invalid route_deadline) ends the stream with
+    INVALID_ARGUMENT and a BadRequest naming the field; what the stream
+    applied before stays applied.
     """
 
 class ReportServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -80,11 +102,22 @@ class ReportServiceServicer(metaclass=_abc_1.ABCMeta):
         request_iterator: _MaybeAsyncIterator[_report_service_pb2.ReportRequest],
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_report_service_pb2.ReportResponse], _abc.AsyncIterator[_report_service_pb2.ReportResponse]]:
-        """Report is one long-lived stream per proxy. The proxy sends batches of
-        snapshots (and, after every (re)connect, one resync); the sidecar
-        acknowledges each message with the revision it reached. A malformed
-        snapshot ends the stream with INVALID_ARGUMENT naming it; the snapshots
-        before it in the same batch are applied, the rest are not.
+        """Report is one long-lived stream per proxy. The proxy names itself in
+        proxy_id on the first message, sends batches of snapshots (and, after
+        every (re)connect, one resync); the sidecar acknowledges each message
+        with the revision it reached.
+
+        A snapshot that breaks the contract of connection.proto, changes the
+        kind of a known id, or names a connection another live proxy holds is
+        refused on its own: the ack lists it in rejected (with the field paths
+        at fault) and every other snapshot of the batch is applied. The stream
+        goes on.
+
+        A message that is not a valid ReportRequest at all (undecodable bytes,
+        no message set, a resync_end without a resync_start, a proxy_id that
+        changes, an invalid route_deadline) ends the stream with
+        INVALID_ARGUMENT and a BadRequest naming the field; what the stream
+        applied before stays applied.
         """
 
 def add_ReportServiceServicer_to_server(servicer: ReportServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -29,8 +29,9 @@ class RouteSubscribe(_message.Message):
 
     NAME_FIELD_NUMBER: _builtins.int
     name: _builtins.str
-    """name identifies the router in metadata.last_change.actor and in logs;
-    required, at most 128 characters, unique among subscribed routers.
+    """name identifies the router in the change's actor and in logs;
+    required, 1-128 bytes of printable ASCII (spaces allowed), unique among
+    subscribed routers.
     """
     def __init__(
         self,
@@ -60,7 +61,7 @@ class RouteAnswer(_message.Message):
     @_builtins.property
     def address(self) -> _connection_pb2.Address:
         """address is the new target; required when update_mask names "address".
-        The port must be 1-65535 and the host non-empty.
+        The same rules as UpdateServerConnectionRequest.address.
         """
 
     @_builtins.property

@@ -36,9 +36,10 @@ class RouterServiceStub:
 
     Only the router that subscribed first receives queries; routers that
     subscribe later are standbys and take over, in subscription order, when it
-    leaves. Every applied decision is recorded on the server's record like an
-    UpdateServerConnection, with the router's name as
-    metadata.last_change.actor, and shows in WatchConnections.
+    leaves. Every decision that changes something is recorded on the server's
+    record like an UpdateServerConnection (metadata.pending_change, with the
+    router's name as actor and the query's id), becomes metadata.last_change
+    once the proxy reports the outcome, and shows in WatchConnections.
     """
 
     def __init__(self, channel):
@@ -65,9 +66,10 @@ class RouterServiceServicer:
 
     Only the router that subscribed first receives queries; routers that
     subscribe later are standbys and take over, in subscription order, when it
-    leaves. Every applied decision is recorded on the server's record like an
-    UpdateServerConnection, with the router's name as
-    metadata.last_change.actor, and shows in WatchConnections.
+    leaves. Every decision that changes something is recorded on the server's
+    record like an UpdateServerConnection (metadata.pending_change, with the
+    router's name as actor and the query's id), becomes metadata.last_change
+    once the proxy reports the outcome, and shows in WatchConnections.
     """
 
     def Route(self, request_iterator, context):
@@ -110,9 +112,10 @@ class RouterService:
 
     Only the router that subscribed first receives queries; routers that
     subscribe later are standbys and take over, in subscription order, when it
-    leaves. Every applied decision is recorded on the server's record like an
-    UpdateServerConnection, with the router's name as
-    metadata.last_change.actor, and shows in WatchConnections.
+    leaves. Every decision that changes something is recorded on the server's
+    record like an UpdateServerConnection (metadata.pending_change, with the
+    router's name as actor and the query's id), becomes metadata.last_change
+    once the proxy reports the outcome, and shows in WatchConnections.
     """
 
     @staticmethod

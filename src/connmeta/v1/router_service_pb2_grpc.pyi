@@ -39,9 +39,10 @@ class RouterServiceStub:
 
     Only the router that subscribed first receives queries; routers that
     subscribe later are standbys and take over, in subscription order, when it
-    leaves. Every applied decision is recorded on the server's record like an
-    UpdateServerConnection, with the router's name as
-    metadata.last_change.actor, and shows in WatchConnections.
+    leaves. Every decision that changes something is recorded on the server's
+    record like an UpdateServerConnection (metadata.pending_change, with the
+    router's name as actor and the query's id), becomes metadata.last_change
+    once the proxy reports the outcome, and shows in WatchConnections.
     """
 
     @_typing.overload
@@ -70,9 +71,10 @@ class RouterServiceAsyncStub(RouterServiceStub):
 
     Only the router that subscribed first receives queries; routers that
     subscribe later are standbys and take over, in subscription order, when it
-    leaves. Every applied decision is recorded on the server's record like an
-    UpdateServerConnection, with the router's name as
-    metadata.last_change.actor, and shows in WatchConnections.
+    leaves. Every decision that changes something is recorded on the server's
+    record like an UpdateServerConnection (metadata.pending_change, with the
+    router's name as actor and the query's id), becomes metadata.last_change
+    once the proxy reports the outcome, and shows in WatchConnections.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -97,9 +99,10 @@ class RouterServiceServicer(metaclass=_abc_1.ABCMeta):
 
     Only the router that subscribed first receives queries; routers that
     subscribe later are standbys and take over, in subscription order, when it
-    leaves. Every applied decision is recorded on the server's record like an
-    UpdateServerConnection, with the router's name as
-    metadata.last_change.actor, and shows in WatchConnections.
+    leaves. Every decision that changes something is recorded on the server's
+    record like an UpdateServerConnection (metadata.pending_change, with the
+    router's name as actor and the query's id), becomes metadata.last_change
+    once the proxy reports the outcome, and shows in WatchConnections.
     """
 
     @_abc_1.abstractmethod
