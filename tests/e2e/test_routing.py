@@ -109,7 +109,15 @@ async def test_update_while_the_server_waits_for_a_route_is_applied_before_conne
         await stub(channel).UpdateServerConnection(request, timeout=5)
         body, took = await pending
     assert body == "B:/u"
-    held = (await records(channel))[server_id]
-    assert held.metadata.last_change.actor == "e2e-op"
-    assert held.server.address.port == origin_b.port
     assert took < ROUTE_DEADLINE_MS / 1000, "applied at once, not after the deadline"
+
+    async def settled() -> pb.ConnectionRecord | None:
+        record = (await records(channel))[server_id]
+        return record if record.metadata.HasField("last_change") else None
+
+    # The proxy's report of the applied change settles it on the record.
+    held = await async_wait_for(settled, 5, "the route outcome reported")
+    assert not held.metadata.HasField("pending_change")
+    assert held.metadata.last_change.actor == "e2e-op"
+    assert held.metadata.last_change.status == pb.CHANGE_STATUS_APPLIED
+    assert held.server.address.port == origin_b.port
