@@ -68,13 +68,16 @@ def client(
 class Reporter:
     """The proxy's side of one Report stream: send, then wait for the ack."""
 
-    def __init__(self, channel: grpc.aio.Channel) -> None:
+    def __init__(self, channel: grpc.aio.Channel, proxy_id: str = "") -> None:
         self._call = rs_grpc.ReportServiceStub(channel).Report()
         self._sequence = 0
+        self._proxy_id = proxy_id
 
     async def _send(self, request: rs.ReportRequest) -> rs.ReportAck:
         self._sequence += 1
         request.sequence = self._sequence
+        if self._sequence == 1:
+            request.proxy_id = self._proxy_id
         await self._call.write(request)
         while True:
             response = await self._call.read()
@@ -84,9 +87,14 @@ class Reporter:
                 assert response.ack.sequence == self._sequence
                 return response.ack
 
+    async def batch(self, *snapshots: rs.ConnectionSnapshot) -> rs.ReportAck:
+        """Send one batch; its ack, rejections included."""
+        return await self._send(rs.ReportRequest(batch=rs.ReportBatch(snapshots=snapshots)))
+
     async def report(self, *snapshots: rs.ConnectionSnapshot) -> int:
-        """Send one batch; the revision the store reached."""
-        ack = await self._send(rs.ReportRequest(batch=rs.ReportBatch(snapshots=snapshots)))
+        """Send one batch that must be accepted whole; the revision the store reached."""
+        ack = await self.batch(*snapshots)
+        assert not ack.rejected, f"snapshots refused: {ack.rejected}"
         return ack.revision
 
     async def resync(self, *snapshots: rs.ConnectionSnapshot) -> int:

@@ -96,7 +96,8 @@ async def test_update_server_on_closed_connection_prints_the_new_record(sidecar:
     )
     assert code == 0, err
     record = json.loads(out)
-    assert record["server"]["via"] == {
+    assert "via" not in record["server"], "the proxy has not applied it yet"
+    assert record["metadata"]["pending_change"]["via"] == {
         "scheme": "SCHEME_HTTP",
         "address": {"host": "proxy.example", "port": 3128},
     }

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from connmeta.service import decode_report
+from connmeta.report_service import DecodedReport, decode_report
 from connmeta.store import Store
 from connmeta.v1 import report_service_pb2 as rs
 from tests.snapshots import FakeClock, client, next_id, server
@@ -22,6 +22,7 @@ def test_records_from_request_bytes_equal_records_from_parsed_snapshots() -> Non
         server(next_id(), addr=None),
     ]
     decoded = decode_report(_request(*snaps))
+    assert isinstance(decoded, DecodedReport)
     assert decoded.encoded is not None
     from_bytes, from_messages = Store(clock=FakeClock()), Store(clock=FakeClock())
     from_bytes.apply(decoded.request.batch.snapshots, decoded.encoded)
@@ -49,6 +50,7 @@ def test_a_payload_sent_twice_is_merged_like_protobuf_does() -> None:
         + twice
     )
     decoded = decode_report(data)
+    assert isinstance(decoded, DecodedReport)
     assert decoded.encoded is None  # the raw view would keep only the second
     store = Store()
     store.apply(decoded.request.batch.snapshots, decoded.encoded)

@@ -247,12 +247,34 @@ async def test_server_connect_is_asked_and_the_answer_becomes_a_recorded_decisio
     assert list(decision.update_mask.paths) == ["address"]
     assert decision.address == pb.Address(host="origin-b.example", port=8443)
 
-    got = await cs_grpc.ConnectionServiceStub(channel).GetConnection(
-        cs.GetConnectionRequest(id=server_id)
+    stub = cs_grpc.ConnectionServiceStub(channel)
+    got = await stub.GetConnection(cs.GetConnectionRequest(id=server_id))
+    pending = got.connection.metadata.pending_change
+    assert got.connection.server.address.port == 443, "the proxy has not applied it yet"
+    assert (pending.actor, pending.query_id, list(pending.fields)) == (
+        "r1",
+        query.query_id,
+        ["address"],
     )
+
+    # The proxy applies it in server_connect and says so, as the addon does.
+    applied = waiting_server(client_id=client.client.connection.id, port=8443)
+    applied.server.connection.id = server_id
+    applied.server.address.host = "origin-b.example"
+    applied.route_outcome.kind = rs.ROUTE_OUTCOME_KIND_APPLIED
+    applied.route_outcome.query_id = query.query_id
+    applied.route_outcome.actor = "r1"
+    applied.route_outcome.applied_fields.append("address")
+    await proxy.report(applied)
+    got = await stub.GetConnection(cs.GetConnectionRequest(id=server_id))
     assert got.connection.server.address.port == 8443
-    assert got.connection.metadata.last_change.actor == "r1"
-    assert list(got.connection.metadata.last_change.fields) == ["address"]
+    assert not got.connection.metadata.HasField("pending_change")
+    change = got.connection.metadata.last_change
+    assert (change.actor, list(change.fields), change.status) == (
+        "r1",
+        ["address"],
+        pb.CHANGE_STATUS_APPLIED,
+    )
     await proxy.close()
     await router.leave()
 
@@ -296,7 +318,7 @@ async def test_pending_change_of_a_server_the_proxy_still_holds_is_replayed(
     ],
     ids=["waiting", "disconnected", "half-closed"],
 )
-async def test_pending_change_of_a_server_the_resync_did_not_report_is_dropped(
+async def test_pending_change_of_a_server_the_resync_did_not_report_is_not_applied(
     channel: grpc.aio.Channel, state: int, hook: int
 ) -> None:
     first = Proxy(channel)
@@ -316,6 +338,10 @@ async def test_pending_change_of_a_server_the_resync_did_not_report_is_dropped(
     replayed = of_kind(await third.report(), "route_decision")
     assert [r.route_decision.server_id for r in replayed] == [kept.server.connection.id]
     await third.close()
+    got = await cs_grpc.ConnectionServiceStub(channel).GetConnection(
+        cs.GetConnectionRequest(id=gone.server.connection.id)
+    )
+    assert got.connection.metadata.last_change.status == pb.CHANGE_STATUS_NOT_APPLIED
 
 
 async def test_pending_change_of_a_server_deleted_by_retention_is_dropped_at_resync(

@@ -1,5 +1,5 @@
 """RouterHub without gRPC: who decides, what a query returns and when, and
-which pending changes a proxy is handed."""
+which pending changes (kept by the store) a proxy's stream is handed."""
 
 from __future__ import annotations
 
@@ -7,8 +7,10 @@ import asyncio
 
 import pytest
 
-from connmeta.routing import AlreadySubscribed, Decision, ProxyFeed, RouterHub, answer_violations
+from connmeta.routing import AlreadySubscribed, Decision, ProxyFeed, RouterHub
+from connmeta.store import Store
 from connmeta.v1 import connection_pb2 as pb
+from tests.snapshots import CLOSED, FakeClock, server
 
 ADDRESS = frozenset({"address"})
 VIA = frozenset({"via"})
@@ -83,9 +85,9 @@ async def test_name_is_free_again_once_its_router_left() -> None:
     assert hub.subscribe("a") is hub.active
 
 
-@pytest.mark.parametrize("name", ["", "x" * 129])
-async def test_empty_or_overlong_router_name_is_refused(name: str) -> None:
-    with pytest.raises(ValueError, match="1-128 characters"):
+@pytest.mark.parametrize("name", ["", "x" * 129, "new\nline"])
+async def test_empty_overlong_or_unprintable_router_name_is_refused(name: str) -> None:
+    with pytest.raises(ValueError, match=r"required|longer than 128 bytes|printable ASCII"):
         RouterHub().subscribe(name)
 
 
@@ -100,12 +102,14 @@ async def test_proxy_feed_starts_with_the_routing_state_and_follows_its_changes(
 
 
 async def test_detached_feed_receives_nothing() -> None:
-    hub = RouterHub()
+    store = _store_with_closed_server("proxy-a")
+    hub = RouterHub(store)
     feed = hub.attach()
+    hub.identify(feed, "proxy-a")
     drain(feed)
     hub.detach(feed)
     hub.subscribe("a")
-    hub.note_pending(Decision("s1", actor="op", fields=ADDRESS, address=address()))
+    store.update_server("s1", address=address(), via=None, mask=ADDRESS, actor="op")
     assert drain(feed) == []
 
 
@@ -218,107 +222,56 @@ async def test_query_ids_are_unique() -> None:
 # -- pending changes ---------------------------------------------------------
 
 
-async def test_pending_change_is_returned_until_settled() -> None:
-    hub = RouterHub()
-    change = Decision("s1", actor="op", fields=ADDRESS, address=address())
-    assert not hub.has_pending
-    hub.note_pending(change)
-    assert hub.has_pending
-    assert hub.pending("s1") == change
-    assert hub.pending("s2") is None
-    hub.settle("s1")
-    assert hub.pending("s1") is None
-    assert not hub.has_pending
-    hub.settle("s1")  # settling twice is harmless
+def _store_with_closed_server(proxy: str, server_id: str = "s1") -> Store:
+    store = Store(clock=FakeClock())
+    store.apply([server(server_id, state=CLOSED, hook=pb.HOOK_SERVER_CONNECT)], proxy=proxy)
+    return store
 
 
-async def test_later_pending_change_replaces_the_earlier_one() -> None:
-    hub = RouterHub()
-    hub.note_pending(Decision("s1", actor="op", fields=ADDRESS, address=address(port=1)))
-    latest = Decision("s1", actor="op", fields=VIA, via=via())
-    hub.note_pending(latest)
-    assert hub.pending("s1") == latest
+async def test_new_pending_change_goes_to_the_feeds_of_the_proxy_that_holds_the_server() -> None:
+    store = _store_with_closed_server("proxy-a")
+    hub = RouterHub(store)
+    a, b, unnamed = hub.attach(), hub.attach(), hub.attach()
+    hub.identify(a, "proxy-a")
+    hub.identify(b, "proxy-b")
+    store.update_server("s1", address=address(), via=None, mask=ADDRESS, actor="op")
+    (decision,) = [d for d in drain(a) if isinstance(d, Decision)]
+    assert (decision.server_id, decision.actor, decision.fields) == ("s1", "op", ADDRESS)
+    assert decision.address == address()
+    assert decision.query_id == "", "an unasked change"
+    assert [d for d in drain(b) if isinstance(d, Decision)] == []
+    assert [d for d in drain(unnamed) if isinstance(d, Decision)] == []
 
 
-async def test_pending_change_is_pushed_to_attached_feeds_and_replayed_to_new_ones() -> None:
-    hub = RouterHub()
-    hub.subscribe("r")
-    early = hub.attach()
-    change = Decision("s1", actor="op", fields=ADDRESS, address=address())
-    hub.note_pending(change)
-    assert drain(early) == ["r", change]
-    late = hub.attach()
-    assert drain(late) == ["r", change], "state first, then every pending change"
+async def test_stream_identified_later_is_handed_its_proxys_pending_changes() -> None:
+    store = _store_with_closed_server("proxy-a")
+    store.update_server("s1", address=address(), via=None, mask=ADDRESS, actor="op")
+    hub = RouterHub(store)
+    feed = hub.attach()
+    assert [d.server_id for d in hub.identify(feed, "proxy-a")] == ["s1"]
+    assert hub.identify(hub.attach(), "proxy-b") == []
 
 
-async def test_settled_change_is_not_replayed_to_new_feeds() -> None:
-    hub = RouterHub()
-    hub.note_pending(Decision("s1", actor="op", fields=ADDRESS, address=address()))
-    hub.settle("s1")
-    assert drain(hub.attach()) == [""]
-
-
-async def test_drop_pending_removes_only_the_changes_it_is_told_are_stale() -> None:
-    hub = RouterHub()
-    for server_id in ("gone-1", "kept", "gone-2"):
-        hub.note_pending(Decision(server_id, actor="op", fields=ADDRESS, address=address()))
-    assert hub.drop_pending(lambda server_id: server_id.startswith("gone")) == 2
-    assert hub.pending("kept") is not None
-    assert hub.pending("gone-1") is None
-    assert hub.pending("gone-2") is None
-    assert [d.server_id for d in drain(hub.attach()) if isinstance(d, Decision)] == ["kept"]
-
-
-# -- answer validation -------------------------------------------------------
-
-
-def test_valid_answers_have_no_violations() -> None:
-    assert answer_violations(frozenset(), None, None) == []
-    assert answer_violations(ADDRESS, address(port=1), None) == []
-    assert answer_violations(ADDRESS, address(port=65535), None) == []
-    assert answer_violations(VIA, None, via(pb.SCHEME_HTTPS)) == []
-    assert answer_violations(VIA, None, None) == [], "no via: connect directly"
-    assert answer_violations(ADDRESS | VIA, address(), via()) == []
-
-
-@pytest.mark.parametrize("port", [0, 65536, 70000])
-def test_answer_with_a_port_out_of_range_is_refused(port: int) -> None:
-    (problem,) = answer_violations(ADDRESS, address(port=port), None)
-    assert problem == ("address.port", f"must be 1-65535, got {port}")
-
-
-@pytest.mark.parametrize("given", [None, pb.Address(host="", port=443)])
-def test_answer_naming_address_without_a_host_is_refused(given: pb.Address | None) -> None:
-    (problem,) = answer_violations(ADDRESS, given, None)
-    assert problem[0] == "address.host"
-    assert "required" in problem[1]
-
-
-@pytest.mark.parametrize("scheme", [pb.SCHEME_HTTP3, pb.SCHEME_TLS, pb.SCHEME_UNSPECIFIED, 99])
-def test_answer_with_a_via_scheme_mitmproxy_cannot_use_is_refused(scheme: int) -> None:
-    (problem,) = answer_violations(VIA, None, via(scheme))
-    assert problem[0] == "via.scheme"
-    assert "http or https" in problem[1]
-
-
-@pytest.mark.parametrize(("host", "port"), [("", 3128), ("proxy.example", 0)])
-def test_answer_with_an_incomplete_via_address_is_refused(host: str, port: int) -> None:
-    (problem,) = answer_violations(VIA, None, via(host=host, port=port))
-    assert problem[0] == "via.address"
-
-
-def test_answer_with_an_unroutable_mask_path_is_refused() -> None:
-    problems = answer_violations(frozenset({"sni", "address", "tls"}), address(), None)
-    assert problems == [("update_mask", "only address and via can be routed, got ['sni', 'tls']")]
-
-
-def test_every_violation_of_an_answer_is_reported() -> None:
-    problems = answer_violations(
-        frozenset({"address", "via", "alpn"}), address(port=0), via(pb.SCHEME_TCP, host="")
+async def test_pending_change_answering_a_query_is_not_sent_again_unasked() -> None:
+    store = _store_with_closed_server("proxy-a")
+    hub = RouterHub(store)
+    feed = hub.attach()
+    hub.identify(feed, "proxy-a")
+    store.update_server(
+        "s1", address=address(), via=None, mask=ADDRESS, actor="router", query_id="q-1"
     )
-    assert [field for field, _ in problems] == [
-        "update_mask",
-        "address.port",
-        "via.scheme",
-        "via.address",
-    ]
+    assert [d for d in drain(feed) if isinstance(d, Decision)] == []
+
+
+async def test_report_that_keeps_a_pending_change_does_not_send_it_again() -> None:
+    store = _store_with_closed_server("proxy-a")
+    hub = RouterHub(store)
+    feed = hub.attach()
+    hub.identify(feed, "proxy-a")
+    store.update_server("s1", address=address(), via=None, mask=ADDRESS, actor="op")
+    drain(feed)
+    store.apply([server("s1", state=CLOSED, hook=pb.HOOK_RESYNC, sni="x")], proxy="proxy-a")
+    record = store.get("s1")
+    assert record is not None
+    assert record.has_pending
+    assert drain(feed) == []

@@ -89,7 +89,7 @@ async def test_update_same_address_on_open_server_is_accepted(channel: grpc.aio.
     assert got.connection.metadata.revision == revision, "no change, no new revision"
 
 
-async def test_update_closed_server_changes_address_revision_and_etag(
+async def test_update_closed_server_records_a_pending_change_with_revision_and_etag(
     channel: grpc.aio.Channel,
 ) -> None:
     snapshot = factories.server(state=CLOSED, hook=pb.HOOK_SERVER_CONNECT)
@@ -99,11 +99,16 @@ async def test_update_closed_server_changes_address_revision_and_etag(
         update(snapshot.server.connection.id, etag=f'"{revision}"')
     )
     record = got.connection
-    assert record.server.address == pb.Address(host="origin-b.example", port=443)
+    assert record.server.address == snapshot.server.address, "what the proxy holds"
     assert record.metadata.revision > revision
     assert record.metadata.etag == f'"{record.metadata.revision}"'
-    assert record.metadata.last_change.actor == "test"
-    assert list(record.metadata.last_change.fields) == ["address"]
+    pending = record.metadata.pending_change
+    assert (pending.actor, list(pending.fields), pending.status) == (
+        "test",
+        ["address"],
+        pb.CHANGE_STATUS_PENDING,
+    )
+    assert pending.address == pb.Address(host="origin-b.example", port=443)
 
 
 async def test_update_with_stale_etag_is_aborted(channel: grpc.aio.Channel) -> None:
@@ -372,18 +377,71 @@ async def test_resync_closes_what_the_proxy_no_longer_has(channel: grpc.aio.Chan
     assert got.connection.client.connection.state == CLOSED
 
 
-async def test_report_with_a_malformed_snapshot_is_invalid_and_keeps_the_earlier_ones(
+async def test_report_refuses_a_malformed_snapshot_alone_and_the_stream_goes_on(
     channel: grpc.aio.Channel,
 ) -> None:
-    good = factories.server()
+    good, later = factories.server(), factories.server()
     bad = factories.server()
     bad.server.connection.id = ""
     reporter = Reporter(channel)
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await reporter.report(good, bad)
-    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert details(caught.value)["BadRequest"].field_violations[0].field.startswith("snapshots[1]")
-    got = await cs_grpc.ConnectionServiceStub(channel).GetConnection(
-        cs.GetConnectionRequest(id=good.server.connection.id)
+    ack = await reporter.batch(good, bad, later)
+    (rejection,) = ack.rejected
+    assert (rejection.index, rejection.reason) == (1, "INVALID_SNAPSHOT")
+    assert rejection.violations[0].field == "batch.snapshots[1].server.connection.id"
+    stub = cs_grpc.ConnectionServiceStub(channel)
+    for stored in (good, later):
+        got = await stub.GetConnection(cs.GetConnectionRequest(id=stored.server.connection.id))
+        assert got.connection.server.connection.id == stored.server.connection.id
+    await reporter.report(factories.server())  # the stream is still open
+
+
+async def test_undecodable_request_bytes_are_invalid_argument_on_every_method(
+    channel: grpc.aio.Channel,
+) -> None:
+    garbage = b"\x0a\x05ab"  # field 1 claims 5 bytes, 2 follow: no message parses it
+    for method in (
+        "/connmeta.v1.ConnectionService/GetConnection",
+        "/connmeta.v1.ConnectionService/ListConnections",
+        "/connmeta.v1.ConnectionService/UpdateServerConnection",
+    ):
+        call: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(method)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call(garbage, timeout=5)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, method
+        assert details(caught.value)["BadRequest"].field_violations[0].field
+    watch: grpc.aio.UnaryStreamMultiCallable[bytes, bytes] = channel.unary_stream(
+        "/connmeta.v1.ConnectionService/WatchConnections"
     )
-    assert got.connection.server.connection.id == good.server.connection.id
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for _ in watch(garbage, timeout=5):
+            pass
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    for method in ("/connmeta.v1.ReportService/Report", "/connmeta.v1.RouterService/Route"):
+        bidi: grpc.aio.StreamStreamMultiCallable[bytes, bytes] = channel.stream_stream(method)
+        stream = bidi(timeout=5)
+        await stream.write(garbage)
+        # The Report stream first sends its routing state, then the error.
+        responses = [await stream.read()] if "Report" in method else []
+        assert all(r is not grpc.aio.EOF for r in responses)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stream.read()
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, method
+
+
+async def test_two_proxies_resync_independently_and_keep_their_ids(
+    channel: grpc.aio.Channel,
+) -> None:
+    a_client, b_client = factories.client(), factories.client()
+    a, b = Reporter(channel, "proxy-a"), Reporter(channel, "proxy-b")
+    await a.report(a_client)
+    await b.report(b_client)
+    ack = await b.batch(a_client)
+    assert [r.reason for r in ack.rejected] == ["CONNECTION_OWNED_BY_OTHER_PROXY"]
+    assert await a.resync() == 1
+    stub = cs_grpc.ConnectionServiceStub(channel)
+    got_a = await stub.GetConnection(cs.GetConnectionRequest(id=a_client.client.connection.id))
+    got_b = await stub.GetConnection(cs.GetConnectionRequest(id=b_client.client.connection.id))
+    assert got_a.connection.client.connection.state == CLOSED
+    assert got_a.connection.metadata.proxy_id == "proxy-a"
+    assert got_b.connection.client.connection.state == OPEN
+    assert got_b.connection.metadata.proxy_id == "proxy-b"

@@ -29,6 +29,7 @@ from connmeta.store import (
 )
 from connmeta.v1 import connection_pb2 as pb
 from connmeta.v1 import connection_service_pb2 as cs
+from connmeta.v1 import report_service_pb2 as rs
 from tests.snapshots import (
     CLOSED,
     OPEN,
@@ -62,14 +63,16 @@ def update(store: Store, id: str, **kwargs: object) -> Record:
 # -- revisions, etags, metadata ---------------------------------------------------
 
 
-def test_each_snapshot_gets_the_next_revision_and_apply_returns_the_last() -> None:
+def test_each_snapshot_gets_the_next_revision() -> None:
     store = Store()
     events = recorder(store)
     a, b = next_id(), next_id()
     base = store.revision
     assert base == 1
-    assert store.apply([client(a), server(b, client_id=a, state=CLOSED)]) == base + 2
-    assert store.apply([server(b, client_id=a, state=OPEN)]) == base + 3
+    assert store.apply([client(a), server(b, client_id=a, state=CLOSED)]) == []
+    assert store.revision == base + 2
+    store.apply([server(b, client_id=a, state=OPEN)])
+    assert store.revision == base + 3
     assert [(e.revision, e.type, e.record.id) for e in events] == [
         (base + 1, EventType.ADDED, a),
         (base + 2, EventType.ADDED, b),
@@ -133,17 +136,17 @@ def test_identical_snapshot_is_skipped_without_a_revision() -> None:
     assert store.revision == base + 2
 
 
-def test_malformed_snapshot_names_its_index_and_earlier_ones_stay_applied() -> None:
+def test_malformed_snapshot_is_refused_alone_naming_its_index() -> None:
     store = Store()
     events = recorder(store)
-    good = server(next_id())
+    good, later = server(next_id()), server(next_id())
     no_id = server("")
     base = store.revision
-    with pytest.raises(InvalidArgument) as info:
-        store.apply([good, no_id, server(next_id())])
-    assert info.value.violations == [("snapshots[1].server.connection.id", "required")]
-    assert store.revision == base + 1
-    assert len(events) == 1
+    (rejection,) = store.apply([good, no_id, later])
+    assert (rejection.index, rejection.reason) == (1, "INVALID_SNAPSHOT")
+    assert rejection.violations == [("snapshots[1].server.connection.id", "required")]
+    assert store.revision == base + 2, "the snapshots before and after it are applied"
+    assert [e.record.id for e in events] == [good.server.connection.id, later.server.connection.id]
 
 
 @pytest.mark.parametrize(
@@ -155,17 +158,44 @@ def test_malformed_snapshot_names_its_index_and_earlier_ones_stay_applied() -> N
         (client(""), "snapshots[0].client.connection.id"),
     ],
 )
-def test_malformed_snapshot_is_invalid_argument(snapshot: object, field: str) -> None:
-    with pytest.raises(InvalidArgument) as info:
-        Store().apply([snapshot])  # type: ignore[list-item]
-    assert [f for f, _ in info.value.violations] == [field]
+def test_malformed_snapshot_is_refused_naming_the_field(snapshot: object, field: str) -> None:
+    store = Store()
+    (rejection,) = store.apply([snapshot])  # type: ignore[list-item]
+    assert [f for f, _ in rejection.violations] == [field]
+    assert len(store) == 0
 
 
-def test_snapshot_without_connection_is_invalid_argument() -> None:
+def test_snapshot_without_connection_is_refused() -> None:
     from connmeta.v1 import report_service_pb2 as rs
 
-    with pytest.raises(InvalidArgument, match=r"snapshots\[0\]\.connection"):
-        Store().apply([rs.ConnectionSnapshot(hook=pb.HOOK_SERVER_CONNECT)])
+    (rejection,) = Store().apply([rs.ConnectionSnapshot(hook=pb.HOOK_SERVER_CONNECT)])
+    assert rejection.violations[0][0] == "snapshots[0].connection"
+
+
+def test_id_reported_as_the_other_kind_is_refused_and_keeps_its_kind() -> None:
+    store = Store()
+    id = next_id()
+    store.apply([client(id)])
+    (rejection,) = store.apply([server(id)])
+    assert rejection.reason == "CONNECTION_KIND_CONFLICT"
+    record = store.get(id)
+    assert record is not None
+    assert record.kind is Kind.CLIENT
+
+
+def test_id_held_by_a_live_proxy_is_refused_to_another_until_it_leaves() -> None:
+    store = Store()
+    id = next_id()
+    store.attach_proxy("proxy-a")
+    store.apply([client(id)], proxy="proxy-a")
+    (rejection,) = store.apply([client(id, sni="b")], proxy="proxy-b")
+    assert rejection.reason == "CONNECTION_OWNED_BY_OTHER_PROXY"
+    store.detach_proxy("proxy-a")
+    assert store.apply([client(id, sni="b")], proxy="proxy-b") == []
+    record = store.get(id)
+    assert record is not None
+    assert record.proxy == "proxy-b"
+    assert record.message().metadata.proxy_id == "proxy-b"
 
 
 def _certificate() -> bytes:
@@ -201,11 +231,11 @@ def test_certificates_are_described_and_left_out_of_the_basic_view() -> None:
     assert basic.metadata == record.message().metadata
 
 
-def test_malformed_certificate_is_invalid_argument() -> None:
+def test_malformed_certificate_is_refused_naming_the_entry() -> None:
     snap = server(next_id())
     snap.server.connection.certificate_list.add(der=b"not a certificate")
-    with pytest.raises(InvalidArgument, match="certificate_list"):
-        Store().apply([snap])
+    (rejection,) = Store().apply([snap])
+    assert rejection.violations[0][0] == "snapshots[0].server.connection.certificate_list[0].der"
 
 
 def test_encode_repeated_and_encode_field_splice_like_protobuf() -> None:
@@ -473,9 +503,9 @@ def test_resync_closes_exactly_the_connections_not_reported() -> None:
         ]
     )
     events = recorder(store)
-    store.begin_resync()
+    resync = store.begin_resync()
     store.apply([server(kept, hook=pb.HOOK_RESYNC)])
-    assert store.end_resync() == 2
+    assert store.end_resync(resync) == 2
     assert sorted(e.record.id for e in events) == sorted([lost, lost_client])
     for id in (lost, lost_client):
         record = store.get(id)
@@ -491,15 +521,73 @@ def test_resync_closes_exactly_the_connections_not_reported() -> None:
     assert kept_record.state == OPEN
 
 
-def test_resync_end_without_start_is_invalid() -> None:
-    with pytest.raises(InvalidArgument):
-        Store().end_resync()
+def test_resync_closes_only_its_own_proxys_connections() -> None:
+    store = Store()
+    a_lost, b_live = next_id(), next_id()
+    store.apply([client(a_lost)], proxy="proxy-a")
+    store.apply([client(b_live)], proxy="proxy-b")
+    resync = store.begin_resync("proxy-a")
+    assert store.end_resync(resync) == 1
+    lost, live = store.get(a_lost), store.get(b_live)
+    assert lost is not None
+    assert live is not None
+    assert (lost.state, live.state) == (CLOSED, OPEN)
+
+
+def test_overlapping_resyncs_of_two_proxies_are_independent() -> None:
+    store = Store()
+    a1, a2, b1, b2 = next_id(), next_id(), next_id(), next_id()
+    store.apply([client(a1), client(a2)], proxy="proxy-a")
+    store.apply([client(b1), client(b2)], proxy="proxy-b")
+    ra = store.begin_resync("proxy-a")
+    rb = store.begin_resync("proxy-b")
+    store.apply([client(a1, hook=pb.HOOK_RESYNC)], proxy="proxy-a")
+    store.apply([client(b2, hook=pb.HOOK_RESYNC)], proxy="proxy-b")
+    assert store.end_resync(rb) == 1
+    assert store.end_resync(ra) == 1
+    states = {id: store.get(id).state for id in (a1, a2, b1, b2)}  # type: ignore[union-attr]
+    assert states == {a1: OPEN, a2: CLOSED, b1: CLOSED, b2: OPEN}
+
+
+def test_a_report_on_another_stream_of_the_same_proxy_counts_for_its_resync() -> None:
+    store = Store()
+    kept = next_id()
+    store.apply([client(kept)], proxy="proxy-a")
+    resync = store.begin_resync("proxy-a")
+    store.apply([client(kept, sni="x")], proxy="proxy-a")  # e.g. the old stream, still open
+    assert store.end_resync(resync) == 0
+
+
+def test_resync_keeps_a_pending_change_of_a_server_it_reports() -> None:
+    store = Store()
+    id = next_id()
+    store.apply([server(id, state=CLOSED, hook=pb.HOOK_SERVER_CONNECT)], proxy="p")
+    update(store, id, address=address(("new.example", 443)))
+    resync = store.begin_resync("p")
+    store.apply([server(id, state=CLOSED, hook=pb.HOOK_RESYNC, sni="s")], proxy="p")
+    store.end_resync(resync)
+    msg = store.get(id).message()  # type: ignore[union-attr]
+    assert msg.server.address == address(("origin.example", 443)), "what the proxy holds"
+    assert msg.metadata.pending_change.address == address(("new.example", 443))
+    assert msg.metadata.pending_change.status == pb.CHANGE_STATUS_PENDING
+
+
+def test_resync_settles_the_pending_change_of_a_server_it_no_longer_holds() -> None:
+    store = Store()
+    id = next_id()
+    store.apply([server(id, state=CLOSED, hook=pb.HOOK_SERVER_DISCONNECTED)], proxy="p")
+    update(store, id, address=address(("new.example", 443)))
+    store.end_resync(store.begin_resync("p"))
+    meta = store.get(id).message().metadata  # type: ignore[union-attr]
+    assert not meta.HasField("pending_change")
+    assert meta.last_change.status == pb.CHANGE_STATUS_NOT_APPLIED
+    assert "no longer holds" in meta.last_change.status_detail
 
 
 # -- update_server --------------------------------------------------------------------
 
 
-def test_update_changes_address_and_records_last_change() -> None:
+def test_update_records_a_pending_change_and_keeps_what_the_proxy_holds() -> None:
     clock = FakeClock(1_700_000_100.0)
     store = Store(clock=clock)
     id = next_id()
@@ -510,17 +598,78 @@ def test_update_changes_address_and_records_last_change() -> None:
     record = update(store, id, address=address(("new.example", 8443)), etag=etag, actor="router")
     assert record.revision == base + 2
     assert record.etag == f'"{base + 2}"'
-    assert (record.host, record.port) == ("new.example", 8443)
+    assert record.has_pending
     msg = record.message()
-    assert msg.server.address == address(("new.example", 8443))
-    change = msg.metadata.last_change
-    assert (change.actor, list(change.fields), change.revision) == (
+    assert msg.server.address == address(("origin.example", 443)), "observed, not desired"
+    change = msg.metadata.pending_change
+    assert (change.actor, list(change.fields), change.revision, change.status) == (
         "router",
         ["address"],
         base + 2,
+        pb.CHANGE_STATUS_PENDING,
     )
+    assert change.address == address(("new.example", 8443))
     assert change.time.seconds == 1_700_000_100
+    assert not msg.metadata.HasField("last_change")
     assert [(e.type, e.record) for e in events] == [(EventType.MODIFIED, record)]
+
+
+def test_route_outcome_that_applied_the_change_moves_it_to_last_change() -> None:
+    store = Store()
+    id = next_id()
+    store.apply([server(id, state=CLOSED, hook=pb.HOOK_SERVER_CONNECT)])
+    update(store, id, address=address(("new.example", 8443)), actor="op")
+    applied = server(id, state=CLOSED, hook=pb.HOOK_SERVER_CONNECT, addr=("new.example", 8443))
+    applied.route_outcome.kind = rs.ROUTE_OUTCOME_KIND_APPLIED
+    applied.route_outcome.applied_fields.append("address")
+    store.apply([applied])
+    record = store.get(id)
+    assert record is not None
+    assert not record.has_pending
+    msg = record.message()
+    assert msg.server.address == address(("new.example", 8443))
+    assert (msg.metadata.last_change.status, msg.metadata.last_change.actor) == (
+        pb.CHANGE_STATUS_APPLIED,
+        "op",
+    )
+
+
+def test_server_that_connects_without_the_change_settles_it_not_applied() -> None:
+    store = Store()
+    id = next_id()
+    store.apply([server(id, state=CLOSED, hook=pb.HOOK_SERVER_CONNECT)])
+    update(store, id, address=address(("new.example", 8443)))
+    store.apply([server(id, state=OPEN, hook=pb.HOOK_SERVER_CONNECTED)])
+    meta = store.get(id).message().metadata  # type: ignore[union-attr]
+    assert not meta.HasField("pending_change")
+    assert meta.last_change.status == pb.CHANGE_STATUS_NOT_APPLIED
+    assert "before the change reached the proxy" in meta.last_change.status_detail
+
+
+def test_timed_out_route_outcome_settles_the_change_not_applied() -> None:
+    store = Store()
+    id = next_id()
+    store.apply([server(id, state=CLOSED, hook=pb.HOOK_SERVER_CONNECT)])
+    update(store, id, address=address(("new.example", 8443)))
+    unchanged = server(id, state=CLOSED, hook=pb.HOOK_SERVER_CONNECT)
+    unchanged.route_outcome.kind = rs.ROUTE_OUTCOME_KIND_TIMED_OUT
+    store.apply([unchanged])
+    change = store.get(id).message().metadata.last_change  # type: ignore[union-attr]
+    assert change.status == pb.CHANGE_STATUS_NOT_APPLIED
+    assert "deadline" in change.status_detail
+
+
+def test_deferred_via_settles_as_deferred() -> None:
+    store = Store()
+    id = next_id()
+    store.apply([server(id, state=CLOSED, hook=pb.HOOK_SERVER_CONNECT)])
+    update(store, id, via=via_spec(("http", ("p.example", 3128))), mask=frozenset({"via"}))
+    deferred = server(id, state=CLOSED, hook=pb.HOOK_SERVER_CONNECT)
+    deferred.route_outcome.kind = rs.ROUTE_OUTCOME_KIND_DEFERRED
+    deferred.route_outcome.deferred_fields.append("via")
+    store.apply([deferred])
+    change = store.get(id).message().metadata.last_change  # type: ignore[union-attr]
+    assert change.status == pb.CHANGE_STATUS_DEFERRED
 
 
 def test_last_change_survives_later_reports() -> None:
@@ -530,26 +679,52 @@ def test_last_change_survives_later_reports() -> None:
     store.apply([server(id, state=CLOSED, hook=pb.HOOK_SERVER_CONNECT)])
     update(store, id, via=via_spec(("http", ("p.example", 3128))), mask=frozenset({"via"}))
     store.apply([server(id, state=OPEN, via=("http", ("p.example", 3128)))])
+    store.apply([server(id, state=OPEN, via=("http", ("p.example", 3128)), sni="later")])
     record = store.get(id)
     assert record is not None
-    assert record.revision == base + 3
+    assert record.revision == base + 4
     change = record.message().metadata.last_change
-    assert (list(change.fields), change.revision) == (["via"], base + 2)
+    assert (list(change.fields), change.revision, change.status) == (
+        ["via"],
+        base + 2,
+        pb.CHANGE_STATUS_APPLIED,
+    )
 
 
-def test_update_via_unset_removes_the_upstream_proxy() -> None:
+def test_update_via_unset_asks_to_remove_the_upstream_proxy() -> None:
     store = Store()
     id = next_id()
     store.apply([server(id, state=CLOSED, via=("https", ("p.example", 443)))])
     record = update(store, id, via=None, mask=frozenset({"via"}))
-    assert not record.message().server.HasField("via")
+    msg = record.message()
+    assert msg.server.HasField("via"), "observed until the proxy applies it"
+    assert list(msg.metadata.pending_change.fields) == ["via"]
+    assert not msg.metadata.pending_change.HasField("via"), "unset: connect directly"
+
+
+def test_naming_the_current_value_again_withdraws_a_pending_change() -> None:
+    store = Store()
+    id = next_id()
+    store.apply([server(id, state=CLOSED)])
+    update(store, id, address=address(("new.example", 443)))
+    record = update(store, id, address=address(("origin.example", 443)))
+    assert not record.has_pending
+    assert not record.message().metadata.HasField("pending_change")
+
+
+def test_repeating_a_pending_change_makes_no_revision() -> None:
+    store = Store()
+    id = next_id()
+    store.apply([server(id, state=CLOSED)])
+    first = update(store, id, address=address(("new.example", 443)))
+    assert update(store, id, address=address(("new.example", 443)), actor="other") is first
 
 
 @pytest.mark.parametrize(
     ("kwargs", "field"),
     [
         ({"mask": frozenset()}, "update_mask"),
-        ({"mask": frozenset({"sni"})}, "update_mask.paths"),
+        ({"mask": frozenset({"sni"})}, "update_mask.paths[0]"),
         ({"mask": frozenset({"address"}), "address": None}, "address"),
         ({"address": address(("h.example", 0))}, "address.port"),
         ({"address": address(("h.example", 70000))}, "address.port"),

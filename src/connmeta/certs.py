@@ -34,10 +34,6 @@ low megabytes.
 
 _EPOCH: Final = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
 
-# cryptography raises these, not ValueError, for some well-formed DER whose
-# extensions break RFC 5280; to a caller they are all "cannot describe this".
-_PARSE_ERRORS: Final = (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType)
-
 
 def describe(der: bytes) -> pb.Certificate:
     """A Certificate with ``der`` and every derived fact filled.
@@ -61,8 +57,11 @@ def described(der: bytes) -> pb.Certificate:
     try:
         cert = x509.load_der_x509_certificate(der)
         return _describe(der, cert)
-    except _PARSE_ERRORS as e:
-        raise ValueError(f"malformed certificate DER ({len(der)} bytes): {e}") from e
+    except Exception as e:
+        # cryptography raises more than ValueError for DER it cannot take
+        # (and a certificate's facts can be out of a Timestamp's range):
+        # to a caller they all mean "cannot describe this".
+        raise ValueError(f"malformed certificate DER ({len(der)} bytes): {e}"[:300]) from e
 
 
 def _describe(der: bytes, cert: x509.Certificate) -> pb.Certificate:

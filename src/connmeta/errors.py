@@ -5,6 +5,12 @@ and every dynamic value of the message in its metadata); the codes that have
 a matching detail type also carry it: BadRequest for INVALID_ARGUMENT,
 PreconditionFailure for FAILED_PRECONDITION. Clients in any language decode
 them from the ``grpc-status-details-bin`` trailer.
+
+Every status is bounded, whatever the input: the message, each metadata
+value and each violation are clipped and at most a few violations are
+listed, so the trailers (the message goes out twice: ``grpc-message`` and
+inside the details) stay far below the 8 KiB of metadata a default client
+accepts. An error that a client cannot read is an error lost.
 """
 
 from __future__ import annotations
@@ -25,9 +31,22 @@ from connmeta.store import (
     NotFound,
     StoreError,
 )
+from connmeta.validation import escape, shown
 from connmeta.watch import Evicted
 
 DOMAIN = "connmeta.v1"
+
+MAX_MESSAGE_CHARS = 1024
+MAX_METADATA_CHARS = 128
+MAX_VIOLATIONS = 8
+MAX_FIELD_CHARS = 128
+MAX_DESCRIPTION_CHARS = 256
+
+
+def _clip(text: str, limit: int) -> str:
+    """Printable, at most ``limit`` characters (escapes count)."""
+    text = escape(text, limit)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _pack(message: Message) -> any_pb2.Any:
@@ -44,25 +63,33 @@ def rich_status(
     *extra: Message,
 ) -> grpc.Status:
     """A status whose details hold an ErrorInfo first, then ``extra``."""
-    info = error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN, metadata=metadata or {})
+    clipped = {key: _clip(value, MAX_METADATA_CHARS) for key, value in (metadata or {}).items()}
+    info = error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN, metadata=clipped)
     status = status_pb2.Status(
         code=code.value[0],
-        message=message,
+        message=_clip(message, MAX_MESSAGE_CHARS),
         details=[_pack(info), *(_pack(m) for m in extra)],
     )
     return rpc_status.to_status(status)
 
 
 def invalid_argument(violations: list[tuple[str, str]]) -> grpc.Status:
-    """INVALID_ARGUMENT with one BadRequest field violation per problem."""
-    text = "; ".join(f"{field}: {description}" for field, description in violations)
+    """INVALID_ARGUMENT with one BadRequest field violation per problem (the first few)."""
+    listed = [
+        (_clip(field, MAX_FIELD_CHARS), _clip(description, MAX_DESCRIPTION_CHARS))
+        for field, description in violations[:MAX_VIOLATIONS]
+    ]
+    if len(violations) > MAX_VIOLATIONS:
+        rest = len(violations) - MAX_VIOLATIONS
+        listed.append((listed[-1][0], f"and {rest} more violations, not listed"))
+    text = "; ".join(f"{field}: {description}" for field, description in listed)
     bad_request = error_details_pb2.BadRequest(
         field_violations=[
             error_details_pb2.BadRequest.FieldViolation(field=field, description=description)
-            for field, description in violations
+            for field, description in listed
         ]
     )
-    fields = ",".join(field for field, _ in violations)
+    fields = ",".join(dict.fromkeys(field for field, _ in listed))
     return rich_status(
         grpc.StatusCode.INVALID_ARGUMENT,
         f"invalid argument: {text}",
@@ -77,7 +104,7 @@ def status_for(error: StoreError | Evicted) -> grpc.Status:
     if isinstance(error, NotFound):
         return rich_status(
             grpc.StatusCode.NOT_FOUND,
-            f"connection {error.id!r} not found (it never existed or its retention ended)",
+            f"connection {shown(error.id)} not found (it never existed or its retention ended)",
             "CONNECTION_NOT_FOUND",
             {"id": error.id},
         )
@@ -86,8 +113,8 @@ def status_for(error: StoreError | Evicted) -> grpc.Status:
     if isinstance(error, EtagMismatch):
         return rich_status(
             grpc.StatusCode.ABORTED,
-            f"etag {error.expected} does not match the current etag {error.actual} of "
-            f"connection {error.id!r}: read it again and retry",
+            f"etag {shown(error.expected)} does not match the current etag {error.actual} of "
+            f"connection {shown(error.id)}: read it again and retry",
             "ETAG_MISMATCH",
             {"id": error.id, "expected-etag": error.expected, "current-etag": error.actual},
         )
@@ -106,7 +133,7 @@ def status_for(error: StoreError | Evicted) -> grpc.Status:
         )
         return rich_status(
             grpc.StatusCode.FAILED_PRECONDITION,
-            f"Cannot change server.{error.field} on open connection {error.id!r} "
+            f"Cannot change server.{error.field} on open connection {shown(error.id)} "
             f"(current {error.field}: {error.current})",
             "CONNECTION_OPEN",
             {"id": error.id, "state": "OPEN", "field": error.field, "current": error.current},
@@ -139,7 +166,21 @@ def status_for(error: StoreError | Evicted) -> grpc.Status:
             "WATCHER_TOO_SLOW",
             {"last_revision": str(error.last_revision)},
         )
-    return rich_status(grpc.StatusCode.INTERNAL, str(error), "INTERNAL")
+    return internal()
+
+
+def undecodable(type_name: str, error: str) -> grpc.Status:
+    """INVALID_ARGUMENT for bytes that are not a valid ``type_name`` message."""
+    return invalid_argument([(type_name, f"not a valid connmeta.v1.{type_name} message: {error}")])
+
+
+def internal() -> grpc.Status:
+    """The status of a bug of ours: the details are in the sidecar's log, not here."""
+    return rich_status(
+        grpc.StatusCode.INTERNAL,
+        "internal error in the sidecar; it is logged there",
+        "INTERNAL",
+    )
 
 
 async def abort(context: grpc.aio.ServicerContext[object, object], status: grpc.Status) -> NoReturn:

@@ -12,6 +12,7 @@ from typing import Final
 from connmeta.records import InvalidArgument, Kind, Record
 from connmeta.v1 import connection_pb2 as pb
 from connmeta.v1 import connection_service_pb2 as cs
+from connmeta.validation import MAX_HOST_BYTES, id_problem, shown
 
 __all__ = ["Filter"]
 
@@ -51,7 +52,7 @@ class _Name:
 
 def _wildcard_help(pattern: str) -> str:
     return (
-        f"{pattern!r} is not a valid pattern: use an exact name or one leading '*.' "
+        f"{shown(pattern)} is not a valid pattern: use an exact name or one leading '*.' "
         "wildcard such as '*.example.com'"
     )
 
@@ -93,10 +94,19 @@ class Filter:
         if msg.port > _PORT_MAX:
             violations.append((f"{path}.port", f"{msg.port} is outside 0-{_PORT_MAX}"))
         for name in ("host", "sni"):
+            pattern = getattr(msg, name)
+            if len(pattern) > MAX_HOST_BYTES:
+                violations.append(
+                    (f"{path}.{name}", f"{shown(pattern)} is longer than {MAX_HOST_BYTES} bytes")
+                )
+                continue
             try:
-                _Name(getattr(msg, name), f"{path}.{name}")
+                _Name(pattern, f"{path}.{name}")
             except InvalidArgument as e:
                 violations.extend(e.violations)
+        problem = id_problem(msg.client_id, required=False)
+        if problem:
+            violations.append((f"{path}.client_id", problem))
         if violations:
             raise InvalidArgument(violations)
         return cls(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Final, TypeVar
 
 from connmeta.v1 import connection_pb2 as pb
@@ -27,6 +28,7 @@ __all__ = [
     "Kind",
     "NotFound",
     "Record",
+    "Rejection",
     "StoreError",
     "encode_field",
     "encode_record",
@@ -97,6 +99,21 @@ class ConnectionOpen(StoreError):
         self.id = id
         self.field = field
         self.current = current
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """One snapshot of a batch the store refused; the others were applied.
+
+    ``reason`` is INVALID_SNAPSHOT (``violations`` name the fields),
+    CONNECTION_KIND_CONFLICT or CONNECTION_OWNED_BY_OTHER_PROXY.
+    """
+
+    index: int
+    id: str
+    reason: str
+    message: str
+    violations: list[tuple[str, str]] = field(default_factory=list)
 
 
 class Compacted(StoreError):
@@ -252,18 +269,25 @@ def _field_end(data: bytes, pos: int) -> int:
 # -- records and events -------------------------------------------------------
 
 # Record._bits packs the small fields so that a stored version costs one
-# object with nine slots: kind (2 bits), state (2), terminal, has_certs,
-# has_last_change, then last_hook from bit 7.
+# object with few slots: kind (2 bits), state (2), terminal, has_certs,
+# has_last_change, last_hook (4 bits from bit 7), has_pending (bit 11).
 _TERMINAL: Final = 1 << 4
 _HAS_CERTS: Final = 1 << 5
 _HAS_LAST_CHANGE: Final = 1 << 6
 _HOOK_SHIFT: Final = 7
+_HAS_PENDING: Final = 1 << 11
 _KINDS: Final = (None, Kind.CLIENT, Kind.SERVER, None)
 _SHARED_INTS: Final = tuple(range(1 << 12))  # one object per _bits value
 
 
 def pack_bits(
-    kind: int, state: int, terminal: bool, has_certs: bool, has_last_change: bool, hook: int
+    kind: int,
+    state: int,
+    terminal: bool,
+    has_certs: bool,
+    has_last_change: bool,
+    hook: int,
+    has_pending: bool = False,
 ) -> int:
     """The shared int object for these small fields (see Record._bits)."""
     return _SHARED_INTS[
@@ -273,6 +297,7 @@ def pack_bits(
         | (_HAS_CERTS if has_certs else 0)
         | (_HAS_LAST_CHANGE if has_last_change else 0)
         | hook << _HOOK_SHIFT
+        | (_HAS_PENDING if has_pending else 0)
     ]
 
 
@@ -309,6 +334,7 @@ class Record:
         "client_id",
         "data",
         "id",
+        "proxy",
     )
 
     id: str
@@ -317,6 +343,8 @@ class Record:
     """For a server, the id of the client it serves; for a client, its own id."""
     data: bytes
     """Serialized ConnectionRecord, FULL view."""
+    proxy: str
+    """The proxy that last reported it (metadata.proxy_id); one shared str per proxy."""
     _bits: int
     _host: str | None
     _port: int | None
@@ -331,6 +359,7 @@ class Record:
         sni: str | None,
         bits: int,
         data: bytes,
+        proxy: str = "",
     ) -> None:
         self.id = id
         self.client_id = client_id
@@ -339,6 +368,7 @@ class Record:
         self._sni = sni
         self._bits = bits
         self.data = data
+        self.proxy = proxy
 
     @property
     def host(self) -> str:
@@ -415,7 +445,7 @@ class Record:
     @property
     def last_hook(self) -> int:
         """The ``Hook`` value of the report this version came from."""
-        return self._bits >> _HOOK_SHIFT
+        return (self._bits >> _HOOK_SHIFT) & 15
 
     @property
     def has_certificates(self) -> bool:
@@ -426,6 +456,11 @@ class Record:
     def has_last_change(self) -> bool:
         """True when metadata.last_change is set."""
         return bool(self._bits & _HAS_LAST_CHANGE)
+
+    @property
+    def has_pending(self) -> bool:
+        """True when metadata.pending_change is set."""
+        return bool(self._bits & _HAS_PENDING)
 
     @property
     def etag(self) -> str:

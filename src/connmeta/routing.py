@@ -13,9 +13,11 @@ be tested without a socket:
   query is open, so a router that never answers costs each connect the
   timeout and nothing more (the proxy then fails open).
 - A change made through UpdateServerConnection while a server is not OPEN is
-  a *pending* decision: the hub keeps it until the proxy connected the server
-  and hands it to every proxy stream, including ones that attach later, so a
-  sidecar or proxy restart does not lose it.
+  pending on the server's record (``metadata.pending_change``, kept by the
+  store until the proxy settles it). The hub follows the store: each new
+  pending change goes to the streams of the proxy that holds the server, and
+  a stream that identifies its proxy later is handed all of that proxy's
+  pending changes, so neither a sidecar nor a proxy reconnect loses one.
 """
 
 from __future__ import annotations
@@ -25,33 +27,25 @@ import itertools
 import logging
 import os
 import time
-from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from connmeta.records import Event, Record
+from connmeta.store import Store
 from connmeta.v1 import connection_pb2 as pb
+from connmeta.validation import router_name_problem
 
 __all__ = [
-    "ROUTABLE_FIELDS",
     "AlreadySubscribed",
     "Decision",
     "ProxyFeed",
     "Query",
     "Router",
     "RouterHub",
-    "answer_violations",
+    "pending_decision",
 ]
 
 log = logging.getLogger("connmeta.routing")
-
-ROUTABLE_FIELDS = frozenset({"address", "via"})
-# mitmproxy's HttpUpstreamProxy asserts these two; anything else crashes the
-# connection's layer (facts §7), so it is refused before it reaches the proxy.
-_VIA_SCHEMES = frozenset({pb.SCHEME_HTTP, pb.SCHEME_HTTPS})
-_MAX_NAME = 128
-# Pending decisions outlive their server only until evicted: a bound, because
-# a server that never connects again would otherwise be kept forever.
-_MAX_PENDING = 4096
 
 
 class AlreadySubscribed(Exception):
@@ -108,39 +102,42 @@ class Router:
 @dataclass(eq=False, slots=True)
 class ProxyFeed:
     """What one proxy's report stream must send: routing-state changes
-    (``str``: the active router's name, "" for none) and decisions."""
+    (``str``: the active router's name, "" for none) and decisions.
+
+    ``proxy`` is set once the stream named its proxy; from then on the feed
+    receives the pending changes of that proxy's servers.
+    """
 
     items: asyncio.Queue[str | Decision]
+    proxy: str | None = None
 
 
-def answer_violations(
-    fields: frozenset[str], address: pb.Address | None, via: pb.ServerSpec | None
-) -> list[tuple[str, str]]:
-    """What is wrong with a router's answer, as (field, description) pairs."""
-    problems: list[tuple[str, str]] = []
-    unknown = sorted(fields - ROUTABLE_FIELDS)
-    if unknown:
-        problems.append(("update_mask", f"only address and via can be routed, got {unknown}"))
-    if "address" in fields:
-        if address is None or not address.host:
-            problems.append(("address.host", "required when update_mask names address"))
-        elif not 1 <= address.port <= 65535:
-            problems.append(("address.port", f"must be 1-65535, got {address.port}"))
-    if "via" in fields and via is not None:
-        if via.scheme not in _VIA_SCHEMES:
-            name = pb.Scheme.Name(via.scheme) if via.scheme in pb.Scheme.values() else via.scheme
-            problems.append(
-                ("via.scheme", f"mitmproxy's upstream proxies speak http or https, got {name}")
-            )
-        if not via.address.host or not 1 <= via.address.port <= 65535:
-            problems.append(("via.address", "host and a port 1-65535 are required"))
-    return problems
+def pending_decision(record: Record) -> Decision | None:
+    """The unasked decision for ``record``'s pending change, or None.
+
+    A pending change that answers a route query was sent with that query's
+    answer already; only changes from UpdateServerConnection are unasked.
+    """
+    if not record.has_pending:
+        return None
+    change = record.message().metadata.pending_change
+    if change.query_id:
+        return None
+    return Decision(
+        record.id,
+        actor=change.actor,
+        fields=frozenset(change.fields),
+        address=change.address if change.HasField("address") else None,
+        via=change.via if change.HasField("via") else None,
+    )
 
 
 class RouterHub:
     """Subscribed routers, open queries and pending decisions."""
 
-    def __init__(self, *, timeout: float = 0.2, queue_size: int = 1024) -> None:
+    def __init__(
+        self, store: Store | None = None, *, timeout: float = 0.2, queue_size: int = 1024
+    ) -> None:
         self.timeout = timeout
         """Default time a query waits for its answer, in seconds."""
         self._queue_size = queue_size
@@ -148,7 +145,9 @@ class RouterHub:
         self._order = itertools.count()
         self._ids = (f"{os.getpid():x}-{n:x}" for n in itertools.count(1))
         self._feeds: set[ProxyFeed] = set()
-        self._pending: OrderedDict[str, Decision] = OrderedDict()
+        self._store = store
+        if store is not None:
+            store.subscribe(self._on_events)
         self.stats = {"queries": 0, "answered": 0, "timed_out": 0, "late": 0, "unrouted": 0}
 
     # -- routers ---------------------------------------------------------
@@ -159,9 +158,10 @@ class RouterHub:
         return self._routers[0] if self._routers else None
 
     def subscribe(self, name: str) -> Router:
-        """Add a router; it is active if it is the only one."""
-        if not name or len(name) > _MAX_NAME:
-            raise ValueError(f"router name must be 1-{_MAX_NAME} characters, got {name!r}")
+        """Add a router; it is active if it is the only one. ValueError for a bad name."""
+        problem = router_name_problem(name)
+        if problem:
+            raise ValueError(problem)
         if any(r.name == name for r in self._routers):
             raise AlreadySubscribed(name)
         router = Router(name, next(self._order), asyncio.Queue(self._queue_size))
@@ -244,53 +244,48 @@ class RouterHub:
         )
         return True
 
-    # -- proxies and pending decisions -----------------------------------
+    # -- proxies and pending changes -------------------------------------
 
     def attach(self) -> ProxyFeed:
-        """A feed for a new proxy stream, primed with the routing state and
-        every pending decision."""
+        """A feed for a new proxy stream, primed with the routing state."""
         feed = ProxyFeed(asyncio.Queue())
         feed.items.put_nowait(self.active.name if self.active else "")
-        for decision in self._pending.values():
-            feed.items.put_nowait(decision)
         self._feeds.add(feed)
         return feed
+
+    def identify(self, feed: ProxyFeed, proxy: str) -> list[Decision]:
+        """The stream behind ``feed`` reports for ``proxy``: from now on it is
+        fed that proxy's new pending changes; returns those already pending,
+        for the stream to send first."""
+        feed.proxy = proxy
+        if self._store is None:
+            return []
+        decisions = (pending_decision(r) for r in self._store.pending_records(proxy))
+        return [d for d in decisions if d is not None]
 
     def detach(self, feed: ProxyFeed) -> None:
         """Stop feeding a proxy stream that ended."""
         self._feeds.discard(feed)
 
-    def note_pending(self, decision: Decision) -> None:
-        """Keep a change made while the server was not OPEN and tell every
-        proxy; it applies it when the server connects or is used."""
-        self._pending[decision.server_id] = decision
-        self._pending.move_to_end(decision.server_id)
-        while len(self._pending) > _MAX_PENDING:
-            self._pending.popitem(last=False)
-        for feed in self._feeds:
-            feed.items.put_nowait(decision)
-
-    @property
-    def has_pending(self) -> bool:
-        """Whether any change waits for its server's connect."""
-        return bool(self._pending)
-
-    def pending(self, server_id: str) -> Decision | None:
-        """The pending decision for a server, if any."""
-        return self._pending.get(server_id)
-
-    def settle(self, server_id: str) -> None:
-        """The proxy connected (or gave up on) the server: nothing is pending."""
-        self._pending.pop(server_id, None)
-
-    def drop_pending(self, stale: Callable[[str], bool]) -> int:
-        """Forget the pending changes whose server ``stale`` says will never
-        connect; returns how many. Feeds that already received them keep
-        them, but no stream attached later is handed them."""
-        gone = [server_id for server_id in self._pending if stale(server_id)]
-        for server_id in gone:
-            del self._pending[server_id]
-        return len(gone)
+    def _on_events(self, events: Sequence[Event]) -> None:
+        """Store listener: send each new unasked pending change to its proxy."""
+        feeds = self._feeds
+        if not feeds:
+            return
+        for event in events:
+            record = event.record
+            if not record.has_pending or record is event.prev:
+                continue
+            decision = pending_decision(record)
+            if decision is None:
+                continue
+            # Only a change accepted in this event is new; a report that
+            # leaves a pending change as it was does not send it again.
+            if record.message().metadata.pending_change.revision != event.revision:
+                continue
+            for feed in feeds:
+                if feed.proxy == record.proxy:
+                    feed.items.put_nowait(decision)
 
     def _broadcast(self, active_name: str) -> None:
         log.info("routing %s", f"active: router {active_name!r}" if active_name else "inactive")

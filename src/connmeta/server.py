@@ -18,14 +18,20 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from connmeta import __version__
-from connmeta.router_service import SERVICE_NAMES, add_servicers
+from connmeta import __version__, connection_service, report_service, router_service
+from connmeta.routing import RouterHub
 from connmeta.store import Store
 from connmeta.watch import WatchHub
 
 log = logging.getLogger("connmeta.server")
 
 MiB = 1024 * 1024
+
+SERVICE_NAMES = (
+    connection_service.CONNECTION_SERVICE,
+    report_service.REPORT_SERVICE,
+    router_service.ROUTER_SERVICE,
+)
 
 
 def default_unix_socket() -> str:
@@ -120,6 +126,7 @@ class Sidecar:
         self.hub = WatchHub(
             self.store, max_lag=config.watch_max_lag, bookmark_interval=config.bookmark_interval
         )
+        self.routers = RouterHub(self.store)
         self.health = HealthServicer()
         self._servers: list[grpc.aio.Server] = []
         self._tasks: list[asyncio.Task[None]] = []
@@ -134,7 +141,14 @@ class Sidecar:
         if not config.listen and not config.unix_socket:
             raise ListenError("nothing to serve on: both --listen and --unix-socket are empty")
         server = grpc.aio.server(options=channel_options(config))
-        add_servicers(server, self.store, self.hub)
+        # One servicer per service, each behind the transport's error boundary.
+        server.add_generic_rpc_handlers(
+            (
+                connection_service.handler(self.store, self.hub),
+                report_service.handler(self.store, self.routers),
+                router_service.handler(self.routers),
+            )
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (

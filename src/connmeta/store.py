@@ -1,10 +1,16 @@
-"""The authoritative connection store: revisions, etags, history, retention, the guard.
+"""The authoritative connection store: revisions, etags, history, retention, proxies.
 
 One global revision counts every change; each change (a reported snapshot,
 an update, a resync closing a connection, a retention deletion) gets the
 next revision and one Event in a bounded history. Lists can be pinned to a
 past revision and watches resumed after one, as long as it is still in the
 history (``oldest_revision``); older revisions raise Compacted.
+
+Several proxies may report into one store: each record remembers the proxy
+that reported it, a resync closes only its own proxy's records, and an id a
+live proxy holds is refused to another. What a valid input is lives in
+``connmeta.validation``, mitmproxy's guard in ``connmeta.guard``, and how a
+requested change becomes pending and settles in ``connmeta.changes``.
 
 Single-threaded and synchronous: call it from one thread (the event loop's).
 Listeners are called synchronously after each change with the new events.
@@ -23,8 +29,9 @@ from typing import Any, Final, Protocol, TypeVar
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from connmeta import addresses, certs
+from connmeta import certs, changes, validation
 from connmeta.filters import Filter
+from connmeta.guard import address_value, guard_refuses, via_value
 from connmeta.records import (
     Compacted,
     ConnectionOpen,
@@ -35,6 +42,7 @@ from connmeta.records import (
     Kind,
     NotFound,
     Record,
+    Rejection,
     StoreError,
     encode_field,
     encode_record,
@@ -57,6 +65,8 @@ __all__ = [
     "Kind",
     "NotFound",
     "Record",
+    "Rejection",
+    "Resync",
     "Store",
     "StoreError",
     "encode_field",
@@ -70,18 +80,24 @@ _CLOSED: Final = pb.CONNECTION_STATE_CLOSED
 _TERMINAL_HOOKS: Final = frozenset(
     (pb.HOOK_CLIENT_DISCONNECTED, pb.HOOK_SERVER_DISCONNECTED, pb.HOOK_SERVER_CONNECT_ERROR)
 )
+_CONNECT_HOOKS: Final = frozenset((pb.HOOK_SERVER_CONNECTED, pb.HOOK_SERVER_CONNECT_ERROR))
 _HOOKS: Final = frozenset(pb.Hook.values())
-_STATES: Final = frozenset(pb.ConnectionState.values())
-_UPDATABLE: Final = frozenset(("address", "via"))
-_VIA_SCHEMES: Final = frozenset((pb.SCHEME_HTTP, pb.SCHEME_HTTPS))
 _OVERLAY_CACHE: Final = 4
 _INTERN_MAX: Final = 1 << 16
 # pack_bits for every combination, indexed without a call (a call costs more
 # than the lookup on the ingest path): kind, state, hook (< 16), terminal,
-# has_certs, has_last_change.
+# has_certs, has_last_change, has_pending.
 _BITS: Final = tuple(
-    pack_bits(i & 3, i >> 2 & 3, bool(i >> 8 & 1), bool(i >> 9 & 1), bool(i >> 10 & 1), i >> 4 & 15)
-    for i in range(1 << 11)
+    pack_bits(
+        i & 3,
+        i >> 2 & 3,
+        bool(i >> 8 & 1),
+        bool(i >> 9 & 1),
+        bool(i >> 10 & 1),
+        i >> 4 & 15,
+        bool(i >> 11 & 1),
+    )
+    for i in range(1 << 12)
 )
 assert max(_HOOKS) < 16, "_BITS holds hooks in 4 bits"
 _HOOK_FIELDS: Final = {hook: b"\x28" + bytes((hook,)) if hook else b"" for hook in _HOOKS}
@@ -123,7 +139,13 @@ class Store:
         # id -> when it last changed while terminal; oldest first.
         self._terminal: OrderedDict[str, float] = OrderedDict()
         self._listeners: list[Listener] = []
-        self._resync_seen: set[str] | None = None
+        # proxy -> the seen-sets of its resyncs in progress (one per stream).
+        self._resyncs: dict[str, list[set[str]]] = {}
+        # proxy -> how many of its report streams are open.
+        self._live: dict[str, int] = {}
+        # Ids whose record has a pending change: what a proxy is sent on attach.
+        self._pending: set[str] = set()
+        self._proxy_fields: dict[str, bytes] = {}
         # Ids in id order, built lazily: new ids wait in _unsorted, deleted
         # ones stay in _sorted (skipped) until enough pile up in _deleted.
         self._sorted: list[str] = []
@@ -221,21 +243,56 @@ class Store:
 
         return unsubscribe
 
+    # -- proxies ----------------------------------------------------------------
+
+    def attach_proxy(self, proxy: str) -> None:
+        """A report stream of ``proxy`` opened; while one is open the proxy is live."""
+        self._live[proxy] = self._live.get(proxy, 0) + 1
+
+    def detach_proxy(self, proxy: str) -> None:
+        """A report stream of ``proxy`` ended."""
+        count = self._live.get(proxy, 0) - 1
+        if count > 0:
+            self._live[proxy] = count
+        else:
+            self._live.pop(proxy, None)
+
+    def is_live(self, proxy: str) -> bool:
+        """Whether ``proxy`` has a report stream open."""
+        return proxy in self._live
+
+    @property
+    def has_pending(self) -> bool:
+        """Whether any record has a pending change."""
+        return bool(self._pending)
+
+    def pending_records(self, proxy: str) -> builtins.list[Record]:
+        """The records ``proxy`` holds that have a pending change, in no order."""
+        records = self._records
+        return [r for i in self._pending if (r := records[i]).proxy == proxy]
+
     # -- writes ---------------------------------------------------------------
 
     def apply(
         self,
         snapshots: Sequence[rs.ConnectionSnapshot],
         encoded: Sequence[EncodedSnapshot] | None = None,
-    ) -> int:
-        """Store each snapshot at its own revision; returns the revision reached.
+        *,
+        proxy: str = "",
+        path: str = "snapshots",
+    ) -> builtins.list[Rejection]:
+        """Store each snapshot of ``proxy`` at its own revision; returns the refused ones.
 
         A new id is ADDED, a known one MODIFIED. A snapshot whose connection,
-        client_id and hook equal the stored version's is skipped (no revision,
-        no event); so is one identical except for being a resync report, so a
-        reconnecting proxy's resync does not flood watchers. Certificates are
-        described from their DER. A malformed snapshot raises InvalidArgument
-        naming ``snapshots[i]``; the ones before it stay applied.
+        client_id, hook and proxy equal the stored version's is skipped (no
+        revision, no event); so is one identical except for being a resync
+        report, so a reconnecting proxy's resync does not flood watchers.
+        Certificates are described from their DER. A snapshot is refused on
+        its own (a Rejection naming ``{path}[i]``) when it breaks the
+        contract (``connmeta.validation``), changes the kind of a known id,
+        or names a record another live proxy holds; the others are applied.
+        A server snapshot settles the record's pending change when it shows
+        the outcome of a connect (``connmeta.changes.settled``).
 
         ``encoded``, when given, holds the same snapshots with their client or
         server as the bytes they arrived in (``connmeta._rawview``); the store
@@ -244,11 +301,20 @@ class Store:
         if encoded is not None and len(encoded) != len(snapshots):
             raise ValueError(f"{len(encoded)} encoded snapshots for {len(snapshots)} snapshots")
         events: builtins.list[Event] = []
+        rejected: builtins.list[Rejection] = []
         now = self._clock()
         update_time = encode_field(7, _timestamp(now).SerializeToString())
+        proxy = self._intern(proxy)
+        proxy_field = self._proxy_fields.get(proxy)
+        if proxy_field is None:
+            proxy_field = self._proxy_fields[proxy] = (
+                encode_field(9, proxy.encode()) if proxy else b""
+            )
         records = self._records
         terminal = self._terminal
-        seen = self._resync_seen
+        seen_sets = self._resyncs.get(proxy, ())
+        live = self._live
+        pending_ids = self._pending
         unsorted = self._unsorted
         deleted = self._deleted
         interned = self._interned
@@ -273,30 +339,42 @@ class Store:
                 if which is None:
                     body = None
                     which = snap.WhichOneof("connection")
+                violations = validation.snapshot_violations(
+                    snap, f"{path}[{i}]", len(body) if body else None
+                )
+                if violations:
+                    conn_id = _snapshot_id(snap)
+                    rejected.append(
+                        Rejection(
+                            i,
+                            conn_id,
+                            "INVALID_SNAPSHOT",
+                            f"snapshot {i} ({validation.shown(conn_id)}) breaks the contract",
+                            violations,
+                        )
+                    )
+                    continue
                 if which == "server":
                     side: pb.Server | pb.Client = snap.server
                     kind = Kind.SERVER
                     tag = b"\x1a"
-                elif which == "client":
+                else:
                     side = snap.client
                     kind = Kind.CLIENT
                     tag = b"\x12"
-                else:
-                    raise InvalidArgument(
-                        [(f"snapshots[{i}].connection", "one of client or server is required")]
-                    )
                 conn = side.connection
                 id = conn.id
                 hook = snap.hook
                 state = conn.state
                 client_id = snap.client_id
-                if (
-                    not id
-                    or hook not in _HOOKS
-                    or state not in _STATES
-                    or (kind is Kind.SERVER and not client_id)
-                ):
-                    raise InvalidArgument(_snapshot_violations(i, which, snap))
+                prev = records.get(id)
+                if prev is not None:
+                    refusal = _conflict(i, prev, kind, proxy, live)
+                    if refusal is not None:
+                        rejected.append(refusal)
+                        continue
+                for seen in seen_sets:
+                    seen.add(id)
                 if kind is Kind.SERVER:
                     # A certificate_list entry is tagged 0x42 ("B"); bytes
                     # without one hold no certificate, and searching them in C
@@ -305,25 +383,25 @@ class Store:
                 else:
                     has_certs = bool(conn.certificate_list) or snap.client.HasField("mitmcert")
                 if has_certs:
-                    side = _described(side, f"snapshots[{i}].{which}")
+                    side = _described(side)
                     body = None
                 if body is None:
                     body = side.SerializeToString()
-                prev = records.get(id)
-                if seen is not None:
-                    seen.add(id)
+                last_change = pending = b""
                 if prev is not None:
-                    kind_field = tag + encode_varint(len(body)) + body
-                    if (
-                        (hook == prev.last_hook or hook == pb.HOOK_RESYNC)
-                        and prev.client_id == (client_id or prev.id)
-                        and len(prev.data) - prev.meta_end() == len(kind_field)
-                        and prev.data.endswith(kind_field)
-                    ):
-                        continue
+                    if prev.proxy == proxy and not (prev.has_pending and _settles(snap)):
+                        kind_field = tag + encode_varint(len(body)) + body
+                        if (
+                            (hook == prev.last_hook or hook == pb.HOOK_RESYNC)
+                            and prev.client_id == (client_id or prev.id)
+                            and len(prev.data) - prev.meta_end() == len(kind_field)
+                            and prev.data.endswith(kind_field)
+                        ):
+                            continue
+                    if prev.has_pending or prev.has_last_change:
+                        last_change, pending = self._changes_after(prev, snap)
                     id = prev.id
                     create_revision = prev.create_revision
-                    last_change = _last_change_field(prev) if prev.has_last_change else b""
                 if kind is Kind.SERVER:
                     owner = records.get(client_id)
                     client_id = owner.id if owner is not None else intern(client_id, client_id)
@@ -335,7 +413,6 @@ class Store:
                 revision = self._revision + 1
                 if prev is None:
                     create_revision = revision
-                    last_change = b""
                 is_terminal = hook in _TERMINAL_HOOKS or state == _CLOSED
                 record = Record(
                     id,
@@ -350,19 +427,25 @@ class Store:
                         | is_terminal << 8
                         | has_certs << 9
                         | bool(last_change) << 10
+                        | bool(pending) << 11
                     ],
                     encode_record(
                         revision,
                         create_revision,
                         client_id_field,
                         _HOOK_FIELDS[hook],
-                        last_change + update_time if last_change else update_time,
+                        b"".join((last_change, update_time, pending, proxy_field)),
                         tag,
                         body,
                     ),
+                    proxy,
                 )
                 self._revision = revision
                 records[id] = record
+                if pending:
+                    pending_ids.add(id)
+                elif prev is not None and prev.has_pending:
+                    pending_ids.discard(id)
                 if prev is None:
                     if id in deleted:
                         deleted.discard(id)  # still in _sorted from its previous life
@@ -378,38 +461,81 @@ class Store:
                     terminal.pop(id, None)
         finally:
             self._commit(events)
-        return self._revision
+        return rejected
 
-    def begin_resync(self) -> None:
-        """Start a resync: remember every id reported from now on."""
-        self._resync_seen = set()
+    def _changes_after(self, prev: Record, snap: rs.ConnectionSnapshot) -> tuple[bytes, bytes]:
+        """metadata.last_change and .pending_change (encoded fields) after ``snap``.
 
-    def end_resync(self) -> int:
-        """Finish a resync: close what the proxy no longer has; returns how many.
-
-        Every record not CLOSED and not reported since ``begin_resync`` gets a
-        new version with state CLOSED and last_hook RESYNC.
+        Settles the pending change when the snapshot shows a connect's outcome.
         """
-        seen = self._resync_seen
-        if seen is None:
-            raise InvalidArgument([("resync_end", "no resync was started (send resync_start)")])
-        self._resync_seen = None
-        stale = [r for r in self._records.values() if r.state != _CLOSED and r.id not in seen]
+        meta = prev.message().metadata
+        pending = meta.pending_change if meta.HasField("pending_change") else None
+        last = meta.last_change if meta.HasField("last_change") else None
+        if pending is not None and snap.HasField("server"):
+            outcome = snap.route_outcome if snap.HasField("route_outcome") else None
+            settled = changes.settled(pending, snap.server, snap.hook, outcome)
+            if settled is not None:
+                last, pending = settled, None
+        return (
+            encode_field(6, last.SerializeToString()) if last is not None else b"",
+            encode_field(8, pending.SerializeToString()) if pending is not None else b"",
+        )
+
+    def begin_resync(self, proxy: str = "") -> Resync:
+        """Start a resync of ``proxy``: remember every id it reports from now on."""
+        resync = Resync(self._intern(proxy))
+        self._resyncs.setdefault(resync.proxy, []).append(resync.seen)
+        return resync
+
+    def abandon_resync(self, resync: Resync) -> None:
+        """Forget a resync that will not end (its stream broke); idempotent."""
+        sets = self._resyncs.get(resync.proxy)
+        if sets is not None:
+            for n, seen in enumerate(sets):
+                if seen is resync.seen:
+                    del sets[n]
+                    break
+            if not sets:
+                del self._resyncs[resync.proxy]
+
+    def end_resync(self, resync: Resync) -> int:
+        """Finish a resync: close what its proxy no longer has; returns how many.
+
+        Every record of this proxy, not CLOSED and not reported by it since
+        ``begin_resync``, gets a new version with state CLOSED and last_hook
+        RESYNC; a pending change of a record it did not report becomes
+        NOT_APPLIED. Records of other proxies are never touched.
+        """
+        self.abandon_resync(resync)
+        proxy, seen = resync.proxy, resync.seen
+        stale = [
+            r
+            for r in self._records.values()
+            if r.proxy == proxy and (r.state != _CLOSED or r.has_pending) and r.id not in seen
+        ]
         now = self._clock()
         events: builtins.list[Event] = []
+        closed = 0
         try:
             for prev in stale:
                 msg = prev.message()
-                side = msg.server if msg.HasField("server") else msg.client
-                side.connection.state = _CLOSED
-                msg.metadata.last_hook = pb.HOOK_RESYNC
-                record = self._new_version(prev, msg, now, state=_CLOSED, hook=pb.HOOK_RESYNC)
+                meta = msg.metadata
+                if meta.HasField("pending_change"):
+                    meta.last_change.CopyFrom(changes.not_held(meta.pending_change))
+                    meta.ClearField("pending_change")
+                state, hook = prev.state, prev.last_hook
+                if state != _CLOSED:
+                    side = msg.server if msg.HasField("server") else msg.client
+                    side.connection.state = state = _CLOSED
+                    meta.last_hook = hook = pb.HOOK_RESYNC
+                    closed += 1
+                record = self._new_version(prev, msg, now, state=state, hook=hook)
                 events.append(Event(record.revision, EventType.MODIFIED, record, prev))
                 self._terminal.pop(prev.id, None)
                 self._terminal[prev.id] = now
         finally:
             self._commit(events)
-        return len(events)
+        return closed
 
     def update_server(
         self,
@@ -417,20 +543,24 @@ class Store:
         *,
         address: pb.Address | None,
         via: pb.ServerSpec | None,
-        mask: frozenset[str],
+        mask: Iterable[str],
         etag: str = "",
         actor: str = "",
+        query_id: str = "",
     ) -> Record:
-        """Change a server's address and/or via under mitmproxy's guard.
+        """Ask for a change of a server's address and/or via, under mitmproxy's guard.
 
         Checks in order: the request (InvalidArgument), the id (NotFound, or
         InvalidArgument for a client), ``etag`` if given (EtagMismatch), the
-        guard (ConnectionOpen: state is exactly OPEN and a value would change).
-        Values equal to the current ones (compared as the tuples mitmproxy
-        holds) change nothing and make no revision; otherwise the new version
-        records ``metadata.last_change``.
+        guard (ConnectionOpen: state is exactly OPEN and a value would change
+        from what the proxy holds). An accepted change becomes the record's
+        ``metadata.pending_change`` (``connmeta.changes.requested``); the
+        server's fields keep what the proxy reported until it settles the
+        change. A request that leaves the pending change as it was makes no
+        revision.
         """
-        violations = _update_violations(id, address, via, mask)
+        paths = builtins.list(mask)
+        violations = validation.update_violations(id, address, via, paths, actor)
         if violations:
             raise InvalidArgument(violations)
         current = self._records.get(id)
@@ -438,49 +568,43 @@ class Store:
             raise NotFound(id)
         if current.kind is not Kind.SERVER:
             raise InvalidArgument(
-                [("id", f"{id!r} is a client connection; only servers can be updated")]
+                [
+                    (
+                        "id",
+                        f"{validation.shown(id)} is a client connection; "
+                        "only servers can be updated",
+                    )
+                ]
             )
         if etag and etag != current.etag:
             raise EtagMismatch(id, etag, current.etag)
         msg = current.message()
         server = msg.server
-        changed: builtins.list[str] = []
-        current_values = {
-            "address": addresses.address_to_tuple(server.address)
-            if server.HasField("address")
-            else None,
-            "via": _via_tuple(server.via) if server.HasField("via") else None,
-        }
-        new_values = {
-            "address": addresses.address_to_tuple(address) if address is not None else None,
-            "via": _via_tuple(via) if via is not None else None,
-        }
         for field in ("address", "via"):
-            if field not in mask:
-                continue
-            old, new = current_values[field], new_values[field]
-            if guard_refuses(current.state, old, new):
-                raise ConnectionOpen(id, field, repr(old))
-            if old != new:
-                changed.append(field)
+            if field in paths:
+                new = address_value(address) if field == "address" else via_value(via)
+                old = changes.observed_value(server, field)
+                if guard_refuses(current.state, old, new):
+                    raise ConnectionOpen(id, field, repr(old))
+        meta = msg.metadata
+        now = self._clock()
+        pending, changed = changes.requested(
+            server,
+            meta.pending_change if meta.HasField("pending_change") else None,
+            paths,
+            address,
+            via,
+            actor=actor,
+            time=_timestamp(now),
+            revision=self._revision + 1,
+            query_id=query_id,
+        )
         if not changed:
             return current
-        if "address" in changed:
-            assert address is not None
-            server.address.CopyFrom(address)
-        if "via" in changed:
-            if via is None:
-                server.ClearField("via")
-            else:
-                server.via.CopyFrom(via)
-        now = self._clock()
-        revision = self._revision + 1
-        change = msg.metadata.last_change
-        change.Clear()
-        change.actor = actor
-        change.time.CopyFrom(_timestamp(now))
-        change.fields.extend(changed)
-        change.revision = revision
+        if pending is None:
+            meta.ClearField("pending_change")
+        else:
+            meta.pending_change.CopyFrom(pending)
         record = self._new_version(current, msg, now)
         self._commit([Event(record.revision, EventType.MODIFIED, record, current)])
         return record
@@ -502,6 +626,7 @@ class Store:
                 terminal.popitem(last=False)
                 record = self._records.pop(id)
                 self._deleted.add(id)
+                self._pending.discard(id)
                 self._revision += 1
                 events.append(Event(self._revision, EventType.DELETED, record, record))
         finally:
@@ -548,6 +673,7 @@ class Store:
             host, port = prev.host, prev.port
         new_state = prev.state if state is None else state
         new_hook = prev.last_hook if hook is None else hook
+        has_pending = meta.HasField("pending_change")
         record = Record(
             prev.id,
             prev.client_id,
@@ -561,11 +687,17 @@ class Store:
                 prev.has_certificates,
                 meta.HasField("last_change"),
                 new_hook,
+                has_pending,
             ),
             msg.SerializeToString(),
+            prev.proxy,
         )
         self._revision = revision
         self._records[prev.id] = record
+        if has_pending:
+            self._pending.add(prev.id)
+        else:
+            self._pending.discard(prev.id)
         return record
 
     def _sorted_ids(self) -> builtins.list[str]:
@@ -614,117 +746,72 @@ class Store:
         return overlay
 
 
-# -- the guard ----------------------------------------------------------------------
+# -- helpers ------------------------------------------------------------------------
 
 
-def guard_refuses(state: int, current: object, new: object) -> bool:
-    """mitmproxy's ``Server.__setattr__`` for address and via, as a predicate.
+class Resync:
+    """One proxy's resync in progress: the ids it reported since it began."""
 
-    It raises exactly when the state is OPEN (``is ConnectionState.OPEN``: the
-    half-closed states and CLOSED allow changes) and the new value differs
-    from the current one by ``!=``, so re-assigning the same tuple is fine
-    while ``('h', 1)`` and ``('h', 1, 0, 0)`` differ.
-    """
-    return state == _OPEN and current != new
+    __slots__ = ("proxy", "seen")
 
-
-def _via_tuple(via: pb.ServerSpec) -> tuple[object, ...]:
-    scheme = addresses.SCHEME_NAMES.get(via.scheme, via.scheme)
-    return (scheme, addresses.address_to_tuple(via.address) if via.HasField("address") else None)
+    def __init__(self, proxy: str) -> None:
+        self.proxy = proxy
+        self.seen: set[str] = set()
 
 
-def _host_problem(host: str) -> str | None:
-    if not host:
-        return "required, a host name or IP address"
-    if len(host) > 253:
-        return f"{len(host)} characters is longer than a host name can be (253)"
-    bad = [c for c in host if c.isspace() or not c.isprintable() or c in "/[]@?#"]
-    if bad:
-        return f"{host!r} is not a host name or IP address (unbracketed for IPv6)"
+def _settles(snap: rs.ConnectionSnapshot) -> bool:
+    """Whether ``snap`` may settle a pending change (see ``changes.settled``)."""
+    return snap.hook in _CONNECT_HOOKS or snap.HasField("route_outcome")
+
+
+def _snapshot_id(snap: rs.ConnectionSnapshot) -> str:
+    which = snap.WhichOneof("connection")
+    if which is None:
+        return ""
+    side = snap.client if which == "client" else snap.server
+    return side.connection.id[: validation.MAX_ID_BYTES]
+
+
+def _conflict(
+    i: int, prev: Record, kind: Kind, proxy: str, live: dict[str, int]
+) -> Rejection | None:
+    """Why a snapshot of ``proxy`` may not replace ``prev``, or None."""
+    if prev.kind is not kind:
+        return Rejection(
+            i,
+            prev.id,
+            "CONNECTION_KIND_CONFLICT",
+            f"connection {validation.shown(prev.id)} is a {prev.kind.name.lower()} "
+            f"connection; an id keeps its kind",
+        )
+    if prev.proxy != proxy and prev.proxy in live:
+        return Rejection(
+            i,
+            prev.id,
+            "CONNECTION_OWNED_BY_OTHER_PROXY",
+            f"connection {validation.shown(prev.id)} is held by proxy "
+            f"{validation.shown(prev.proxy)}, which is still reporting; ids must be unique "
+            "across proxies",
+        )
     return None
 
 
-def _check_address(address: pb.Address, path: str, out: builtins.list[tuple[str, str]]) -> None:
-    problem = _host_problem(address.host)
-    if problem:
-        out.append((f"{path}.host", problem))
-    if not 1 <= address.port <= 65535:
-        out.append((f"{path}.port", f"{address.port} is outside 1-65535"))
-    if address.HasField("scope_id") and not address.HasField("flowinfo"):
-        out.append((f"{path}.scope_id", "set without flowinfo; set flowinfo too (0 if unknown)"))
+def _described(side: pb.Server | pb.Client) -> pb.Server | pb.Client:
+    """A copy of ``side`` whose certificates carry every derived field.
 
-
-def _update_violations(
-    id: str, address: pb.Address | None, via: pb.ServerSpec | None, mask: frozenset[str]
-) -> builtins.list[tuple[str, str]]:
-    out: builtins.list[tuple[str, str]] = []
-    if not id:
-        out.append(("id", "required"))
-    if not mask:
-        out.append(("update_mask", "required: name 'address', 'via' or both"))
-    for path in sorted(mask - _UPDATABLE):
-        out.append(
-            ("update_mask.paths", f"{path!r} cannot be updated; only 'address' and 'via' can")
-        )
-    if "address" in mask:
-        if address is None:
-            out.append(("address", "required when update_mask names 'address'"))
-        else:
-            _check_address(address, "address", out)
-    if "via" in mask and via is not None:
-        if via.scheme not in _VIA_SCHEMES:
-            name = addresses.enum_label(pb.Scheme.Name, via.scheme)
-            out.append(("via.scheme", f"{name}: an upstream proxy is spoken to over http or https"))
-        if not via.HasField("address"):
-            out.append(("via.address", "required: where the upstream proxy listens"))
-        else:
-            _check_address(via.address, "via.address", out)
-            if via.address.HasField("flowinfo"):
-                out.append(("via.address.flowinfo", "a via address is a (host, port) pair"))
-    return out
-
-
-def _snapshot_violations(
-    i: int, which: str, snap: rs.ConnectionSnapshot
-) -> builtins.list[tuple[str, str]]:
-    out: builtins.list[tuple[str, str]] = []
-    side = snap.server if which == "server" else snap.client
-    path = f"snapshots[{i}]"
-    if not side.connection.id:
-        out.append((f"{path}.{which}.connection.id", "required"))
-    if snap.hook not in _HOOKS:
-        out.append((f"{path}.hook", f"unknown Hook value {snap.hook}"))
-    if side.connection.state not in _STATES:
-        out.append(
-            (f"{path}.{which}.connection.state", f"unknown state {side.connection.state}; use 0-3")
-        )
-    if which == "server" and not snap.client_id:
-        out.append((f"{path}.client_id", "required for a server: the id of the client it serves"))
-    return out
-
-
-def _described(side: pb.Server | pb.Client, path: str) -> pb.Server | pb.Client:
-    """A copy of ``side`` whose certificates carry every derived field."""
+    Validation parsed each DER already (and ``certs.described`` cached it).
+    """
     copy = type(side).FromString(side.SerializeToString())
     chain = copy.connection.certificate_list
-    try:
-        ders = [c.der for c in chain]
-        del chain[:]
-        for der in ders:
-            chain.append(certs.described(der))
-        if isinstance(copy, pb.Client) and copy.HasField("mitmcert"):
-            copy.mitmcert.CopyFrom(certs.described(copy.mitmcert.der))
-    except ValueError as e:
-        raise InvalidArgument([(f"{path}.connection.certificate_list", str(e))]) from None
+    ders = [c.der for c in chain]
+    del chain[:]
+    for der in ders:
+        chain.append(certs.described(der))
+    if isinstance(copy, pb.Client) and copy.HasField("mitmcert"):
+        copy.mitmcert.CopyFrom(certs.described(copy.mitmcert.der))
     return copy
 
 
 def _timestamp(when: float) -> Timestamp:
     seconds = int(when)
     return Timestamp(seconds=seconds, nanos=int((when - seconds) * 1e9))
-
-
-def _last_change_field(record: Record) -> bytes:
-    """metadata.last_change of ``record`` as an encoded field (tag included)."""
-    meta = record.message().metadata
-    return encode_field(6, meta.last_change.SerializeToString())

@@ -458,9 +458,9 @@ type ReportRequest struct {
 	// the proxy's reconnects (and, ideally, its restarts on the same listen
 	// address), unique among the proxies reporting to one sidecar; 1-256 bytes
 	// of printable ASCII without spaces. Set on the stream's first message;
-	// later messages leave it empty or repeat it. A stream that never sets it
-	// reports as an anonymous proxy of its own ("stream-N"), whose resync
-	// closes only what that stream reported.
+	// later messages leave it empty or repeat it. Streams that never set it
+	// share one anonymous proxy (records show an empty proxy_id), as before
+	// proxy_id existed: their resyncs close each other's connections.
 	ProxyId string `protobuf:"bytes,5,opt,name=proxy_id,json=proxyId,proto3" json:"proxy_id,omitempty"`
 	// message is what this request carries.
 	//

@@ -286,9 +286,9 @@ class ReportRequest(_message.Message):
     the proxy's reconnects (and, ideally, its restarts on the same listen
     address), unique among the proxies reporting to one sidecar; 1-256 bytes
     of printable ASCII without spaces. Set on the stream's first message;
-    later messages leave it empty or repeat it. A stream that never sets it
-    reports as an anonymous proxy of its own ("stream-N"), whose resync
-    closes only what that stream reported.
+    later messages leave it empty or repeat it. Streams that never set it
+    share one anonymous proxy (records show an empty proxy_id), as before
+    proxy_id existed: their resyncs close each other's connections.
     """
     @_builtins.property
     def batch(self) -> Global___ReportBatch:
