@@ -11,8 +11,9 @@
 //     without losing or repeating a revision.
 //   - [Client.Pages] and [Client.ListAll] page through a listing pinned at
 //     one revision.
-//   - [Client.UpdateServer] and [Client.RetargetServer] change a server's
-//     address or upstream proxy with optimistic concurrency (etags).
+//   - [Client.UpdateServer] and [Client.RetargetServer] ask for a change of
+//     a server's address or upstream proxy with optimistic concurrency
+//     (etags); the proxy applies it at the server's next connect.
 //   - [DetailsOf] decodes the google.rpc error details (ErrorInfo,
 //     BadRequest, PreconditionFailure) every connmeta error carries.
 package connmeta

@@ -19,7 +19,8 @@ type ServerUpdate struct {
 	// refuses it with ABORTED (ETAG_MISMATCH) if the record changed since
 	// the etag was read.
 	Etag string
-	// Actor names who makes the change (recorded in last_change).
+	// Actor names who makes the change (recorded as the actor of
+	// metadata.pending_change, later last_change).
 	Actor string
 	// Address, when not nil, is the new address.
 	Address *connmetav1.Address
@@ -29,9 +30,16 @@ type ServerUpdate struct {
 	ClearVia bool
 }
 
-// UpdateServer applies u and returns the record after the update. A server
+// UpdateServer asks for u and returns the record after the update. A server
 // whose state is OPEN refuses a change with FAILED_PRECONDITION
-// (CONNECTION_OPEN); setting a field to its current value always succeeds.
+// (CONNECTION_OPEN); setting a field to its current value always succeeds
+// (and withdraws a pending change of that field).
+//
+// An accepted change is desired state: the returned record holds it in
+// Metadata.PendingChange (status PENDING) while its Server still shows what
+// the proxy reported. The proxy applies it at the server's next connect;
+// the change then moves to Metadata.LastChange (APPLIED, DEFERRED or
+// NOT_APPLIED), which a watch shows.
 func (c *Client) UpdateServer(ctx context.Context, u ServerUpdate) (*connmetav1.ConnectionRecord, error) {
 	req := &connmetav1.UpdateServerConnectionRequest{
 		Id:         u.ID,
@@ -57,7 +65,8 @@ func (c *Client) UpdateServer(ctx context.Context, u ServerUpdate) (*connmetav1.
 	return resp.GetConnection(), nil
 }
 
-// RetargetServer points a server connection at addr: read, then update with
+// RetargetServer asks for a server connection to connect to addr (a
+// pending change, see [Client.UpdateServer]): read, then update with
 // the etag just read, retrying when another writer got in between
 // (ABORTED / ETAG_MISMATCH). It gives up after a few attempts, because a
 // server that changes that often is being fought over and the caller

@@ -87,9 +87,16 @@ impl Client {
             .revision)
     }
 
-    /// Applies `update`; returns the record after it. An OPEN server refuses
-    /// a real change with FAILED_PRECONDITION (`CONNECTION_OPEN`); setting a
-    /// field to its current value always succeeds.
+    /// Asks for `update`; returns the record after it. An OPEN server
+    /// refuses a real change with FAILED_PRECONDITION (`CONNECTION_OPEN`);
+    /// setting a field to its current value always succeeds (and withdraws a
+    /// pending change of that field).
+    ///
+    /// An accepted change is desired state: the returned record holds it in
+    /// `metadata.pending_change` (status PENDING) while its server still
+    /// shows what the proxy reported. The proxy applies it at the server's
+    /// next connect; the change then moves to `metadata.last_change`
+    /// (APPLIED, DEFERRED or NOT_APPLIED), which a watch shows.
     pub async fn update_server(
         &mut self,
         update: ServerUpdate,
@@ -124,7 +131,8 @@ impl Client {
             .ok_or_else(|| Status::internal("update response without a connection"))
     }
 
-    /// Points a server at `address`: read, then update with the etag just
+    /// Asks for a server to connect to `address` (a pending change, see
+    /// [`Client::update_server`]): read, then update with the etag just
     /// read, retrying while another writer gets in between (ABORTED /
     /// `ETAG_MISMATCH`), a few times at most.
     pub async fn retarget_server(
@@ -164,7 +172,8 @@ pub struct ServerUpdate {
     /// When not empty, the update applies only if the record still has this
     /// etag (else ABORTED / `ETAG_MISMATCH`).
     pub etag: String,
-    /// Who makes the change (recorded in `last_change`).
+    /// Who makes the change (the actor of `metadata.pending_change`, later
+    /// `last_change`).
     pub actor: String,
     /// The new address.
     pub address: Option<Address>,

@@ -11,8 +11,9 @@
 //!   without losing or repeating a revision.
 //! - [`Client::pages`] and [`Client::list_all`] page through a listing
 //!   pinned at one revision.
-//! - [`Client::update_server`] and [`Client::retarget_server`] change a
-//!   server's target with optimistic concurrency (etags).
+//! - [`Client::update_server`] and [`Client::retarget_server`] ask for a
+//!   change of a server's target with optimistic concurrency (etags); the
+//!   proxy applies it at the server's next connect.
 //! - [`ErrorDetails`] decodes the `google.rpc` details (`ErrorInfo`,
 //!   `BadRequest`, `PreconditionFailure`) every connmeta error carries.
 //!

@@ -27,17 +27,19 @@ var cases = []interopCase{
 	{"get_not_found", "GetConnection of an unknown id fails NOT_FOUND with ErrorInfo CONNECTION_NOT_FOUND", caseGetNotFound},
 	{"update_open_server_refused", "changing the address of an OPEN server fails FAILED_PRECONDITION with ErrorInfo CONNECTION_OPEN and PreconditionFailure; nothing changes", caseUpdateOpenServerRefused},
 	{"update_same_value_on_open_server_accepted", "setting an OPEN server's address to its current value succeeds and records no change", caseUpdateSameValueOnOpenServer},
-	{"update_closed_server", "a CLOSED server's address and via change; etag, revision and last_change follow", caseUpdateClosedServer},
+	{"update_closed_server", "an accepted change of a CLOSED server waits in pending_change while the record keeps the reported address; the proxy's APPLIED route outcome moves it to last_change and the address; a pending via is withdrawn by naming the current one", caseUpdateClosedServer},
 	{"update_stale_etag", "an update with an outdated etag fails ABORTED with ErrorInfo ETAG_MISMATCH; a read-modify-write retry succeeds", caseUpdateStaleEtag},
-	{"update_invalid_argument", "port 70000, an empty host, via scheme TLS and mask path sni each fail INVALID_ARGUMENT with a BadRequest naming the field", caseUpdateInvalidArgument},
+	{"update_invalid_argument", "port 70000, an empty host, an address with flowinfo, via scheme TLS and mask path sni each fail INVALID_ARGUMENT with a BadRequest naming the field; an invalid address outside the mask is ignored", caseUpdateInvalidArgument},
 	{"list_pagination", "paging with a small page_size returns every id exactly once, in id order, all pages at one pinned revision", caseListPagination},
 	{"watch_resume_no_gap", "a watch cut mid-stream and resumed from its last revision sees every concurrent write exactly once, in order", caseWatchResumeNoGap},
 	{"watch_compacted", "watching from a revision older than the history fails OUT_OF_RANGE with ErrorInfo REVISION_COMPACTED and oldest_revision; relist then watch recovers", caseWatchCompacted},
 	{"watch_slow_consumer", "a watcher that stops reading is ended RESOURCE_EXHAUSTED with ErrorInfo WATCHER_TOO_SLOW and last_revision; resuming from it loses nothing", caseWatchSlowConsumer},
 	{"keepalive", "keepalive pings every 10 s on an idle watch do not get the connection closed (too_many_pings); the watch still delivers afterwards", caseKeepalive},
 	{"health", "grpc.health.v1 Check reports SERVING for \"\" and connmeta.v1.ConnectionService", caseHealth},
+	{"report_rejects_bad_snapshot", "a batch whose middle snapshot has transport_protocol UNSPECIFIED is acked with that one rejected (index 1, INVALID_SNAPSHOT, a violation naming its field path) and the other two stored; the stream goes on: a further batch with port 70000 at index 0 is acked the same way", caseReportRejectsBadSnapshot},
+	{"two_proxies_resync_independent", "two Report streams with different proxy_id each report an OPEN client; a resync of proxy A, overlapping one of proxy B, closes only A's client (CLOSED, last_hook RESYNC); B's client stays OPEN and B's resync closes nothing", caseTwoProxiesResyncIndependent},
 	{"unix_socket", "the Unix socket serves the same store: a record reported over TCP reads back identical, errors keep their details", caseUnixSocket},
-	{"router_retargets_connect", "a server_connect reported while a router is subscribed reaches it as a RouteQuery; its answer reaches the proxy as a RouteDecision and shows on the record and in the watch with last_change.actor = the router's name", caseRouterRetargetsConnect},
+	{"router_retargets_connect", "a server_connect reported while a router is subscribed reaches it as a RouteQuery; its answer reaches the proxy as a RouteDecision and waits as pending_change; the proxy's APPLIED route outcome shows on the record and in the watch with the new address and last_change.actor = the router's name", caseRouterRetargetsConnect},
 	{"router_silent_fails_open", "a query the router leaves unanswered ends in a timed-out no-change RouteDecision within the sidecar's share of the proxy's route deadline; the server keeps its address and a late answer is ignored", caseRouterSilentFailsOpen},
 	{"router_standby_takes_over", "a second router is a standby naming the active one and a duplicate name fails ALREADY_EXISTS; when the active router leaves, the standby is told it is active, RoutingState names it and it gets the next query", caseRouterStandbyTakesOver},
 }
@@ -114,14 +116,27 @@ func caseUpdateSameValueOnOpenServer(ctx context.Context, e *env) error {
 		return fmt.Errorf("a no-op update recorded a change: revision %d -> %d, etag %s -> %s",
 			bm.GetRevision(), am.GetRevision(), bm.GetEtag(), am.GetEtag())
 	}
-	if am.GetLastChange() != nil {
-		return fmt.Errorf("a no-op update set last_change: %v", am.GetLastChange())
+	if am.GetLastChange() != nil || am.GetPendingChange() != nil {
+		return fmt.Errorf("a no-op update set last_change %v, pending_change %v", am.GetLastChange(), am.GetPendingChange())
+	}
+	return nil
+}
+
+// checkPending checks that m holds, as pending_change, the update of fields
+// by actor accepted at m's revision, with no route query.
+func checkPending(what string, m *connmetav1.RecordMetadata, fields []string, address *connmetav1.Address, via *connmetav1.ServerSpec) error {
+	pc := m.GetPendingChange()
+	if pc.GetActor() != actor || !slices.Equal(pc.GetFields(), fields) || pc.GetRevision() != m.GetRevision() ||
+		pc.GetStatus() != connmetav1.ChangeStatus_CHANGE_STATUS_PENDING || pc.GetQueryId() != "" ||
+		!proto.Equal(pc.GetAddress(), address) || !proto.Equal(pc.GetVia(), via) {
+		return fmt.Errorf("%s: metadata.pending_change = %v, want actor %s, fields %v, address %v, via %v, revision %d, status PENDING, no query_id",
+			what, pc, actor, fields, address, via, m.GetRevision())
 	}
 	return nil
 }
 
 func caseUpdateClosedServer(ctx context.Context, e *env) error {
-	_, id, err := reportServer(e, closed, "origin.example", 443)
+	clientID, id, err := reportServer(e, closed, "origin.example", 443)
 	if err != nil {
 		return err
 	}
@@ -129,6 +144,7 @@ func caseUpdateClosedServer(ctx context.Context, e *env) error {
 	if err != nil {
 		return err
 	}
+	reported := addr("origin.example", 443)
 	target := addr("elsewhere.example", 8443)
 	rec, err := e.client.UpdateServer(ctx, connmeta.ServerUpdate{
 		ID: id, Etag: before.GetMetadata().GetEtag(), Actor: actor, Address: target,
@@ -136,8 +152,9 @@ func caseUpdateClosedServer(ctx context.Context, e *env) error {
 	if err != nil {
 		return fmt.Errorf("update address of CLOSED server: %w", err)
 	}
-	if !proto.Equal(rec.GetServer().GetAddress(), target) {
-		return fmt.Errorf("address after update = %v, want %v", rec.GetServer().GetAddress(), target)
+	// Desired, not observed: the server keeps what the proxy reported.
+	if !proto.Equal(rec.GetServer().GetAddress(), reported) {
+		return fmt.Errorf("address after update = %v, want %v (the reported one) until the proxy applies the change", rec.GetServer().GetAddress(), reported)
 	}
 	m := rec.GetMetadata()
 	if m.GetEtag() == before.GetMetadata().GetEtag() {
@@ -146,9 +163,11 @@ func caseUpdateClosedServer(ctx context.Context, e *env) error {
 	if m.GetRevision() <= before.GetMetadata().GetRevision() {
 		return fmt.Errorf("revision did not advance: %d -> %d", before.GetMetadata().GetRevision(), m.GetRevision())
 	}
-	lc := m.GetLastChange()
-	if lc.GetActor() != actor || !slices.Equal(lc.GetFields(), []string{"address"}) || lc.GetRevision() != m.GetRevision() {
-		return fmt.Errorf("last_change = %v, want actor %s, fields [address], revision %d", lc, actor, m.GetRevision())
+	if err := checkPending("update address", m, []string{"address"}, target, nil); err != nil {
+		return err
+	}
+	if !proto.Equal(m.GetLastChange(), before.GetMetadata().GetLastChange()) {
+		return fmt.Errorf("last_change changed to %v before the proxy reported the outcome", m.GetLastChange())
 	}
 	reread, err := get(ctx, e.client, id)
 	if err != nil {
@@ -157,21 +176,49 @@ func caseUpdateClosedServer(ctx context.Context, e *env) error {
 	if reread.GetMetadata().GetEtag() != m.GetEtag() {
 		return fmt.Errorf("get after update: etag %s, update returned %s", reread.GetMetadata().GetEtag(), m.GetEtag())
 	}
+	accepted := m.GetRevision()
 
+	// The proxy applies it at the server's connect and says so.
+	rev, err := e.proxy.report(appliedAt(id, clientID, target, "", actor))
+	if err != nil {
+		return err
+	}
+	rec, err = get(ctx, e.client, id)
+	if err != nil {
+		return err
+	}
+	m = rec.GetMetadata()
+	if !proto.Equal(rec.GetServer().GetAddress(), target) || m.GetRevision() != rev {
+		return fmt.Errorf("after the APPLIED outcome (ack revision %d): address %v at revision %d, want %v", rev, rec.GetServer().GetAddress(), m.GetRevision(), target)
+	}
+	if m.GetPendingChange() != nil {
+		return fmt.Errorf("pending_change = %v after the APPLIED outcome, want none", m.GetPendingChange())
+	}
+	lc := m.GetLastChange()
+	if lc.GetActor() != actor || !slices.Equal(lc.GetFields(), []string{"address"}) || lc.GetStatus() != connmetav1.ChangeStatus_CHANGE_STATUS_APPLIED ||
+		lc.GetRevision() != accepted || !proto.Equal(lc.GetAddress(), target) {
+		return fmt.Errorf("last_change = %v, want actor %s, fields [address], address %v, status APPLIED, revision %d (accepted at)", lc, actor, target, accepted)
+	}
+
+	// A via waits the same way; naming the current value (none) withdraws it.
 	proxySpec := &connmetav1.ServerSpec{Scheme: connmetav1.Scheme_SCHEME_HTTP, Address: addr("proxy.internal", 3128)}
 	rec, err = e.client.UpdateServer(ctx, connmeta.ServerUpdate{ID: id, Actor: actor, Via: proxySpec})
 	if err != nil {
 		return fmt.Errorf("set via: %w", err)
 	}
-	if !proto.Equal(rec.GetServer().GetVia(), proxySpec) {
-		return fmt.Errorf("via after update = %v, want %v", rec.GetServer().GetVia(), proxySpec)
+	if rec.GetServer().GetVia() != nil {
+		return fmt.Errorf("via after update = %v, want none (the reported one) until the proxy applies the change", rec.GetServer().GetVia())
+	}
+	if err := checkPending("set via", rec.GetMetadata(), []string{"via"}, nil, proxySpec); err != nil {
+		return err
 	}
 	rec, err = e.client.UpdateServer(ctx, connmeta.ServerUpdate{ID: id, Actor: actor, ClearVia: true})
 	if err != nil {
 		return fmt.Errorf("clear via: %w", err)
 	}
-	if rec.GetServer().GetVia() != nil {
-		return fmt.Errorf("via after clearing = %v, want none", rec.GetServer().GetVia())
+	if rec.GetServer().GetVia() != nil || rec.GetMetadata().GetPendingChange() != nil {
+		return fmt.Errorf("after clearing via: via %v, pending_change %v; want neither (the pending via is withdrawn)",
+			rec.GetServer().GetVia(), rec.GetMetadata().GetPendingChange())
 	}
 	return nil
 }
@@ -197,15 +244,20 @@ func caseUpdateStaleEtag(ctx context.Context, e *env) error {
 	if err != nil {
 		return err
 	}
-	if h := after.GetServer().GetAddress().GetHost(); h != "first.example" {
-		return fmt.Errorf("the refused update was applied: host %q", h)
+	// Accepted changes wait in pending_change; the server keeps the
+	// reported address.
+	if h := after.GetMetadata().GetPendingChange().GetAddress().GetHost(); h != "first.example" {
+		return fmt.Errorf("pending_change asks for host %q, want first.example (the refused update must not replace it)", h)
 	}
 	rec, err := e.client.RetargetServer(ctx, id, addr("third.example", 443), actor)
 	if err != nil {
 		return fmt.Errorf("RetargetServer (fresh etag): %w", err)
 	}
-	if h := rec.GetServer().GetAddress().GetHost(); h != "third.example" {
-		return fmt.Errorf("RetargetServer: host %q, want third.example", h)
+	if h := rec.GetMetadata().GetPendingChange().GetAddress().GetHost(); h != "third.example" {
+		return fmt.Errorf("RetargetServer: pending_change asks for host %q, want third.example", h)
+	}
+	if h := rec.GetServer().GetAddress().GetHost(); h != "origin.example" {
+		return fmt.Errorf("RetargetServer: server host %q, want origin.example (the reported one) until the proxy applies it", h)
 	}
 	return nil
 }
@@ -227,6 +279,12 @@ func caseUpdateInvalidArgument(ctx context.Context, e *env) error {
 	}{
 		{"port 70000", &connmetav1.UpdateServerConnectionRequest{Address: addr("origin.example", 70000), UpdateMask: mask("address")}, "address.port"},
 		{"empty host", &connmetav1.UpdateServerConnectionRequest{Address: addr("", 443), UpdateMask: mask("address")}, "address.host"},
+		// A server's address is a (host, port) pair in mitmproxy; an IPv6
+		// socket's flowinfo, even 0, has no place in it.
+		{"address with flowinfo", &connmetav1.UpdateServerConnectionRequest{
+			Address:    &connmetav1.Address{Host: "2001:db8::1", Port: 443, Flowinfo: proto.Uint32(0)},
+			UpdateMask: mask("address"),
+		}, "address.flowinfo"},
 		{"via scheme TLS", &connmetav1.UpdateServerConnectionRequest{
 			Via:        &connmetav1.ServerSpec{Scheme: connmetav1.Scheme_SCHEME_TLS, Address: addr("proxy.internal", 3128)},
 			UpdateMask: mask("via"),
@@ -245,12 +303,20 @@ func caseUpdateInvalidArgument(ctx context.Context, e *env) error {
 			return fmt.Errorf("%s: BadRequest field violations %v do not name %q", tc.name, violations, tc.field)
 		}
 	}
+	// Fields the mask does not name are ignored, however invalid: this
+	// clears a via the server does not have (a no-op).
+	_, err = e.client.Connections.UpdateServerConnection(ctx, &connmetav1.UpdateServerConnectionRequest{
+		Id: id, Actor: actor, Address: addr("", 70000), UpdateMask: mask("via"),
+	})
+	if err != nil {
+		return fmt.Errorf("update_mask [via] with an invalid address outside the mask: %w; want it ignored", err)
+	}
 	after, err := get(ctx, e.client, id)
 	if err != nil {
 		return err
 	}
-	if after.GetMetadata().GetRevision() != before.GetMetadata().GetRevision() {
-		return fmt.Errorf("invalid updates changed the record: revision %d -> %d", before.GetMetadata().GetRevision(), after.GetMetadata().GetRevision())
+	if !proto.Equal(before, after) {
+		return fmt.Errorf("invalid and no-op updates changed the record:\nbefore %v\nafter  %v", before, after)
 	}
 	return nil
 }
@@ -798,4 +864,149 @@ func caseUnixSocket(ctx context.Context, e *env) error {
 	_, err = uds.Connections.GetConnection(ctx, &connmetav1.GetConnectionRequest{Id: newID()})
 	_, err = expectError("get unknown id over "+target, err, codes.NotFound, connmeta.ReasonConnectionNotFound)
 	return err
+}
+
+// checkRejection checks that rejected is exactly one INVALID_SNAPSHOT
+// rejection of the snapshot at index, with id, and a violation naming
+// field (the path from the request) or a part of it.
+func checkRejection(what string, rejected []*connmetav1.SnapshotRejection, index uint32, id, field string) error {
+	if len(rejected) != 1 {
+		return fmt.Errorf("%s: ack.rejected = %v, want exactly the snapshot at index %d", what, rejected, index)
+	}
+	r := rejected[0]
+	if r.GetIndex() != index || r.GetConnectionId() != id || r.GetReason() != "INVALID_SNAPSHOT" || r.GetMessage() == "" {
+		return fmt.Errorf("%s: rejection %v, want index %d, connection_id %s, reason INVALID_SNAPSHOT and a message", what, r, index, id)
+	}
+	violations := map[string]string{}
+	for _, v := range r.GetViolations() {
+		violations[v.GetField()] = v.GetDescription()
+	}
+	if !namesField(violations, field) {
+		return fmt.Errorf("%s: violations %v do not name %q", what, violations, field)
+	}
+	return nil
+}
+
+func caseReportRejectsBadSnapshot(ctx context.Context, e *env) error {
+	clientID, badID, goodID := newID(), newID(), newID()
+	bad := serverSnapshot(badID, clientID, closed, "origin.example", 443)
+	bad.GetServer().GetConnection().TransportProtocol = connmetav1.TransportProtocol_TRANSPORT_PROTOCOL_UNSPECIFIED
+	ack, err := e.proxy.reportAck(clientSnapshot(clientID), bad, serverSnapshot(goodID, clientID, closed, "origin.example", 443))
+	if err != nil {
+		return err
+	}
+	if err := checkRejection("batch 1", ack.GetRejected(), 1, badID, "batch.snapshots[1].server.connection.transport_protocol"); err != nil {
+		return err
+	}
+	for _, id := range []string{clientID, goodID} {
+		if _, err := get(ctx, e.client, id); err != nil {
+			return fmt.Errorf("a valid snapshot of the batch was not stored: %w", err)
+		}
+	}
+	good, err := get(ctx, e.client, goodID)
+	if err != nil {
+		return err
+	}
+	if good.GetMetadata().GetRevision() != ack.GetRevision() {
+		return fmt.Errorf("the last valid snapshot is at revision %d, the ack says the store reached %d", good.GetMetadata().GetRevision(), ack.GetRevision())
+	}
+	_, err = e.client.Connections.GetConnection(ctx, &connmetav1.GetConnectionRequest{Id: badID})
+	if _, err := expectError("get the rejected snapshot's id", err, codes.NotFound, connmeta.ReasonConnectionNotFound); err != nil {
+		return err
+	}
+
+	// The stream goes on: the next batch is acked, again snapshot by snapshot.
+	worse := serverSnapshot(newID(), clientID, closed, "origin.example", 70000)
+	fixed := serverSnapshot(badID, clientID, closed, "origin.example", 443)
+	ack2, err := e.proxy.reportAck(worse, fixed)
+	if err != nil {
+		return fmt.Errorf("the batch after a rejection: %w", err)
+	}
+	if err := checkRejection("batch 2", ack2.GetRejected(), 0, worse.GetServer().GetConnection().GetId(), "batch.snapshots[0].server.address.port"); err != nil {
+		return err
+	}
+	rec, err := get(ctx, e.client, badID)
+	if err != nil {
+		return fmt.Errorf("the corrected snapshot of batch 2 was not stored: %w", err)
+	}
+	if rec.GetMetadata().GetRevision() != ack2.GetRevision() || ack2.GetRevision() <= ack.GetRevision() {
+		return fmt.Errorf("corrected snapshot at revision %d, batch 2 acked at %d after batch 1 at %d", rec.GetMetadata().GetRevision(), ack2.GetRevision(), ack.GetRevision())
+	}
+	return nil
+}
+
+// resyncClient is a client's snapshot as the proxy sends it in a resync.
+func resyncClient(id string) *connmetav1.ConnectionSnapshot {
+	s := clientSnapshot(id)
+	s.Hook = connmetav1.Hook_HOOK_RESYNC
+	return s
+}
+
+func caseTwoProxiesResyncIndependent(ctx context.Context, e *env) error {
+	a, err := newProxy(ctx, e.client)
+	if err != nil {
+		return err
+	}
+	defer a.close()
+	b, err := newProxy(ctx, e.client)
+	if err != nil {
+		return err
+	}
+	defer b.close()
+	clientA, clientB := newID(), newID()
+	if _, err := a.report(clientSnapshot(clientA)); err != nil {
+		return err
+	}
+	if _, err := b.report(clientSnapshot(clientB)); err != nil {
+		return err
+	}
+
+	// B starts a resync; A resyncs completely meanwhile, without its client.
+	if _, err := b.resyncStart(); err != nil {
+		return fmt.Errorf("proxy %s: %w", b.id, err)
+	}
+	if _, err := a.resyncStart(); err != nil {
+		return fmt.Errorf("proxy %s: %w", a.id, err)
+	}
+	endA, err := a.resyncEnd()
+	if err != nil {
+		return fmt.Errorf("proxy %s (while %s resyncs): %w", a.id, b.id, err)
+	}
+	if endA.GetClosedByResync() != 1 {
+		return fmt.Errorf("proxy %s's resync closed %d connections, want 1 (its own client)", a.id, endA.GetClosedByResync())
+	}
+	recA, err := get(ctx, e.client, clientA)
+	if err != nil {
+		return err
+	}
+	if st, m := recA.GetClient().GetConnection().GetState(), recA.GetMetadata(); st != closed || m.GetLastHook() != connmetav1.Hook_HOOK_RESYNC || m.GetProxyId() != a.id {
+		return fmt.Errorf("proxy %s's unreported client: state %s, last_hook %s, proxy_id %q; want CLOSED, HOOK_RESYNC, %q",
+			a.id, st, m.GetLastHook(), m.GetProxyId(), a.id)
+	}
+	checkB := func(when string) error {
+		recB, err := get(ctx, e.client, clientB)
+		if err != nil {
+			return err
+		}
+		if st, m := recB.GetClient().GetConnection().GetState(), recB.GetMetadata(); st != open || m.GetProxyId() != b.id {
+			return fmt.Errorf("%s: proxy %s's client has state %s, proxy_id %q; want OPEN, %q", when, b.id, st, m.GetProxyId(), b.id)
+		}
+		return nil
+	}
+	if err := checkB(fmt.Sprintf("after proxy %s's resync", a.id)); err != nil {
+		return err
+	}
+
+	// B completes its own resync, which still holds its client.
+	if _, err := b.report(resyncClient(clientB)); err != nil {
+		return err
+	}
+	endB, err := b.resyncEnd()
+	if err != nil {
+		return fmt.Errorf("proxy %s: resync_end after %s's resync: %w", b.id, a.id, err)
+	}
+	if endB.GetClosedByResync() != 0 {
+		return fmt.Errorf("proxy %s's resync closed %d connections, want 0", b.id, endB.GetClosedByResync())
+	}
+	return checkB(fmt.Sprintf("after proxy %s's resync", b.id))
 }

@@ -74,6 +74,7 @@ func runCase(ctx context.Context, c *interopCase, e *env) error {
 	}
 	defer client.Close()
 	e.client = client
+	caseName = c.name
 	e.proxy, err = newProxy(ctx, client)
 	if err != nil {
 		return err

@@ -174,6 +174,7 @@ func (r *router) close() {
 // routingProxy is the proxy's Report stream, with everything the sidecar
 // sends on it: acks, RoutingState and RouteDecision.
 type routingProxy struct {
+	id        string // ReportRequest.proxy_id, sent on the stream's first message
 	stream    connmetav1.ReportService_ReportClient
 	cancel    context.CancelFunc
 	in        *inbox[*connmetav1.ReportResponse]
@@ -181,7 +182,7 @@ type routingProxy struct {
 	first     *connmetav1.ReportResponse
 	state     *connmetav1.RoutingState // the latest one received
 	decisions []*connmetav1.RouteDecision
-	acks      map[uint64]int64
+	acks      map[uint64]*connmetav1.ReportAck
 }
 
 // newRoutingProxy opens a Report stream and reads its first message, which
@@ -193,7 +194,7 @@ func newRoutingProxy(ctx context.Context, c *connmeta.Client) (*routingProxy, er
 		cancel()
 		return nil, fmt.Errorf("open report stream: %w", err)
 	}
-	p := &routingProxy{stream: stream, cancel: cancel, in: startInbox(stream.Recv), acks: map[uint64]int64{}}
+	p := &routingProxy{id: newProxyID(), stream: stream, cancel: cancel, in: startInbox(stream.Recv), acks: map[uint64]*connmetav1.ReportAck{}}
 	if err := p.receive("the first message (RoutingState)"); err != nil {
 		p.close()
 		return nil, err
@@ -220,7 +221,7 @@ func (p *routingProxy) receiveWithin(within time.Duration, what string) error {
 	}
 	switch {
 	case m.GetAck() != nil:
-		p.acks[m.GetAck().GetSequence()] = m.GetAck().GetRevision()
+		p.acks[m.GetAck().GetSequence()] = m.GetAck()
 	case m.GetRoutingState() != nil:
 		p.state = m.GetRoutingState()
 	case m.GetRouteDecision() != nil:
@@ -235,16 +236,24 @@ func (p *routingProxy) receiveWithin(within time.Duration, what string) error {
 func (p *routingProxy) send(req *connmetav1.ReportRequest) (uint64, error) {
 	p.seq++
 	req.Sequence = p.seq
+	if p.seq == 1 {
+		req.ProxyId = p.id
+	}
 	if err := p.stream.Send(req); err != nil {
 		return 0, fmt.Errorf("report request %d: %w", p.seq, err)
 	}
 	return p.seq, nil
 }
 
+// awaitAck waits for the ack of request seq; a rejected snapshot fails it
+// (the router cases send only valid ones).
 func (p *routingProxy) awaitAck(seq uint64) (int64, error) {
 	for {
-		if rev, ok := p.acks[seq]; ok {
-			return rev, nil
+		if ack, ok := p.acks[seq]; ok {
+			if len(ack.GetRejected()) > 0 {
+				return 0, fmt.Errorf("report request %d: the sidecar rejected %v", seq, ack.GetRejected())
+			}
+			return ack.GetRevision(), nil
 		}
 		if err := p.receive(fmt.Sprintf("the ack of request %d", seq)); err != nil {
 			return 0, err
@@ -362,26 +371,29 @@ func caseRouterRetargetsConnect(ctx context.Context, e *env) error {
 	if err != nil {
 		return err
 	}
-	// Watch the client's connections from before the connect.
+	// Watch the client's connections from before the connect, until the
+	// server's record shows the change applied.
 	clientID, serverID := newID(), newID()
 	watchCtx, stopWatch := context.WithTimeout(ctx, 3*stepTimeout)
 	defer stopWatch()
-	watched := make(chan *connmetav1.WatchEvent, 1)
+	watched := make(chan []*connmetav1.WatchEvent, 1)
 	watchErr := make(chan error, 1)
 	go func() {
-		var found *connmetav1.WatchEvent
+		var modified []*connmetav1.WatchEvent
 		err := e.client.Watch(watchCtx, connmeta.WatchOptions{
 			StartAfterRevision: start,
 			Filter:             &connmetav1.ConnectionFilter{ClientId: clientID},
 		}, func(ev *connmetav1.WatchEvent) error {
 			if ev.GetType() == connmetav1.WatchEventType_WATCH_EVENT_TYPE_MODIFIED && connID(ev.GetConnection()) == serverID {
-				found = ev
-				return errStop
+				modified = append(modified, ev)
+				if ev.GetConnection().GetMetadata().GetLastChange().GetStatus() == connmetav1.ChangeStatus_CHANGE_STATUS_APPLIED {
+					return errStop
+				}
 			}
 			return nil
 		})
 		if errors.Is(err, errStop) {
-			watched <- found
+			watched <- modified
 			return
 		}
 		watchErr <- err
@@ -416,29 +428,74 @@ func caseRouterRetargetsConnect(ctx context.Context, e *env) error {
 		return fmt.Errorf("RouteDecision is %v, want query_id %s, actor %q, update_mask [address], address origin-b:8443, not timed out", d, q.GetQueryId(), name)
 	}
 
+	// The sidecar recorded the decision before sending it: desired state,
+	// while the record still shows what the proxy reported.
 	rec, err := get(ctx, e.client, serverID)
 	if err != nil {
 		return err
 	}
-	if !proto.Equal(rec.GetServer().GetAddress(), target) {
-		return fmt.Errorf("GetConnection address = %v, want origin-b:8443", rec.GetServer().GetAddress())
+	if !proto.Equal(rec.GetServer().GetAddress(), addr("origin-a", 443)) {
+		return fmt.Errorf("GetConnection address after the decision = %v, want origin-a:443 until the proxy reports it applied", rec.GetServer().GetAddress())
+	}
+	pc := rec.GetMetadata().GetPendingChange()
+	if pc.GetActor() != name || pc.GetQueryId() != q.GetQueryId() || !slices.Equal(pc.GetFields(), []string{"address"}) ||
+		!proto.Equal(pc.GetAddress(), target) || pc.GetStatus() != connmetav1.ChangeStatus_CHANGE_STATUS_PENDING ||
+		pc.GetRevision() != rec.GetMetadata().GetRevision() {
+		return fmt.Errorf("metadata.pending_change = %v, want actor %q, query_id %s, fields [address], address origin-b:8443, status PENDING, revision %d",
+			pc, name, q.GetQueryId(), rec.GetMetadata().GetRevision())
+	}
+	if lc := rec.GetMetadata().GetLastChange(); lc != nil {
+		return fmt.Errorf("metadata.last_change = %v before the proxy reported the outcome, want none", lc)
+	}
+	pendingRev := rec.GetMetadata().GetRevision()
+
+	// The proxy applies it in server_connect and says so, as the addon does.
+	seq, err := p.send(&connmetav1.ReportRequest{Message: &connmetav1.ReportRequest_Batch{Batch: &connmetav1.ReportBatch{
+		Snapshots: []*connmetav1.ConnectionSnapshot{appliedAt(serverID, clientID, target, q.GetQueryId(), name)},
+	}}})
+	if err != nil {
+		return err
+	}
+	appliedRev, err := p.awaitAck(seq)
+	if err != nil {
+		return err
+	}
+	rec, err = get(ctx, e.client, serverID)
+	if err != nil {
+		return err
+	}
+	if !proto.Equal(rec.GetServer().GetAddress(), target) || rec.GetMetadata().GetRevision() != appliedRev {
+		return fmt.Errorf("after the APPLIED outcome (ack revision %d): address %v at revision %d, want origin-b:8443 at %d",
+			appliedRev, rec.GetServer().GetAddress(), rec.GetMetadata().GetRevision(), appliedRev)
+	}
+	if pc := rec.GetMetadata().GetPendingChange(); pc != nil {
+		return fmt.Errorf("metadata.pending_change = %v after the APPLIED outcome, want none", pc)
 	}
 	lc := rec.GetMetadata().GetLastChange()
-	if lc.GetActor() != name || !slices.Contains(lc.GetFields(), "address") || lc.GetRevision() != rec.GetMetadata().GetRevision() {
-		return fmt.Errorf("metadata.last_change = %v, want actor %q, fields [address], revision %d", lc, name, rec.GetMetadata().GetRevision())
+	if lc.GetActor() != name || lc.GetQueryId() != q.GetQueryId() || !slices.Contains(lc.GetFields(), "address") ||
+		lc.GetStatus() != connmetav1.ChangeStatus_CHANGE_STATUS_APPLIED || lc.GetRevision() != pendingRev {
+		return fmt.Errorf("metadata.last_change = %v, want actor %q, query_id %s, fields [address], status APPLIED, revision %d (accepted at)",
+			lc, name, q.GetQueryId(), pendingRev)
 	}
 
 	select {
-	case ev := <-watched:
-		wl := ev.GetConnection().GetMetadata().GetLastChange()
-		if wl.GetActor() != name || ev.GetRevision() != rec.GetMetadata().GetRevision() {
-			return fmt.Errorf("watch MODIFIED event of server %s: %v, want revision %d with last_change.actor %q",
-				serverID, ev, rec.GetMetadata().GetRevision(), name)
+	case evs := <-watched:
+		var sawPending bool
+		for _, ev := range evs {
+			m := ev.GetConnection().GetMetadata()
+			if ev.GetRevision() == pendingRev && m.GetPendingChange().GetActor() == name {
+				sawPending = true
+			}
+		}
+		last := evs[len(evs)-1]
+		if !sawPending || last.GetRevision() != appliedRev || last.GetConnection().GetMetadata().GetLastChange().GetActor() != name {
+			return fmt.Errorf("watch MODIFIED events of server %s: %v; want one at revision %d with pending_change.actor %q, then one at %d with last_change APPLIED by %q",
+				serverID, evs, pendingRev, name, appliedRev, name)
 		}
 	case err := <-watchErr:
-		return fmt.Errorf("watch from revision %d ended before the router's change: %w", start, err)
+		return fmt.Errorf("watch from revision %d ended before the router's change was applied: %w", start, err)
 	case <-time.After(stepTimeout):
-		return fmt.Errorf("watch from revision %d: no MODIFIED event within %v", start, stepTimeout)
+		return fmt.Errorf("watch from revision %d: no MODIFIED event with last_change APPLIED within %v", start, stepTimeout)
 	}
 	return nil
 }
@@ -499,9 +556,10 @@ func caseRouterSilentFailsOpen(ctx context.Context, e *env) error {
 	if err != nil {
 		return err
 	}
-	if !proto.Equal(rec.GetServer().GetAddress(), addr("origin-a", 443)) || rec.GetMetadata().GetLastChange() != nil {
-		return fmt.Errorf("after a timed-out query and a late answer the server has address %v, last_change %v; want origin-a:443 and no change",
-			rec.GetServer().GetAddress(), rec.GetMetadata().GetLastChange())
+	m := rec.GetMetadata()
+	if !proto.Equal(rec.GetServer().GetAddress(), addr("origin-a", 443)) || m.GetLastChange() != nil || m.GetPendingChange() != nil {
+		return fmt.Errorf("after a timed-out query and a late answer the server has address %v, last_change %v, pending_change %v; want origin-a:443 and no change",
+			rec.GetServer().GetAddress(), m.GetLastChange(), m.GetPendingChange())
 	}
 	// Decisions about other servers may come (every proxy stream gets the
 	// pending changes of UpdateServerConnection); none about this one.

@@ -9,9 +9,10 @@ use std::time::Duration;
 
 use connmeta::health::{HealthCheckRequest, ServingStatus};
 use connmeta::v1::{
-    ConnectionFilter, ConnectionRecord, ConnectionState, GetConnectionRequest,
-    ListConnectionsRequest, Scheme, ServerSpec, UpdateServerConnectionRequest,
-    WatchConnectionsRequest, WatchEvent, WatchEventType, connection_record,
+    Address, ChangeStatus, ConnectionFilter, ConnectionRecord, ConnectionState,
+    GetConnectionRequest, Hook, ListConnectionsRequest, RecordMetadata, Scheme, ServerSpec,
+    SnapshotRejection, TransportProtocol, UpdateServerConnectionRequest, WatchConnectionsRequest,
+    WatchEvent, WatchEventType, connection_record, connection_snapshot,
 };
 use connmeta::{
     ConnectOptions, ErrorDetails, ServerUpdate, WatchItem, WatchOptions, Watcher, meta, reason,
@@ -20,7 +21,9 @@ use tonic::{Code, Status};
 
 use crate::Env;
 use crate::keepalive::{PingCounter, counting_channel};
-use crate::proxy::{Proxy, addr, client_snapshot, new_id, padded, server_snapshot};
+use crate::proxy::{
+    Proxy, addr, applied_at, client_snapshot, new_id, padded, resync_client, server_snapshot,
+};
 use crate::router::{
     router_retargets_connect, router_silent_fails_open, router_standby_takes_over,
 };
@@ -62,7 +65,7 @@ pub static CASES: &[Case] = &[
     ),
     case!(
         "update_closed_server",
-        "a CLOSED server's address and via change; etag, revision and last_change follow",
+        "an accepted change of a CLOSED server waits in pending_change while the record keeps the reported address; the proxy's APPLIED route outcome moves it to last_change and the address; a pending via is withdrawn by naming the current one",
         update_closed_server
     ),
     case!(
@@ -72,7 +75,7 @@ pub static CASES: &[Case] = &[
     ),
     case!(
         "update_invalid_argument",
-        "port 70000, an empty host, via scheme TLS and mask path sni each fail INVALID_ARGUMENT with a BadRequest naming the field",
+        "port 70000, an empty host, an address with flowinfo, via scheme TLS and mask path sni each fail INVALID_ARGUMENT with a BadRequest naming the field; an invalid address outside the mask is ignored",
         update_invalid_argument
     ),
     case!(
@@ -106,13 +109,23 @@ pub static CASES: &[Case] = &[
         health
     ),
     case!(
+        "report_rejects_bad_snapshot",
+        "a batch whose middle snapshot has transport_protocol UNSPECIFIED is acked with that one rejected (index 1, INVALID_SNAPSHOT, a violation naming its field path) and the other two stored; the stream goes on: a further batch with port 70000 at index 0 is acked the same way",
+        report_rejects_bad_snapshot
+    ),
+    case!(
+        "two_proxies_resync_independent",
+        "two Report streams with different proxy_id each report an OPEN client; a resync of proxy A, overlapping one of proxy B, closes only A's client (CLOSED, last_hook RESYNC); B's client stays OPEN and B's resync closes nothing",
+        two_proxies_resync_independent
+    ),
+    case!(
         "unix_socket",
         "the Unix socket serves the same store: a record reported over TCP reads back identical, errors keep their details",
         unix_socket
     ),
     case!(
         "router_retargets_connect",
-        "a server_connect reported while a router is subscribed reaches it as a RouteQuery; its answer reaches the proxy as a RouteDecision and shows on the record and in the watch with last_change.actor = the router's name",
+        "a server_connect reported while a router is subscribed reaches it as a RouteQuery; its answer reaches the proxy as a RouteDecision and waits as pending_change; the proxy's APPLIED route outcome shows on the record and in the watch with the new address and last_change.actor = the router's name",
         router_retargets_connect
     ),
     case!(
@@ -298,18 +311,45 @@ async fn update_same_value_on_open_server_accepted(e: &mut Env) -> R {
             before.revision, after.revision, before.etag, after.etag
         ));
     }
-    if after.last_change.is_some() {
+    if after.last_change.is_some() || after.pending_change.is_some() {
         return Err(format!(
-            "a no-op update set last_change: {:?}",
-            after.last_change
+            "a no-op update set last_change {:?}, pending_change {:?}",
+            after.last_change, after.pending_change
+        ));
+    }
+    Ok(())
+}
+
+/// Checks that `m` holds, as pending_change, the update of `fields` by
+/// ACTOR accepted at m's revision, with no route query.
+fn check_pending(
+    what: &str,
+    m: &RecordMetadata,
+    fields: &[&str],
+    address: Option<&Address>,
+    via: Option<&ServerSpec>,
+) -> R {
+    let pc = m.pending_change.clone().unwrap_or_default();
+    if pc.actor != ACTOR
+        || pc.fields != fields
+        || pc.revision != m.revision
+        || pc.status != ChangeStatus::Pending as i32
+        || !pc.query_id.is_empty()
+        || pc.address.as_ref() != address
+        || pc.via.as_ref() != via
+    {
+        return Err(format!(
+            "{what}: metadata.pending_change = {:?}, want actor {ACTOR}, fields {fields:?}, address {address:?}, via {via:?}, revision {}, status PENDING, no query_id",
+            m.pending_change, m.revision
         ));
     }
     Ok(())
 }
 
 async fn update_closed_server(e: &mut Env) -> R {
-    let (_, id) = report_server(e, CLOSED, "origin.example", 443).await?;
+    let (client_id, id) = report_server(e, CLOSED, "origin.example", 443).await?;
     let before = meta_of(&e.client.get(&id).await.map_err(ctx("get"))?);
+    let reported = addr("origin.example", 443);
     let target = addr("elsewhere.example", 8443);
     let rec = e
         .client
@@ -322,9 +362,10 @@ async fn update_closed_server(e: &mut Env) -> R {
         })
         .await
         .map_err(ctx("update address of CLOSED server"))?;
-    if server_of(&rec).address.as_ref() != Some(&target) {
+    // Desired, not observed: the server keeps what the proxy reported.
+    if server_of(&rec).address.as_ref() != Some(&reported) {
         return Err(format!(
-            "address after update = {:?}, want {target:?}",
+            "address after update = {:?}, want {reported:?} (the reported one) until the proxy applies the change",
             server_of(&rec).address
         ));
     }
@@ -338,11 +379,11 @@ async fn update_closed_server(e: &mut Env) -> R {
             before.revision, m.revision
         ));
     }
-    let lc = m.last_change.clone().unwrap_or_default();
-    if lc.actor != ACTOR || lc.fields != ["address"] || lc.revision != m.revision {
+    check_pending("update address", &m, &["address"], Some(&target), None)?;
+    if m.last_change != before.last_change {
         return Err(format!(
-            "last_change = {lc:?}, want actor {ACTOR}, fields [address], revision {}",
-            m.revision
+            "last_change changed to {:?} before the proxy reported the outcome",
+            m.last_change
         ));
     }
     let reread = meta_of(&e.client.get(&id).await.map_err(ctx("get"))?);
@@ -352,6 +393,42 @@ async fn update_closed_server(e: &mut Env) -> R {
             reread.etag, m.etag
         ));
     }
+    let accepted = m.revision;
+
+    // The proxy applies it at the server's connect and says so.
+    let rev = e
+        .proxy
+        .report(vec![applied_at(&id, &client_id, &target, "", ACTOR)])
+        .await?;
+    let rec = e.client.get(&id).await.map_err(ctx("get"))?;
+    let m = meta_of(&rec);
+    if server_of(&rec).address.as_ref() != Some(&target) || m.revision != rev {
+        return Err(format!(
+            "after the APPLIED outcome (ack revision {rev}): address {:?} at revision {}, want {target:?}",
+            server_of(&rec).address,
+            m.revision
+        ));
+    }
+    if m.pending_change.is_some() {
+        return Err(format!(
+            "pending_change = {:?} after the APPLIED outcome, want none",
+            m.pending_change
+        ));
+    }
+    let lc = m.last_change.clone().unwrap_or_default();
+    if lc.actor != ACTOR
+        || lc.fields != ["address"]
+        || lc.status != ChangeStatus::Applied as i32
+        || lc.revision != accepted
+        || lc.address.as_ref() != Some(&target)
+    {
+        return Err(format!(
+            "last_change = {:?}, want actor {ACTOR}, fields [address], address {target:?}, status APPLIED, revision {accepted} (accepted at)",
+            m.last_change
+        ));
+    }
+
+    // A via waits the same way; naming the current value (none) withdraws it.
     let spec = ServerSpec {
         scheme: Scheme::Http as i32,
         address: Some(addr("proxy.internal", 3128)),
@@ -366,12 +443,13 @@ async fn update_closed_server(e: &mut Env) -> R {
         })
         .await
         .map_err(ctx("set via"))?;
-    if server_of(&rec).via.as_ref() != Some(&spec) {
+    if server_of(&rec).via.is_some() {
         return Err(format!(
-            "via after update = {:?}, want {spec:?}",
+            "via after update = {:?}, want none (the reported one) until the proxy applies the change",
             server_of(&rec).via
         ));
     }
+    check_pending("set via", &meta_of(&rec), &["via"], None, Some(&spec))?;
     let rec = e
         .client
         .update_server(ServerUpdate {
@@ -382,13 +460,22 @@ async fn update_closed_server(e: &mut Env) -> R {
         })
         .await
         .map_err(ctx("clear via"))?;
-    if server_of(&rec).via.is_some() {
+    if server_of(&rec).via.is_some() || meta_of(&rec).pending_change.is_some() {
         return Err(format!(
-            "via after clearing = {:?}, want none",
-            server_of(&rec).via
+            "after clearing via: via {:?}, pending_change {:?}; want neither (the pending via is withdrawn)",
+            server_of(&rec).via,
+            meta_of(&rec).pending_change
         ));
     }
     Ok(())
+}
+
+fn pending_host(rec: &ConnectionRecord) -> String {
+    meta_of(rec)
+        .pending_change
+        .and_then(|c| c.address)
+        .map(|a| a.host)
+        .unwrap_or_default()
 }
 
 async fn update_stale_etag(e: &mut Env) -> R {
@@ -412,11 +499,13 @@ async fn update_stale_etag(e: &mut Env) -> R {
         Code::Aborted,
         reason::ETAG_MISMATCH,
     )?;
+    // Accepted changes wait in pending_change; the server keeps the
+    // reported address.
     let after = e.client.get(&id).await.map_err(ctx("get"))?;
-    if host_of(&after) != "first.example" {
+    if pending_host(&after) != "first.example" {
         return Err(format!(
-            "the refused update was applied: host {:?}",
-            host_of(&after)
+            "pending_change asks for host {:?}, want first.example (the refused update must not replace it)",
+            pending_host(&after)
         ));
     }
     let rec = e
@@ -424,9 +513,15 @@ async fn update_stale_etag(e: &mut Env) -> R {
         .retarget_server(&id, addr("third.example", 443), ACTOR)
         .await
         .map_err(ctx("retarget_server (fresh etag)"))?;
-    if host_of(&rec) != "third.example" {
+    if pending_host(&rec) != "third.example" {
         return Err(format!(
-            "retarget_server: host {:?}, want third.example",
+            "retarget_server: pending_change asks for host {:?}, want third.example",
+            pending_host(&rec)
+        ));
+    }
+    if host_of(&rec) != "origin.example" {
+        return Err(format!(
+            "retarget_server: server host {:?}, want origin.example (the reported one) until the proxy applies it",
             host_of(&rec)
         ));
     }
@@ -446,7 +541,7 @@ fn names_field(d: &ErrorDetails, field: &str) -> bool {
 
 async fn update_invalid_argument(e: &mut Env) -> R {
     let (_, id) = report_server(e, CLOSED, "origin.example", 443).await?;
-    let before = meta_of(&e.client.get(&id).await.map_err(ctx("get"))?);
+    let before = e.client.get(&id).await.map_err(ctx("get"))?;
     let mask = |p: &str| {
         Some(prost_types::FieldMask {
             paths: vec![p.to_owned()],
@@ -475,6 +570,22 @@ async fn update_invalid_argument(e: &mut Env) -> R {
                 ..base.clone()
             },
             "address.host",
+        ),
+        // A server's address is a (host, port) pair in mitmproxy; an IPv6
+        // socket's flowinfo, even 0, has no place in it.
+        (
+            "address with flowinfo",
+            UpdateServerConnectionRequest {
+                address: Some(Address {
+                    host: "2001:db8::1".into(),
+                    port: 443,
+                    flowinfo: Some(0),
+                    ..Default::default()
+                }),
+                update_mask: mask("address"),
+                ..base.clone()
+            },
+            "address.flowinfo",
         ),
         (
             "via scheme TLS",
@@ -507,11 +618,23 @@ async fn update_invalid_argument(e: &mut Env) -> R {
             ));
         }
     }
-    let after = meta_of(&e.client.get(&id).await.map_err(ctx("get"))?);
-    if after.revision != before.revision {
+    // Fields the mask does not name are ignored, however invalid: this
+    // clears a via the server does not have (a no-op).
+    e.client
+        .connections
+        .update_server_connection(UpdateServerConnectionRequest {
+            address: Some(addr("", 70000)),
+            update_mask: mask("via"),
+            ..base.clone()
+        })
+        .await
+        .map_err(ctx(
+            "update_mask [via] with an invalid address outside the mask (want it ignored)",
+        ))?;
+    let after = e.client.get(&id).await.map_err(ctx("get"))?;
+    if after != before {
         return Err(format!(
-            "invalid updates changed the record: revision {} -> {}",
-            before.revision, after.revision
+            "invalid and no-op updates changed the record:\nbefore {before:?}\nafter  {after:?}"
         ));
     }
     Ok(())
@@ -1168,4 +1291,199 @@ async fn unix_socket(e: &mut Env) -> R {
         reason::CONNECTION_NOT_FOUND,
     )
     .map(drop)
+}
+
+/// Checks that `rejected` is exactly one INVALID_SNAPSHOT rejection of the
+/// snapshot at `index`, with `id`, and a violation naming `field` (the path
+/// from the request) or a part of it.
+fn check_rejection(
+    what: &str,
+    rejected: &[SnapshotRejection],
+    index: u32,
+    id: &str,
+    field: &str,
+) -> R {
+    let [r] = rejected else {
+        return Err(format!(
+            "{what}: ack.rejected = {rejected:?}, want exactly the snapshot at index {index}"
+        ));
+    };
+    if r.index != index
+        || r.connection_id != id
+        || r.reason != "INVALID_SNAPSHOT"
+        || r.message.is_empty()
+    {
+        return Err(format!(
+            "{what}: rejection {r:?}, want index {index}, connection_id {id}, reason INVALID_SNAPSHOT and a message"
+        ));
+    }
+    let named = r.violations.iter().any(|v| {
+        v.field == field
+            || v.field
+                .strip_prefix(field)
+                .is_some_and(|rest| rest.starts_with('.') || rest.starts_with('['))
+    });
+    if !named {
+        return Err(format!(
+            "{what}: violations {:?} do not name {field:?}",
+            r.violations
+        ));
+    }
+    Ok(())
+}
+
+fn snapshot_server_id(s: &connmeta::v1::ConnectionSnapshot) -> String {
+    match &s.connection {
+        Some(connection_snapshot::Connection::Server(srv)) => srv
+            .connection
+            .as_ref()
+            .map(|c| c.id.clone())
+            .unwrap_or_default(),
+        _ => String::new(),
+    }
+}
+
+async fn report_rejects_bad_snapshot(e: &mut Env) -> R {
+    let (client_id, bad_id, good_id) = (new_id(), new_id(), new_id());
+    let mut bad = server_snapshot(&bad_id, &client_id, CLOSED, "origin.example", 443);
+    if let Some(connection_snapshot::Connection::Server(srv)) = bad.connection.as_mut() {
+        srv.connection.as_mut().expect("set").transport_protocol =
+            TransportProtocol::Unspecified as i32;
+    }
+    let ack = e
+        .proxy
+        .report_ack(vec![
+            client_snapshot(&client_id),
+            bad,
+            server_snapshot(&good_id, &client_id, CLOSED, "origin.example", 443),
+        ])
+        .await?;
+    check_rejection(
+        "batch 1",
+        &ack.rejected,
+        1,
+        &bad_id,
+        "batch.snapshots[1].server.connection.transport_protocol",
+    )?;
+    e.client.get(&client_id).await.map_err(ctx(
+        "a valid snapshot of the batch (the client) was not stored",
+    ))?;
+    let good = e.client.get(&good_id).await.map_err(ctx(
+        "a valid snapshot of the batch (the server) was not stored",
+    ))?;
+    if meta_of(&good).revision != ack.revision {
+        return Err(format!(
+            "the last valid snapshot is at revision {}, the ack says the store reached {}",
+            meta_of(&good).revision,
+            ack.revision
+        ));
+    }
+    let res = e.client.get(&bad_id).await;
+    expect_error(
+        "get the rejected snapshot's id",
+        res,
+        Code::NotFound,
+        reason::CONNECTION_NOT_FOUND,
+    )?;
+
+    // The stream goes on: the next batch is acked, again snapshot by snapshot.
+    let worse = server_snapshot(&new_id(), &client_id, CLOSED, "origin.example", 70000);
+    let worse_id = snapshot_server_id(&worse);
+    let fixed = server_snapshot(&bad_id, &client_id, CLOSED, "origin.example", 443);
+    let ack2 = e
+        .proxy
+        .report_ack(vec![worse, fixed])
+        .await
+        .map_err(|err| format!("the batch after a rejection: {err}"))?;
+    check_rejection(
+        "batch 2",
+        &ack2.rejected,
+        0,
+        &worse_id,
+        "batch.snapshots[0].server.address.port",
+    )?;
+    let rec = e
+        .client
+        .get(&bad_id)
+        .await
+        .map_err(ctx("the corrected snapshot of batch 2 was not stored"))?;
+    if meta_of(&rec).revision != ack2.revision || ack2.revision <= ack.revision {
+        return Err(format!(
+            "corrected snapshot at revision {}, batch 2 acked at {} after batch 1 at {}",
+            meta_of(&rec).revision,
+            ack2.revision,
+            ack.revision
+        ));
+    }
+    Ok(())
+}
+
+async fn two_proxies_resync_independent(e: &mut Env) -> R {
+    let mut a = Proxy::new(&e.client);
+    let mut b = Proxy::new(&e.client);
+    let (client_a, client_b) = (new_id(), new_id());
+    a.report(vec![client_snapshot(&client_a)]).await?;
+    b.report(vec![client_snapshot(&client_b)]).await?;
+
+    // B starts a resync; A resyncs completely meanwhile, without its client.
+    b.resync_start()
+        .await
+        .map_err(|err| format!("proxy {}: {err}", b.id))?;
+    a.resync_start()
+        .await
+        .map_err(|err| format!("proxy {}: {err}", a.id))?;
+    let end_a = a
+        .resync_end()
+        .await
+        .map_err(|err| format!("proxy {} (while {} resyncs): {err}", a.id, b.id))?;
+    if end_a.closed_by_resync != 1 {
+        return Err(format!(
+            "proxy {}'s resync closed {} connections, want 1 (its own client)",
+            a.id, end_a.closed_by_resync
+        ));
+    }
+    let rec_a = e.client.get(&client_a).await.map_err(ctx("get"))?;
+    let state_a = client_state(&rec_a);
+    let m = meta_of(&rec_a);
+    if state_a != CLOSED as i32 || m.last_hook != Hook::Resync as i32 || m.proxy_id != a.id {
+        return Err(format!(
+            "proxy {}'s unreported client: state {state_a}, last_hook {}, proxy_id {:?}; want CLOSED, HOOK_RESYNC, {:?}",
+            a.id, m.last_hook, m.proxy_id, a.id
+        ));
+    }
+    let b_id = b.id.clone();
+    let check_b = async |client: &mut connmeta::Client, when: &str| -> R {
+        let rec = client.get(&client_b).await.map_err(ctx("get"))?;
+        let m = meta_of(&rec);
+        if client_state(&rec) != OPEN as i32 || m.proxy_id != b_id {
+            return Err(format!(
+                "{when}: proxy {b_id}'s client has state {}, proxy_id {:?}; want OPEN, {b_id:?}",
+                client_state(&rec),
+                m.proxy_id
+            ));
+        }
+        Ok(())
+    };
+    check_b(&mut e.client, &format!("after proxy {}'s resync", a.id)).await?;
+
+    // B completes its own resync, which still holds its client.
+    b.report(vec![resync_client(&client_b)]).await?;
+    let end_b = b
+        .resync_end()
+        .await
+        .map_err(|err| format!("proxy {b_id}: resync_end after {}'s resync: {err}", a.id))?;
+    if end_b.closed_by_resync != 0 {
+        return Err(format!(
+            "proxy {b_id}'s resync closed {} connections, want 0",
+            end_b.closed_by_resync
+        ));
+    }
+    check_b(&mut e.client, &format!("after proxy {b_id}'s resync")).await
+}
+
+fn client_state(rec: &ConnectionRecord) -> i32 {
+    match &rec.kind {
+        Some(connection_record::Kind::Client(c)) => c.connection.as_ref().map_or(0, |c| c.state),
+        _ => 0,
+    }
 }

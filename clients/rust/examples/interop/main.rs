@@ -130,6 +130,7 @@ async fn run(case: &cases::Case, args: Args) -> Result<(), String> {
     let client = connmeta::connect(&args.target)
         .await
         .map_err(|e| e.to_string())?;
+    let _ = proxy::CASE_NAME.set(case.name);
     let proxy = proxy::Proxy::new(&client);
     let mut env = Env {
         target: args.target,

@@ -2,18 +2,37 @@
 //! mitmproxy addon would, so each case can create the state it needs.
 
 use std::io::Read;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use connmeta::v1::{
-    self, Address, ConnectionSnapshot, ConnectionState, Hook, ProxyMode, ReportBatch,
-    ReportRequest, ReportResponse, TransportProtocol, connection_snapshot, report_request,
-    report_response, report_service_client::ReportServiceClient,
+    self, Address, ConnectionSnapshot, ConnectionState, Hook, ProxyMode, ReportAck, ReportBatch,
+    ReportRequest, ReportResponse, ResyncEnd, ResyncStart, RouteOutcome, RouteOutcomeKind,
+    TransportProtocol, connection_snapshot, report_request, report_response,
+    report_service_client::ReportServiceClient,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Streaming;
 use tonic::transport::Channel;
 
+/// The running case; proxy ids name it so that a server log says which
+/// case a stream belongs to.
+pub static CASE_NAME: OnceLock<&'static str> = OnceLock::new();
+static PROXY_COUNT: AtomicU64 = AtomicU64::new(0);
+
+/// A proxy id unique within this process: interop-rust-<case>-<n>.
+pub fn new_proxy_id() -> String {
+    let n = PROXY_COUNT.fetch_add(1, Ordering::Relaxed) + 1;
+    format!(
+        "interop-rust-{}-{n}",
+        CASE_NAME.get().copied().unwrap_or("none")
+    )
+}
+
 pub struct Proxy {
+    /// ReportRequest.proxy_id, sent on the stream's first message.
+    pub id: String,
     client: ReportServiceClient<Channel>,
     tx: mpsc::Sender<ReportRequest>,
     rx: Option<mpsc::Receiver<ReportRequest>>,
@@ -25,6 +44,7 @@ impl Proxy {
     pub fn new(client: &connmeta::Client) -> Proxy {
         let (tx, rx) = mpsc::channel(4);
         Proxy {
+            id: new_proxy_id(),
             client: client.reports.clone(),
             tx,
             rx: Some(rx),
@@ -33,20 +53,61 @@ impl Proxy {
         }
     }
 
-    /// Sends one batch; the revision the store reached.
+    /// Sends one batch; the revision the store reached. A snapshot the
+    /// sidecar rejects fails it: every case but report_rejects_bad_snapshot
+    /// sends only valid ones, and a rejection would otherwise go unnoticed
+    /// (the rest of the batch is applied).
     pub async fn report(&mut self, snapshots: Vec<ConnectionSnapshot>) -> Result<i64, String> {
+        let ack = self.report_ack(snapshots).await?;
+        if !ack.rejected.is_empty() {
+            return Err(format!(
+                "report batch {}: the sidecar rejected {:?}",
+                ack.sequence, ack.rejected
+            ));
+        }
+        Ok(ack.revision)
+    }
+
+    /// Sends one batch; its ack, rejections included.
+    pub async fn report_ack(
+        &mut self,
+        snapshots: Vec<ConnectionSnapshot>,
+    ) -> Result<ReportAck, String> {
+        self.request(report_request::Message::Batch(ReportBatch { snapshots }))
+            .await
+    }
+
+    pub async fn resync_start(&mut self) -> Result<ReportAck, String> {
+        self.request(report_request::Message::ResyncStart(ResyncStart::default()))
+            .await
+    }
+
+    pub async fn resync_end(&mut self) -> Result<ReportAck, String> {
+        self.request(report_request::Message::ResyncEnd(ResyncEnd {}))
+            .await
+    }
+
+    /// Sends one request (numbered, and named on the stream's first
+    /// message) and waits for its ack.
+    async fn request(&mut self, message: report_request::Message) -> Result<ReportAck, String> {
         self.seq += 1;
         let seq = self.seq;
         let req = ReportRequest {
             sequence: seq,
-            message: Some(report_request::Message::Batch(ReportBatch { snapshots })),
+            proxy_id: if seq == 1 {
+                self.id.clone()
+            } else {
+                String::new()
+            },
+            message: Some(message),
         };
         self.tx
             .send(req)
             .await
-            .map_err(|_| format!("report batch {seq}: stream closed"))?;
-        // The stream opens with the first batch already queued, so a server
-        // that sends its headers only after reading a request cannot stall it.
+            .map_err(|_| format!("report request {seq}: stream closed"))?;
+        // The stream opens with the first request already queued, so a
+        // server that sends its headers only after reading a request cannot
+        // stall it.
         if self.responses.is_none() {
             let rx = self.rx.take().expect("receiver taken once");
             let call = self.client.report(ReceiverStream::new(rx)).await;
@@ -59,21 +120,23 @@ impl Proxy {
         loop {
             match responses.message().await {
                 // Routing state and route decisions share the stream; only
-                // the ack answers the batch.
+                // the ack answers the request.
                 Ok(Some(ReportResponse {
                     message: Some(report_response::Message::Ack(ack)),
                 })) => {
                     if ack.sequence != seq {
                         return Err(format!(
-                            "report batch {seq}: ack for sequence {}",
+                            "report request {seq}: ack for sequence {}",
                             ack.sequence
                         ));
                     }
-                    return Ok(ack.revision);
+                    return Ok(ack);
                 }
                 Ok(Some(_)) => continue,
-                Ok(None) => return Err(format!("report batch {seq}: stream ended without an ack")),
-                Err(status) => return Err(format!("report batch {seq}: {status:?}")),
+                Ok(None) => {
+                    return Err(format!("report request {seq}: stream ended without an ack"));
+                }
+                Err(status) => return Err(format!("report request {seq}: {status:?}")),
             }
         }
     }
@@ -188,5 +251,40 @@ pub fn padded(id: &str, client_id: &str, port: u32) -> ConnectionSnapshot {
             .map(|i| format!("TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384_{i:02}"))
             .collect();
     }
+    s
+}
+
+/// The snapshot the proxy sends from server_connect after it applied a
+/// route decision or a pending change of the address: the server, still
+/// CLOSED, with the new address, and the outcome that settles the record's
+/// pending_change (what the connmeta addon sends).
+pub fn applied_at(
+    server_id: &str,
+    client_id: &str,
+    address: &Address,
+    query_id: &str,
+    actor: &str,
+) -> ConnectionSnapshot {
+    let mut s = server_snapshot(
+        server_id,
+        client_id,
+        ConnectionState::Closed,
+        &address.host,
+        address.port,
+    );
+    s.route_outcome = Some(RouteOutcome {
+        kind: RouteOutcomeKind::Applied as i32,
+        query_id: query_id.to_owned(),
+        actor: actor.to_owned(),
+        applied_fields: vec!["address".into()],
+        ..Default::default()
+    });
+    s
+}
+
+/// A client's snapshot as the proxy sends it in a resync.
+pub fn resync_client(id: &str) -> ConnectionSnapshot {
+    let mut s = client_snapshot(id);
+    s.hook = Hook::Resync as i32;
     s
 }

@@ -6,10 +6,11 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant, SystemTime};
 
 use connmeta::v1::{
-    ConnectionFilter, ReportBatch, ReportRequest, ReportResponse, ResyncEnd, ResyncStart,
-    RouteAnswer, RouteDecision, RouteQuery, RouteRequest, RouteResponse, RouteSubscribe,
-    RouteSubscribed, RoutingState, WatchEventType, connection_record, report_request,
-    report_response, route_request, route_response, router_service_client::RouterServiceClient,
+    ChangeStatus, ConnectionFilter, ReportAck, ReportBatch, ReportRequest, ReportResponse,
+    ResyncEnd, ResyncStart, RouteAnswer, RouteDecision, RouteQuery, RouteRequest, RouteResponse,
+    RouteSubscribe, RouteSubscribed, RoutingState, WatchEventType, connection_record,
+    report_request, report_response, route_request, route_response,
+    router_service_client::RouterServiceClient,
 };
 use connmeta::{ConnectOptions, Target, WatchItem, WatchOptions, Watcher};
 use tokio::sync::mpsc;
@@ -19,7 +20,7 @@ use tonic::transport::Channel;
 use tonic::{Code, Status, Streaming};
 
 use crate::Env;
-use crate::proxy::{addr, client_snapshot, new_id, server_snapshot};
+use crate::proxy::{addr, applied_at, client_snapshot, new_id, new_proxy_id, server_snapshot};
 
 type R = Result<(), String>;
 
@@ -189,12 +190,14 @@ fn query_server_id(q: &RouteQuery) -> String {
 /// The proxy's Report stream, with everything the sidecar sends on it:
 /// acks, RoutingState and RouteDecision.
 struct RoutingProxy {
+    /// ReportRequest.proxy_id, sent on the stream's first message.
+    id: String,
     tx: mpsc::Sender<ReportRequest>,
     rx: Streaming<ReportResponse>,
     seq: u64,
     state: RoutingState,
     decisions: Vec<RouteDecision>,
-    acks: HashMap<u64, i64>,
+    acks: HashMap<u64, ReportAck>,
 }
 
 impl RoutingProxy {
@@ -218,6 +221,7 @@ impl RoutingProxy {
             ));
         };
         Ok(RoutingProxy {
+            id: new_proxy_id(),
             tx,
             rx,
             seq: 0,
@@ -234,7 +238,7 @@ impl RoutingProxy {
             .map_err(|s| format!("report stream: {}", status_text(&s)))?;
         match m.message {
             Some(report_response::Message::Ack(a)) => {
-                self.acks.insert(a.sequence, a.revision);
+                self.acks.insert(a.sequence, a);
             }
             Some(report_response::Message::RoutingState(s)) => self.state = s,
             Some(report_response::Message::RouteDecision(d)) => self.decisions.push(d),
@@ -248,6 +252,11 @@ impl RoutingProxy {
         let seq = self.seq;
         let req = ReportRequest {
             sequence: seq,
+            proxy_id: if seq == 1 {
+                self.id.clone()
+            } else {
+                String::new()
+            },
             message: Some(message),
         };
         self.tx
@@ -257,10 +266,18 @@ impl RoutingProxy {
         Ok(seq)
     }
 
+    /// Waits for the ack of request `seq`; a rejected snapshot fails it
+    /// (the router cases send only valid ones).
     async fn await_ack(&mut self, seq: u64) -> Result<i64, String> {
         loop {
-            if let Some(rev) = self.acks.get(&seq) {
-                return Ok(*rev);
+            if let Some(ack) = self.acks.get(&seq) {
+                if !ack.rejected.is_empty() {
+                    return Err(format!(
+                        "report request {seq}: the sidecar rejected {:?}",
+                        ack.rejected
+                    ));
+                }
+                return Ok(ack.revision);
             }
             self.receive(STEP, &format!("the ack of request {seq}"))
                 .await?;
@@ -422,7 +439,8 @@ pub async fn router_retargets_connect(e: &mut Env) -> R {
         .await
         .map_err(|s| format!("current revision: {}", status_text(&s)))?;
 
-    // Watch the client's connections from before the connect.
+    // Watch the client's connections from before the connect, until the
+    // server's record shows the change applied.
     let (client_id, server_id) = (new_id(), new_id());
     let opts = WatchOptions {
         start_after_revision: start,
@@ -435,6 +453,7 @@ pub async fn router_retargets_connect(e: &mut Env) -> R {
     let mut watcher = Watcher::new(e.client.clone(), opts);
     let watched_id = server_id.clone();
     let watch = tokio::spawn(async move {
+        let mut modified = Vec::new();
         loop {
             match watcher.next().await {
                 Ok(WatchItem::Event(ev))
@@ -445,7 +464,12 @@ pub async fn router_retargets_connect(e: &mut Env) -> R {
                                 .is_some_and(|c| c.id == watched_id)
                         }) =>
                 {
-                    return Ok(ev);
+                    let applied = last_change_of(&ev)
+                        .is_some_and(|c| c.status == ChangeStatus::Applied as i32);
+                    modified.push(ev);
+                    if applied {
+                        return Ok(modified);
+                    }
                 }
                 Ok(_) => {}
                 Err(s) => return Err(format!("watch from revision {start}: {}", status_text(&s))),
@@ -475,51 +499,121 @@ pub async fn router_retargets_connect(e: &mut Env) -> R {
         ));
     }
 
+    // The sidecar recorded the decision before sending it: desired state,
+    // while the record still shows what the proxy reported.
     let rec = e
         .client
         .get(&server_id)
         .await
         .map_err(|s| format!("get {server_id}: {}", status_text(&s)))?;
-    if record_server(&rec).address.as_ref() != Some(&target) {
+    if record_server(&rec).address != Some(addr("origin-a", 443)) {
         return Err(format!(
-            "GetConnection address = {:?}, want origin-b:8443",
+            "GetConnection address after the decision = {:?}, want origin-a:443 until the proxy reports it applied",
             record_server(&rec).address
         ));
     }
     let meta = rec.metadata.clone().unwrap_or_default();
-    let lc = meta.last_change.clone().unwrap_or_default();
-    if lc.actor != NAME || !lc.fields.iter().any(|f| f == "address") || lc.revision != meta.revision
+    let pc = meta.pending_change.clone().unwrap_or_default();
+    if pc.actor != NAME
+        || pc.query_id != q.query_id
+        || pc.fields != ["address"]
+        || pc.address.as_ref() != Some(&target)
+        || pc.status != ChangeStatus::Pending as i32
+        || pc.revision != meta.revision
     {
         return Err(format!(
-            "metadata.last_change = {:?}, want actor {NAME:?}, fields [address], revision {}",
-            meta.last_change, meta.revision
+            "metadata.pending_change = {:?}, want actor {NAME:?}, query_id {}, fields [address], address origin-b:8443, status PENDING, revision {}",
+            meta.pending_change, q.query_id, meta.revision
+        ));
+    }
+    if meta.last_change.is_some() {
+        return Err(format!(
+            "metadata.last_change = {:?} before the proxy reported the outcome, want none",
+            meta.last_change
+        ));
+    }
+    let pending_rev = meta.revision;
+
+    // The proxy applies it in server_connect and says so, as the addon does.
+    let batch = report_request::Message::Batch(ReportBatch {
+        snapshots: vec![applied_at(
+            &server_id,
+            &client_id,
+            &target,
+            &q.query_id,
+            NAME,
+        )],
+    });
+    let seq = p.send(batch).await?;
+    let applied_rev = p.await_ack(seq).await?;
+    let rec = e
+        .client
+        .get(&server_id)
+        .await
+        .map_err(|s| format!("get {server_id}: {}", status_text(&s)))?;
+    let meta = rec.metadata.clone().unwrap_or_default();
+    if record_server(&rec).address.as_ref() != Some(&target) || meta.revision != applied_rev {
+        return Err(format!(
+            "after the APPLIED outcome (ack revision {applied_rev}): address {:?} at revision {}, want origin-b:8443 at {applied_rev}",
+            record_server(&rec).address,
+            meta.revision
+        ));
+    }
+    if meta.pending_change.is_some() {
+        return Err(format!(
+            "metadata.pending_change = {:?} after the APPLIED outcome, want none",
+            meta.pending_change
+        ));
+    }
+    let lc = meta.last_change.clone().unwrap_or_default();
+    if lc.actor != NAME
+        || lc.query_id != q.query_id
+        || !lc.fields.iter().any(|f| f == "address")
+        || lc.status != ChangeStatus::Applied as i32
+        || lc.revision != pending_rev
+    {
+        return Err(format!(
+            "metadata.last_change = {:?}, want actor {NAME:?}, query_id {}, fields [address], status APPLIED, revision {pending_rev} (accepted at)",
+            meta.last_change, q.query_id
         ));
     }
 
-    let ev = match timeout(STEP, watch).await {
+    let evs = match timeout(STEP, watch).await {
         Ok(Ok(result)) => result?,
         Ok(Err(join)) => return Err(format!("watch task: {join}")),
         Err(_) => {
             return Err(format!(
-                "watch from revision {start}: no MODIFIED event within {STEP:?}"
+                "watch from revision {start}: no MODIFIED event with last_change APPLIED within {STEP:?}"
             ));
         }
     };
-    let wl = ev
-        .connection
-        .as_ref()
-        .and_then(|c| c.metadata.as_ref())
-        .and_then(|m| m.last_change.as_ref())
-        .map(|c| c.actor.clone())
-        .unwrap_or_default();
-    if wl != NAME || ev.revision != meta.revision {
+    let saw_pending = evs.iter().any(|ev| {
+        ev.revision == pending_rev
+            && ev
+                .connection
+                .as_ref()
+                .and_then(|c| c.metadata.as_ref())
+                .and_then(|m| m.pending_change.as_ref())
+                .is_some_and(|c| c.actor == NAME)
+    });
+    let last = evs.last().expect("the watch returns after an event");
+    if !saw_pending
+        || last.revision != applied_rev
+        || last_change_of(last).is_none_or(|c| c.actor != NAME)
+    {
         return Err(format!(
-            "watch MODIFIED event of server {server_id}: {ev:?}, want revision {} with last_change.actor {NAME:?}",
-            meta.revision
+            "watch MODIFIED events of server {server_id}: {evs:?}; want one at revision {pending_rev} with pending_change.actor {NAME:?}, then one at {applied_rev} with last_change APPLIED by {NAME:?}"
         ));
     }
     drop(r);
     Ok(())
+}
+
+fn last_change_of(ev: &connmeta::v1::WatchEvent) -> Option<&connmeta::v1::Change> {
+    ev.connection
+        .as_ref()
+        .and_then(|c| c.metadata.as_ref())
+        .and_then(|m| m.last_change.as_ref())
 }
 
 pub async fn router_silent_fails_open(e: &mut Env) -> R {
@@ -559,9 +653,13 @@ pub async fn router_silent_fails_open(e: &mut Env) -> R {
         .await
         .map_err(|s| format!("get {server_id}: {}", status_text(&s)))?;
     let last_change = rec.metadata.as_ref().and_then(|m| m.last_change.clone());
-    if record_server(&rec).address != Some(addr("origin-a", 443)) || last_change.is_some() {
+    let pending = rec.metadata.as_ref().and_then(|m| m.pending_change.clone());
+    if record_server(&rec).address != Some(addr("origin-a", 443))
+        || last_change.is_some()
+        || pending.is_some()
+    {
         return Err(format!(
-            "after a timed-out query and a late answer the server has address {:?}, last_change {last_change:?}; want origin-a:443 and no change",
+            "after a timed-out query and a late answer the server has address {:?}, last_change {last_change:?}, pending_change {pending:?}; want origin-a:443 and no change",
             record_server(&rec).address
         ));
     }
