@@ -6,9 +6,13 @@ import re
 from pathlib import Path
 
 import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
+from hypothesis import given
+from hypothesis import strategies as st
 
 from connmeta import validation
 from connmeta.v1 import connection_pb2 as pb
+from connmeta.v1 import report_service_pb2 as rs
 from connmeta.validation import change_violations, id_problem, proxy_mode_problem, shown
 
 ADDRESS = ["address"]
@@ -220,3 +224,96 @@ def test_the_limits_enforced_are_the_limits_the_protos_state() -> None:
     assert validation.MAX_CONNECTION_BYTES == 1 << 20
     assert f"At most {validation.MAX_ROUTE_DEADLINE_SECONDS} s" in text
     assert f"1-{validation.MAX_UPDATE_HOST_BYTES} bytes" in text
+
+
+# -- snapshots: the cheap check agrees with the full one, and accepted means convertible ------
+
+# Each field is valid most of the time, so that valid snapshots are common
+# and every rule is still broken alone now and then.
+_UUID = "4c9e1a52-8d0f-4f49-a1b4-5c0f4b8f9f00"
+_ids = st.one_of(
+    st.sampled_from([_UUID] * 12 + ["", "a b", "x\ny", "x" * 257, "ü"]),
+    st.text(max_size=8),
+)
+_hosts = st.one_of(
+    st.sampled_from(["example.com"] * 12 + ["::1", "", "h" * 256, "a\x01b", "ü.example"]),
+    st.text(max_size=8),
+)
+
+
+def _mostly(valid: object, *invalid: object) -> st.SearchStrategy[object]:
+    return st.sampled_from([valid] * 12 + list(invalid))
+
+
+@st.composite
+def _addresses(draw: st.DrawFn) -> pb.Address:
+    address = pb.Address(host=draw(_hosts), port=draw(_mostly(443, 0, 65535, 65536)))  # type: ignore[arg-type]
+    if draw(_mostly(False, True)):
+        address.flowinfo = draw(st.sampled_from([0, 7]))
+    if draw(_mostly(False, True)):
+        address.scope_id = draw(st.sampled_from([0, 3]))
+    return address
+
+
+@st.composite
+def _timestamps(draw: st.DrawFn) -> Timestamp:
+    return Timestamp(
+        seconds=draw(_mostly(1_700_000_000, 0, -62_135_596_801, 253_402_300_800)),  # type: ignore[arg-type]
+        nanos=draw(_mostly(5, 0, 999_999_999, 1_000_000_000, -1)),  # type: ignore[arg-type]
+    )
+
+
+@st.composite
+def _snapshots(draw: st.DrawFn) -> rs.ConnectionSnapshot:
+    conn = pb.Connection(
+        id=draw(_ids),
+        state=draw(st.sampled_from([0, 1, 2, 3, 3, 3, 3, 4])),  # type: ignore[arg-type]
+        transport_protocol=draw(_mostly(1, 2, 0, 3)),  # type: ignore[arg-type]
+        tls_version=draw(_mostly(5, 0, 9, 10)),  # type: ignore[arg-type]
+    )
+    for name in ("peername", "sockname"):
+        if draw(_mostly(True, False)):
+            getattr(conn, name).CopyFrom(draw(_addresses()))
+    for name in ("timestamp_start", "timestamp_end", "timestamp_tls_setup"):
+        if draw(st.booleans()):
+            getattr(conn, name).CopyFrom(draw(_timestamps()))
+    snap = rs.ConnectionSnapshot(hook=draw(_mostly(4, 0, 11, 12)), client_id=draw(_ids))  # type: ignore[arg-type]
+    if draw(st.booleans()):
+        server = snap.server
+        server.connection.CopyFrom(conn)
+        if draw(_mostly(True, False)):
+            server.address.CopyFrom(draw(_addresses()))
+        if draw(st.booleans()):
+            server.timestamp_tcp_setup.CopyFrom(draw(_timestamps()))
+        if draw(_mostly(False, True)):
+            server.via.scheme = draw(st.integers(0, 10))  # type: ignore[assignment]
+            if draw(_mostly(True, False)):
+                server.via.address.CopyFrom(draw(_addresses()))
+    else:
+        client = snap.client
+        client.connection.CopyFrom(conn)
+        if draw(_mostly(True, False)):
+            client.connection.timestamp_start.CopyFrom(draw(_timestamps()))
+        if draw(_mostly(True, False)):
+            client.proxy_mode.full_spec = str(
+                draw(_mostly("regular", "upstream:http://p:3128", "bogus", "regular@ 3"))
+            )
+    if draw(_mostly(False, True)):
+        snap.route_outcome.kind = draw(st.integers(0, 5))  # type: ignore[assignment]
+    return snap
+
+
+@given(_snapshots())
+def test_a_snapshot_the_cheap_check_passes_has_no_violation_and_converts(
+    snap: rs.ConnectionSnapshot,
+) -> None:
+    from connmeta.mitm import from_proto
+
+    side = snap.server if snap.HasField("server") else snap.client
+    body = side.SerializeToString()
+    full = validation.snapshot_violations(snap, "s")
+    if body and validation._plainly_valid(snap, body):
+        assert full == []
+    assert validation.snapshot_violations(snap, "s", body) == full
+    if not full:
+        from_proto(side)  # accepted means mitmproxy can hold it
