@@ -109,7 +109,15 @@ async def test_update_while_the_server_waits_for_a_route_is_applied_before_conne
         await stub(channel).UpdateServerConnection(request, timeout=5)
         body, took = await pending
     assert body == "B:/u"
-    held = (await records(channel))[server_id]
+
+    async def settled() -> pb.ConnectionRecord | None:
+        # The change settles when the proxy's report of the connect arrives,
+        # which may trail the response.
+        record = (await records(channel))[server_id]
+        return record if record.metadata.HasField("last_change") else None
+
+    held = await async_wait_for(settled, 5, "the change settled in the sidecar")
     assert held.metadata.last_change.actor == "e2e-op"
+    assert held.metadata.last_change.status == pb.CHANGE_STATUS_APPLIED
     assert held.server.address.port == origin_b.port
     assert took < ROUTE_DEADLINE_MS / 1000, "applied at once, not after the deadline"
