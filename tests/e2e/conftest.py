@@ -46,10 +46,14 @@ def sidecar(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SidecarProcess
     process.stop()
 
 
-def proxy_args(sidecar: SidecarProcess, ca: OriginCA, *extra: str) -> list[str]:
+def proxy_args(
+    sidecar: SidecarProcess, ca: OriginCA, *extra: str, route_deadline_ms: int = ROUTE_DEADLINE_MS
+) -> list[str]:
+    # Each option once: mitmdump given one option twice never reaches
+    # running() (12.2.3).
     return [
         "--set", f"connmeta_target={sidecar.target}",
-        "--set", f"connmeta_route_deadline={ROUTE_DEADLINE_MS}",
+        "--set", f"connmeta_route_deadline={route_deadline_ms}",
         "--set", f"ssl_verify_upstream_trusted_ca={ca.ca_pem}",
         *extra,
     ]  # fmt: skip

@@ -10,7 +10,10 @@ import http.client
 import ipaddress
 import json
 import os
+import socket
+import socketserver
 import ssl
+import struct
 import subprocess
 import sys
 import threading
@@ -26,6 +29,7 @@ import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from mitmproxy import certs
+from mitmproxy import dns as mdns
 
 from connmeta.mitm.paths import addon_path
 from connmeta.v1 import connection_service_pb2_grpc as cs_grpc
@@ -35,6 +39,7 @@ from connmeta.v1 import router_service_pb2_grpc as rt_grpc
 VENV_BIN = Path(sys.executable).parent
 HERE = Path(__file__).parent
 PROBE = HERE / "probe_addon.py"
+SHORT_UDP_TIMEOUT = HERE / "short_udp_timeout.py"
 
 for _var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "no_proxy", "NO_PROXY"):
     os.environ.pop(_var, None)
@@ -259,6 +264,35 @@ def origin_ca(directory: Path) -> OriginCA:
     return OriginCA(directory / "originca-ca-cert.pem", context)
 
 
+class _UdpHandler(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        data, sock = self.request
+        sock.sendto(self.server.answer(data), self.client_address)  # type: ignore[attr-defined]
+
+
+@contextlib.contextmanager
+def udp_origin(answer: Callable[[bytes], bytes]) -> Iterator[int]:
+    """A UDP server on loopback answering each datagram with ``answer(data)``;
+    yields its port."""
+    server = socketserver.ThreadingUDPServer(("127.0.0.1", 0), _UdpHandler)
+    server.daemon_threads = True
+    server.answer = answer  # type: ignore[attr-defined]
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield int(server.server_address[1])
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def dns_answer(query: bytes) -> bytes:
+    """A DNS server's answer: every name is 127.0.0.1."""
+    message = mdns.DNSMessage.unpack(query)
+    name = message.questions[0].name
+    return message.succeed([mdns.ResourceRecord.A(name, ipaddress.IPv4Address("127.0.0.1"))]).packed
+
+
 # -- clients -------------------------------------------------------------------
 
 
@@ -271,6 +305,61 @@ def get(proxy: str, url: str, cafile: Path | None = None, timeout: float = 10) -
     opener = urllib.request.build_opener(*handlers)
     with opener.open(url, timeout=timeout) as response:
         return str(response.read().decode())
+
+
+def _read_http_body(sock: socket.socket) -> str:
+    """The body of one HTTP/1.1 response sent with Connection: close."""
+    chunks = []
+    while chunk := sock.recv(65536):
+        chunks.append(chunk)
+    head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head[:80]
+    return body.decode()
+
+
+def raw_get(port: int, path: str, sock: socket.socket | None = None) -> str:
+    """GET ``path`` over a plain TCP connection to 127.0.0.1:port (reverse
+    modes), or over ``sock`` (an established SOCKS5 tunnel), then close."""
+    sock = sock or socket.create_connection(("127.0.0.1", port), timeout=10)
+    with sock:
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: origin\r\nConnection: close\r\n\r\n".encode())
+        return _read_http_body(sock)
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        assert chunk, "connection closed early"
+        data += chunk
+    return data
+
+
+def socks5_get(proxy_port: int, target_port: int, path: str) -> str:
+    """GET through a SOCKS5 proxy (no authentication) to 127.0.0.1:target_port."""
+    sock = socket.create_connection(("127.0.0.1", proxy_port), timeout=10)
+    sock.sendall(b"\x05\x01\x00")
+    assert _recv_exact(sock, 2) == b"\x05\x00"
+    sock.sendall(
+        b"\x05\x01\x00\x01" + socket.inet_aton("127.0.0.1") + struct.pack("!H", target_port)
+    )
+    reply = _recv_exact(sock, 10)
+    assert reply[1] == 0, f"SOCKS5 connect refused: {reply!r}"
+    return raw_get(proxy_port, path, sock)
+
+
+def dns_query(name: str, query_id: int = 0x1234) -> bytes:
+    header = struct.pack("!HHHHHH", query_id, 0x0100, 1, 0, 0, 0)
+    qname = b"".join(bytes([len(label)]) + label.encode() for label in name.split(".")) + b"\0"
+    return header + qname + struct.pack("!HH", 1, 1)  # type A, class IN
+
+
+def udp_exchange(port: int, payload: bytes) -> bytes:
+    """One datagram to 127.0.0.1:port and its answer."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(10)
+        sock.sendto(payload, ("127.0.0.1", port))
+        return sock.recv(65536)
 
 
 class KeepAlive:

@@ -5,7 +5,8 @@ hook here sees the objects as the connmeta addon left them. Writes, under
 $CONNMETA_PROBE_DIR: ``listen`` (the proxy's listen addresses, from
 ``running``) and ``hooks.log`` (one Python literal per line: hook, kind, id,
 state and get_state() of the connection, or the request's target for HTTP
-hooks). Python literals because get_state() holds bytes and tuples.
+hooks). Python literals because get_state() holds bytes and tuples. It
+also lets a test set options at runtime (``CONTROL_HOST``).
 """
 
 from __future__ import annotations
@@ -16,11 +17,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mitmproxy import ctx, http, tls
+from mitmproxy import ctx, dns, http, tcp, tls, udp
 from mitmproxy.connection import Client, Connection
 from mitmproxy.proxy.server_hooks import ServerConnectionHookData
 
 _DIR = Path(os.environ["CONNMETA_PROBE_DIR"])
+CONTROL_HOST = "connmeta-control.invalid"
+"""A request to http://connmeta-control.invalid/?option=value sets options."""
 
 
 def _write(entry: dict[str, Any]) -> None:
@@ -39,6 +42,19 @@ def _conn(hook: str, conn: Connection, client_id: str = "") -> None:
             "client_id": client_id,
             "state": int(conn.state.value),
             "get_state": conn.get_state(),
+        }
+    )
+
+
+def _flow(hook: str, flow: http.HTTPFlow | tcp.TCPFlow | udp.UDPFlow | dns.DNSFlow) -> None:
+    server = flow.server_conn
+    _write(
+        {
+            "hook": hook,
+            "client_id": flow.client_conn.id,
+            "server_id": server.id,
+            "server_state": int(server.state.value),
+            "server": server.get_state(),
         }
     )
 
@@ -79,6 +95,12 @@ class Probe:
         _write({"hook": "http_connect", "target": [flow.request.host, flow.request.port]})
 
     async def request(self, flow: http.HTTPFlow) -> None:
+        if flow.request.host == CONTROL_HOST:
+            # Options set at runtime, as an operator would with mitmweb:
+            # answered here, so no server connection is made.
+            ctx.options.update(**dict(flow.request.query.items()))  # type: ignore[no-untyped-call]
+            flow.response = http.Response.make(200, b"ok")
+            return
         _write(
             {
                 "hook": "request",
@@ -87,6 +109,25 @@ class Probe:
                 "via": flow.server_conn.via,
             }
         )
+
+    # The server a flow really used (for a request through an upstream
+    # proxy: the logical server, which no server_* hook sees). Written under
+    # "server_id", not "id", so views built from connection hooks ignore it.
+
+    async def responseheaders(self, flow: http.HTTPFlow) -> None:
+        _flow("responseheaders", flow)
+
+    async def error(self, flow: http.HTTPFlow) -> None:
+        _flow("error", flow)
+
+    async def tcp_start(self, flow: tcp.TCPFlow) -> None:
+        _flow("tcp_start", flow)
+
+    async def udp_start(self, flow: udp.UDPFlow) -> None:
+        _flow("udp_start", flow)
+
+    async def dns_response(self, flow: dns.DNSFlow) -> None:
+        _flow("dns_response", flow)
 
 
 addons = [Probe()]

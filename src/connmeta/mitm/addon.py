@@ -4,6 +4,8 @@ and apply routing decisions before connect.
 Load it with ``mitmdump -s "$(connmeta addon-path)"``. Options:
 
     connmeta_target          unix:///path or host:port of the sidecar
+    connmeta_proxy_id        this proxy's name towards the sidecar (default:
+                             "<hostname>:<first listen port>")
     connmeta_route_deadline  ms a server connect may wait for a route decision
     connmeta_queue_size      snapshots held while the sidecar is slow
     connmeta_rpc_deadline    ms for connecting, each write and each ack
@@ -22,11 +24,36 @@ The proxy never waits for the sidecar, with one exception it asks for:
   (RoutingState), and then at most ``connmeta_route_deadline``; it connects to
   the original target when nothing arrives (fail open). A change made through
   UpdateServerConnection while the server was not OPEN arrives ahead of time
-  and is applied without waiting.
+  and is applied without waiting. A connect already waiting keeps waiting
+  through a reconnect (never past the deadline), so a change the sidecar
+  sends again on the new stream still applies to it.
 
 Where decisions take effect is mitmproxy's rule (facts §11): ``address`` in
 ``server_connect``; ``via`` only before the layer stack is built, i.e. on the
 server a request is about to use, in ``requestheaders``.
+
+Every stream names the proxy (``ReportRequest.proxy_id`` on its first
+message), so one sidecar can serve several proxies and a resync closes only
+this proxy's connections. The default name, ``<hostname>:<first listen
+port>``, stays the same across reconnects and across restarts on the same
+port; set ``connmeta_proxy_id`` when two proxies could share it (containers
+with one hostname) or the port is chosen at random. A snapshot the sidecar
+refuses is listed in its ack: it is counted (``stats["rejected"]``) and
+logged, throttled, and the stream goes on.
+
+A server reached through an upstream proxy (``via`` set: upstream mode, or a
+via decided by a router) is a "logical" server that mitmproxy never passes
+to ``server_*`` hooks: those report the tunnel to the upstream proxy. The
+addon reports it where it first appears (``tls_established_server`` for
+HTTPS, the flow hooks ``http_connected``, ``responseheaders``, ``error`` and
+``tcp_start`` otherwise; a first report from a flow hook carries
+``HOOK_SERVER_CONNECTED``), and when its client disconnects it sends the
+server's final snapshot with ``HOOK_SERVER_DISCONNECTED`` and state CLOSED
+(with mitmproxy's ``timestamp_end`` if it set one): the tunnel is gone with
+the client, whatever state mitmproxy left on the object. The same goes for a
+server whose connect the client did not wait for (still in
+``server_connect`` when the client left: mitmproxy cancels it without a
+further hook).
 """
 
 from __future__ import annotations
@@ -36,13 +63,14 @@ import contextlib
 import logging
 import os
 import random
+import socket
 import time
 from collections import OrderedDict, deque
 from collections.abc import Iterable
 from typing import Any, Final, Literal
 
 import grpc
-from mitmproxy import ctx, http, tls
+from mitmproxy import ctx, exceptions, http, tcp, tls
 from mitmproxy.addonmanager import Loader
 from mitmproxy.connection import Client, ConnectionState, Server
 from mitmproxy.net.server_spec import ServerSpec
@@ -73,6 +101,10 @@ _BACKOFF_MIN: Final = 0.1
 _BACKOFF_MAX: Final = 5.0
 _MAX_DECISIONS: Final = 4096
 _LOG_INTERVAL: Final = 10.0
+_MAX_FINISHED: Final = 4096
+"""Finished logical servers remembered, so a flow hook that still holds one
+after its final snapshot does not report it as new."""
+_MAX_PROXY_ID: Final = 256
 
 _SCHEMES: Final[dict[int, Literal["http", "https"]]] = {
     pb.SCHEME_HTTP: "http",
@@ -121,6 +153,31 @@ def _snapshot(
     return snap
 
 
+def valid_proxy_id(value: str) -> bool:
+    """The contract of ReportRequest.proxy_id: 1-256 bytes of printable ASCII
+    without spaces."""
+    return 0 < len(value) <= _MAX_PROXY_ID and all("\x21" <= ch <= "\x7e" for ch in value)
+
+
+def derive_proxy_id(hostname: str, listen_port: int | None, pid: int) -> str:
+    """``<hostname>:<port>``: unique per proxy on a host (two proxies cannot
+    listen on one port) and the same after a restart on that port. Without a
+    listen port (not known yet, or none): ``<hostname>:pid<pid>``, unique but
+    new at every start. Characters outside the contract become ``_``."""
+    suffix = f":{listen_port}" if listen_port is not None else f":pid{pid}"
+    host = "".join(ch if "\x21" <= ch <= "\x7e" else "_" for ch in hostname) or "proxy"
+    return host[: _MAX_PROXY_ID - len(suffix)] + suffix
+
+
+def _first_listen_port() -> int | None:
+    proxyserver: Any = ctx.master.addons.get("proxyserver")  # type: ignore[no-untyped-call]
+    if proxyserver is None:
+        return None
+    for address in proxyserver.listen_addrs():
+        return int(address[1])
+    return None
+
+
 def _describe(error: Exception) -> str:
     if isinstance(error, grpc.aio.AioRpcError):
         return f"{error.code().name}: {error.details()}"
@@ -155,8 +212,22 @@ class ConnmetaAddon:
         self._waiters: dict[str, asyncio.Future[rs.RouteDecision | None]] = {}
         self._decisions: OrderedDict[str, rs.RouteDecision] = OrderedDict()
         self._pending_via: dict[str, Via] = {}
+        # Servers that got server_connected: mitmproxy reports their end
+        # (server_disconnected, from a finally). Every other server tracked
+        # is a logical one (behind a via) or a connect not finished yet.
+        self._direct: set[str] = set()
+        self._finished: OrderedDict[str, None] = OrderedDict()
+        self._proxy_id = ""
+        self._contract_errors = 0
         self._throttled = _Throttled()
-        self.stats = {"sent": 0, "dropped": 0, "reconnects": 0, "route_timeouts": 0}
+        self.stats = {
+            "sent": 0,
+            "dropped": 0,
+            "reconnects": 0,
+            "route_timeouts": 0,
+            "rejected": 0,
+            "unconvertible": 0,
+        }
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -164,6 +235,12 @@ class ConnmetaAddon:
         loader.add_option(
             "connmeta_target", str, default_target(),
             "Where the connmeta sidecar listens: unix:///path or host:port.",
+        )  # fmt: skip
+        loader.add_option(
+            "connmeta_proxy_id", str, "",
+            "This proxy's name towards the sidecar: 1-256 printable ASCII "
+            "characters without spaces, unique among the proxies reporting to "
+            "one sidecar. Empty: <hostname>:<first listen port>.",
         )  # fmt: skip
         loader.add_option(
             "connmeta_route_deadline", int, 200,
@@ -182,14 +259,42 @@ class ConnmetaAddon:
         )  # fmt: skip
 
     def configure(self, updated: set[str]) -> None:
-        if "connmeta_target" in updated and self._task is not None:
-            # A new target needs a new channel: restart the reporter.
+        if "connmeta_proxy_id" in updated:
+            value = ctx.options.connmeta_proxy_id
+            if value and not valid_proxy_id(value):
+                raise exceptions.OptionsError(  # type: ignore[no-untyped-call]
+                    f"connmeta_proxy_id must be 1-{_MAX_PROXY_ID} printable ASCII characters "
+                    f"without spaces, got {value[:64]!r}"
+                )
+        if updated & {"connmeta_target", "connmeta_proxy_id"} and self._task is not None:
+            # A new target needs a new channel, a new name a new stream (the
+            # sidecar refuses a proxy_id that changes within one): restart.
+            self._proxy_id = self._choose_proxy_id()
             self._task.cancel()
             self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def running(self) -> None:
         if self._task is None:
+            # Proxyserver's running() ran before this script's: the listen
+            # addresses are known now.
+            self._proxy_id = self._choose_proxy_id()
             self._task = asyncio.get_running_loop().create_task(self._run())
+
+    @staticmethod
+    def _choose_proxy_id() -> str:
+        chosen: str = ctx.options.connmeta_proxy_id
+        if chosen:
+            return chosen
+        try:
+            port = _first_listen_port()
+        except Exception:  # a master without a proxyserver: still a name
+            port = None
+        return derive_proxy_id(socket.gethostname(), port, os.getpid())
+
+    @property
+    def proxy_id(self) -> str:
+        """The name this proxy reports under (set once the proxy runs)."""
+        return self._proxy_id
 
     async def done(self) -> None:
         task, self._task = self._task, None
@@ -202,13 +307,22 @@ class ConnmetaAddon:
 
     async def client_connected(self, client: Client) -> None:
         self._live[client.id] = client
-        self._enqueue(_snapshot(client, pb.HOOK_CLIENT_CONNECTED))
+        self._report(client, pb.HOOK_CLIENT_CONNECTED)
 
     async def client_disconnected(self, client: Client) -> None:
-        self._enqueue(_snapshot(client, pb.HOOK_CLIENT_DISCONNECTED))
+        # mitmproxy tears down the client's server connections after this
+        # hook. Those that got server_connected report their own
+        # server_disconnected then; the others get no hook any more: logical
+        # servers never do, and a connect still in server_connect is
+        # cancelled. Their final snapshots go first, so a reader sees the
+        # client close last, as with direct servers.
+        for server_id in list(self._servers_of.get(client.id, ())):
+            server = self._live.get(server_id)
+            if server_id in self._direct or not isinstance(server, Server):
+                continue  # server_disconnected follows
+            self._finish(server, client.id)
+        self._report(client, pb.HOOK_CLIENT_DISCONNECTED)
         self._live.pop(client.id, None)
-        for server_id in self._servers_of.pop(client.id, ()):
-            self._forget_server(server_id)
 
     async def server_connect(self, data: ServerConnectionHookData) -> None:
         server, client = data.server, data.client
@@ -216,27 +330,28 @@ class ConnmetaAddon:
         decision = self._decisions.pop(server.id, None)
         waited = 0.0
         if decision is None:
-            self._enqueue(_snapshot(server, pb.HOOK_SERVER_CONNECT, client.id))
+            self._report(server, pb.HOOK_SERVER_CONNECT, client.id)
             if not (self._routing_active and self._connected):
                 return  # the path every connect takes while nobody routes
             started = time.perf_counter()
             decision = await self._await_decision(server.id)
             waited = time.perf_counter() - started
         outcome = self._apply_at_connect(server, decision, waited)
-        snap = _snapshot(server, pb.HOOK_SERVER_CONNECT, client.id)
-        snap.route_outcome.CopyFrom(outcome)
-        self._enqueue(snap)
+        snap = self._convert(server, pb.HOOK_SERVER_CONNECT, client.id)
+        if snap is not None:
+            snap.route_outcome.CopyFrom(outcome)
+            self._enqueue(snap)
 
     async def server_connected(self, data: ServerConnectionHookData) -> None:
-        self._track(data.server, data.client.id)
-        self._enqueue(_snapshot(data.server, pb.HOOK_SERVER_CONNECTED, data.client.id))
+        self._track(data.server, data.client.id, direct=True)
+        self._report(data.server, pb.HOOK_SERVER_CONNECTED, data.client.id)
 
     async def server_connect_error(self, data: ServerConnectionHookData) -> None:
-        self._enqueue(_snapshot(data.server, pb.HOOK_SERVER_CONNECT_ERROR, data.client.id))
+        self._report(data.server, pb.HOOK_SERVER_CONNECT_ERROR, data.client.id)
         self._forget_server(data.server.id)
 
     async def server_disconnected(self, data: ServerConnectionHookData) -> None:
-        self._enqueue(_snapshot(data.server, pb.HOOK_SERVER_DISCONNECTED, data.client.id))
+        self._report(data.server, pb.HOOK_SERVER_DISCONNECTED, data.client.id)
         self._forget_server(data.server.id)
 
     async def tls_established_client(self, data: tls.TlsData) -> None:
@@ -256,13 +371,41 @@ class ConnmetaAddon:
     ) -> None:
         conn = data.conn
         if isinstance(conn, Client):
-            self._enqueue(_snapshot(conn, client_hook))
+            self._report(conn, client_hook)
         elif isinstance(conn, Server):
             # A server reached through an upstream proxy (the "logical"
             # server) shows up here first: its server_* hooks report the
             # tunnel to the proxy instead.
+            if conn.id in self._finished:
+                return
             self._track(conn, data.context.client.id)
-            self._enqueue(_snapshot(conn, server_hook, data.context.client.id))
+            self._report(conn, server_hook, data.context.client.id)
+
+    # A logical server without TLS (plain HTTP through an upstream proxy, a
+    # CONNECT tunnel whose TLS mitmproxy passes through) appears in no
+    # connection hook at all: only as the server of a flow.
+
+    async def http_connected(self, flow: http.HTTPFlow) -> None:
+        self._logical(flow.server_conn, flow.client_conn.id)
+
+    async def responseheaders(self, flow: http.HTTPFlow) -> None:
+        self._logical(flow.server_conn, flow.client_conn.id)
+
+    async def error(self, flow: http.HTTPFlow) -> None:
+        self._logical(flow.server_conn, flow.client_conn.id)
+
+    async def tcp_start(self, flow: tcp.TCPFlow) -> None:
+        self._logical(flow.server_conn, flow.client_conn.id)
+
+    def _logical(self, server: Server, client_id: str) -> None:
+        # Only a server with a via is one no server_* hook reports; a flow's
+        # server without one is direct (or a placeholder never opened).
+        if server.via is None or server.id in self._live or server.id in self._finished:
+            return
+        if server.timestamp_start is None:
+            return  # its tunnel never came up: nothing was opened
+        self._track(server, client_id)
+        self._report(server, pb.HOOK_SERVER_CONNECTED, client_id)
 
     # -- routing -------------------------------------------------------------
 
@@ -356,7 +499,9 @@ class ConnmetaAddon:
 
     # -- bookkeeping ---------------------------------------------------------
 
-    def _track(self, server: Server, client_id: str) -> None:
+    def _track(self, server: Server, client_id: str, *, direct: bool = False) -> None:
+        if direct:
+            self._direct.add(server.id)
         if server.id not in self._live:
             self._live[server.id] = server
             self._client_of[server.id] = client_id
@@ -365,9 +510,47 @@ class ConnmetaAddon:
     def _forget_server(self, server_id: str) -> None:
         self._live.pop(server_id, None)
         self._pending_via.pop(server_id, None)
+        self._direct.discard(server_id)
         client_id = self._client_of.pop(server_id, None)
         if client_id is not None:
-            self._servers_of.get(client_id, set()).discard(server_id)
+            servers = self._servers_of.get(client_id)
+            if servers is not None:
+                servers.discard(server_id)
+                if not servers:
+                    del self._servers_of[client_id]
+
+    def _finish(self, server: Server, client_id: str) -> None:
+        """The final snapshot of a server mitmproxy will not report again:
+        CLOSED, whatever state its object was left in."""
+        snap = self._convert(server, pb.HOOK_SERVER_DISCONNECTED, client_id)
+        if snap is not None:
+            snap.server.connection.state = pb.CONNECTION_STATE_CLOSED
+            self._enqueue(snap)
+        self._forget_server(server.id)
+        self._finished[server.id] = None
+        while len(self._finished) > _MAX_FINISHED:
+            self._finished.popitem(last=False)
+
+    def _convert(
+        self, conn: Client | Server, hook: pb.Hook.ValueType, client_id: str = ""
+    ) -> rs.ConnectionSnapshot | None:
+        """The snapshot, or None (counted, logged) for an object mitmproxy
+        let an addon break: hooks never raise."""
+        if not self._connected:
+            return None  # the resync after the reconnect converts it then
+        try:
+            return _snapshot(conn, hook, client_id)
+        except (ValueError, TypeError) as error:
+            self.stats["unconvertible"] += 1
+            self._throttled.warn(
+                "unconvertible", "connmeta: cannot report connection %s: %s", conn.id, error
+            )
+            return None
+
+    def _report(self, conn: Client | Server, hook: pb.Hook.ValueType, client_id: str = "") -> None:
+        snap = self._convert(conn, hook, client_id)
+        if snap is not None:
+            self._enqueue(snap)
 
     def _enqueue(self, snap: rs.ConnectionSnapshot) -> None:
         if not self._connected:
@@ -394,32 +577,65 @@ class ConnmetaAddon:
         backoff = _BACKOFF_MIN
         while True:
             started = time.monotonic()
+            contract_error = False
             try:
                 await self._session()
             except asyncio.CancelledError:
                 raise
             except Exception as error:  # every failure means: reconnect later
-                self._throttled.warn(
-                    "stream", "connmeta: report stream to %s: %s; reconnecting",
-                    ctx.options.connmeta_target, _describe(error),
-                )  # fmt: skip
+                contract_error = self._is_contract_error(error)
+                if not contract_error:
+                    self._throttled.warn(
+                        "stream", "connmeta: report stream to %s: %s; reconnecting",
+                        ctx.options.connmeta_target, _describe(error),
+                    )  # fmt: skip
             finally:
                 self._disconnected()
-            if time.monotonic() - started > 10 * _BACKOFF_MAX:
-                backoff = _BACKOFF_MIN  # it worked for a while: retry soon
+            if time.monotonic() - started > 10 * _BACKOFF_MAX and not contract_error:
+                # It worked for a while: retry soon. Not after a contract
+                # error, which the next stream will likely meet again.
+                backoff = _BACKOFF_MIN
             # Full jitter: proxies restarted together do not reconnect in step.
             await asyncio.sleep(random.uniform(backoff / 2, backoff))
             backoff = min(backoff * 2, _BACKOFF_MAX)
             self.stats["reconnects"] += 1
+
+    def _is_contract_error(self, error: Exception) -> bool:
+        """INVALID_ARGUMENT ends a stream only for a message that is not a
+        valid ReportRequest: this addon and the sidecar disagree on the
+        contract (a bug or a version mismatch), not a transient failure. Said
+        once, loudly; then throttled like any stream failure."""
+        if not (
+            isinstance(error, grpc.aio.AioRpcError)
+            and error.code() is grpc.StatusCode.INVALID_ARGUMENT
+        ):
+            return False
+        self._contract_errors += 1
+        if self._contract_errors == 1:
+            log.error(
+                "connmeta: the sidecar at %s refused the report stream as malformed "
+                "(INVALID_ARGUMENT: %s). This is a contract mismatch between the connmeta "
+                "addon and the sidecar (a bug, or different versions), not a network "
+                "problem; reconnecting with backoff.",
+                ctx.options.connmeta_target,
+                error.details(),
+            )
+        else:
+            self._throttled.warn(
+                "contract", "connmeta: the sidecar refused the report stream again (%s)",
+                _describe(error),
+            )  # fmt: skip
+        return True
 
     def _disconnected(self) -> None:
         self._connected = False
         self._routing_active = False
         self._resync_needed = True
         self._queue.clear()
-        for waiter in self._waiters.values():
-            if not waiter.done():
-                waiter.set_result(None)  # fail open now, not at the deadline
+        # A connect waiting for its decision keeps waiting, up to its
+        # deadline: after a quick reconnect the sidecar sends every pending
+        # change again, and the change then applies to this very connect
+        # instead of being lost to a connect that went ahead meanwhile.
 
     async def _session(self) -> None:
         deadline = ctx.options.connmeta_rpc_deadline / 1000
@@ -447,6 +663,8 @@ class ConnmetaAddon:
                     for request in self._resync_requests(deadline):
                         sequence += 1
                         request.sequence = sequence
+                        if sequence == 1:  # a stream always opens with a resync
+                            request.proxy_id = self._proxy_id
                         await self._write(call, request, in_flight, deadline)
                 while self._queue and len(in_flight) < _WINDOW:
                     request = rs.ReportRequest()
@@ -485,15 +703,17 @@ class ConnmetaAddon:
         self._resync_needed = False
         self._connected = True  # hooks from now on queue up behind the resync
         log.info(
-            "connmeta: reporting to %s; resync of %d live connections",
+            "connmeta: reporting to %s as %s; resync of %d live connections",
             ctx.options.connmeta_target,
+            self._proxy_id,
             len(self._live),
         )
         start = rs.ReportRequest()
         start.resync_start.route_deadline.FromMilliseconds(ctx.options.connmeta_route_deadline)
         snaps = [
-            _snapshot(conn, pb.HOOK_RESYNC, self._client_of.get(conn.id, ""))
+            snap
             for conn in self._live.values()
+            if (snap := self._convert(conn, pb.HOOK_RESYNC, self._client_of.get(conn.id, "")))
         ]
         requests = [start]
         for i in range(0, len(snaps), _MAX_BATCH):
@@ -526,12 +746,34 @@ class ConnmetaAddon:
         kind = response.WhichOneof("message")
         if kind == "ack":
             in_flight.pop(response.ack.sequence, None)
+            if response.ack.rejected:
+                self._rejected(response.ack.rejected)
             if self._queue and len(in_flight) == _WINDOW - 1:
                 self._wake.set()  # the window was full: room for the next batch
         elif kind == "routing_state":
             self._routing_active = response.routing_state.active
         elif kind == "route_decision":
             self._on_decision(response.route_decision)
+
+    def _rejected(self, rejected: Iterable[rs.SnapshotRejection]) -> None:
+        """The sidecar refused these snapshots and applied the rest of their
+        batch; the stream goes on. A flood gets one line per interval."""
+        rejections = list(rejected)
+        self.stats["rejected"] += len(rejections)
+        first = rejections[0]
+        fields = ", ".join(v.field for v in first.violations[:3])
+        self._throttled.warn(
+            "rejected",
+            "connmeta: the sidecar refused %d snapshot(s) (%d so far), e.g. #%d of connection "
+            "%s: %s: %s%s",
+            len(rejections),
+            self.stats["rejected"],
+            first.index,
+            first.connection_id or "(none)",
+            first.reason,
+            first.message,
+            f" [{fields}]" if fields else "",
+        )
 
 
 addons = [ConnmetaAddon()]
