@@ -4,10 +4,14 @@ The store calls the hub synchronously after each change; the hub appends the
 same list of events to each watcher's pending queue (O(watchers) appends, no
 encoding) and wakes it. Each watcher filters and encodes on its own
 coroutine, in ``Watcher.next``, taking each event's encoding from the event
-(encoded once per view and type, shared by all watchers). A watcher whose
-queue passes ``max_lag`` events is evicted: its queue is dropped and its
-next ``next()`` raises Evicted with the last revision it delivered, from
-which a new watch resumes without loss, as long as the history still holds it.
+(encoded once per view and type, shared by all watchers). A watcher's lag
+is what waits behind the change it is working through: one change of any
+size (a retention sweep, a resync end, a big batch) is never lag by itself,
+so it evicts nobody who keeps up. A watcher whose lag passes ``max_lag``
+events is evicted: its queue is dropped and its next ``next()`` raises
+Evicted with the last revision it delivered, from which a new watch resumes
+without loss, as long as the history still holds it. A watcher holds at most
+one change plus ``max_lag`` events, all shared with the store's history.
 
 Lessons applied (Kubernetes cacher, etcd): register for live events before
 replaying history, deduplicate by revision, never block the writer, bound
@@ -47,6 +51,8 @@ _DELETED: Final = EventType.DELETED
 
 class Evicted(Exception):
     """The watcher fell more than ``max_lag`` events behind and was ended.
+
+    (Events behind the change it is working through; see the module doc.)
 
     ``last_revision`` is the last revision it delivered: watch again with
     ``start_after_revision=last_revision`` to lose nothing. It is 0 when the
@@ -104,8 +110,9 @@ class Watcher:
         self._basic = basic
         self._pending: deque[Sequence[Event]] = deque()
         self._offset = 0  # events of _pending[0] already taken
-        self._pending_count = 0  # live events only: a history replay is not lag
-        self._replay_left = 0  # events at the front of _pending that came from the history
+        # Events of _pending[1:]: the lag. The head (a live change or the
+        # history replay) is what the watcher is working through, not lag.
+        self._behind = 0
         self._evicted = False
         self._ending = False  # graceful shutdown: drain, final bookmark, end
         self._ended = False
@@ -121,13 +128,18 @@ class Watcher:
     @property
     def pending(self) -> int:
         """Events queued and not yet taken by ``next()``."""
-        return self._pending_count
+        return sum(map(len, self._pending)) - self._offset
+
+    @property
+    def lag(self) -> int:
+        """Events queued behind the change being worked through (evicted past ``max_lag``)."""
+        return self._behind
 
     def close(self) -> None:
         """Stop watching (the client went away); idempotent."""
         self._ended = True
         self._pending.clear()
-        self._pending_count = 0
+        self._offset = self._behind = 0
         self._hub._remove(self)
         self._notify()
 
@@ -194,24 +206,28 @@ class Watcher:
     # -- hub side ------------------------------------------------------------------
 
     def _replay(self, events: Sequence[Event]) -> None:
-        """Queue history events; they do not count towards ``max_lag``, so a
-        watcher resuming far back is not evicted for the replay alone."""
-        self._pending.append(events)
-        self._replay_left += len(events)
+        """Queue history events first; as the head of the queue they are not
+        lag, so a watcher resuming far back is not evicted for the replay alone."""
+        pending = self._pending
+        if pending:  # the hub replays before anything is taken: nothing is half-taken
+            self._behind += len(pending[0])
+        pending.appendleft(events)
         self._notify()
 
     def _push(self, events: Sequence[Event]) -> bool:
         """Queue ``events``; False when this push evicted the watcher."""
         if self._ending or self._ended:
             return True
-        self._pending.append(events)
-        self._pending_count += len(events)
-        if self._pending_count > self._hub.max_lag:
-            self._evicted = True
-            self._pending.clear()
-            self._pending_count = self._replay_left = 0
-            self._notify()
-            return False
+        pending = self._pending
+        if pending:
+            self._behind += len(events)
+            if self._behind > self._hub.max_lag:
+                self._evicted = True
+                pending.clear()
+                self._offset = self._behind = 0
+                self._notify()
+                return False
+        pending.append(events)
         self._notify()
         return True
 
@@ -251,18 +267,17 @@ class Watcher:
                 chunks, response = events.view(basic)
                 if len(response) <= MAX_BATCH_BYTES:
                     pending.popleft()
+                    if pending:
+                        self._behind -= len(pending[0])
                     self._position = events[-1].revision
-                    self._pending_count -= len(events)  # live: never part of a replay
                     self._response = response
                     return list(chunks)
-        taken = 0
         while pending and len(out) < MAX_BATCH_EVENTS and size < MAX_BATCH_BYTES:
             events = pending[0]
             n = len(events)
             while offset < n:
                 event = events[offset]
                 offset += 1
-                taken += 1
                 revision = event.revision
                 if revision <= position:
                     continue  # already delivered (history replay met live events)
@@ -277,11 +292,10 @@ class Watcher:
             if offset >= n:
                 pending.popleft()
                 offset = 0
+                if pending:
+                    self._behind -= len(pending[0])
         self._offset = offset
         self._position = position
-        from_replay = min(taken, self._replay_left)
-        self._replay_left -= from_replay
-        self._pending_count -= taken - from_replay
         return out
 
 
