@@ -398,3 +398,51 @@ async def test_lag_counts_what_waits_behind_the_change_being_taken() -> None:
     assert len(await drain(watcher)) == MAX_BATCH_EVENTS
     assert len(await drain(watcher)) == 1
     assert (watcher.pending, watcher.lag, hub.watcher_count) == (0, 0, 1)
+
+
+async def _never_written(response: bytes) -> None:
+    """A write to a client that stopped reading: it never completes."""
+    await asyncio.Event().wait()
+
+
+async def test_a_write_blocked_for_write_timeout_ends_the_watch() -> None:
+    store = Store()
+    hub = WatchHub(store, write_timeout=0.05)
+    base = store.revision
+    watcher = hub.watch()
+    store.apply([server(next_id())])
+    response = await watcher.next_response()
+    with pytest.raises(Evicted) as info:
+        await asyncio.wait_for(watcher.send(_never_written, response), 10)  # liveness only
+    # Its status goes out behind the blocked response: resume after that one.
+    assert info.value.last_revision == base + 1
+    assert hub.watcher_count == 0
+    store.apply([server(next_id())])
+    assert watcher.pending == 0  # dropped: holds nothing any more
+
+
+async def test_eviction_ends_a_blocked_write_at_once() -> None:
+    store = Store()
+    hub = WatchHub(store, max_lag=2, write_timeout=3600)
+    watcher = hub.watch()
+    store.apply([server(next_id())])
+    sending = asyncio.create_task(watcher.send(_never_written, await watcher.next_response()))
+    await asyncio.sleep(0)
+    store.apply([server(next_id()) for _ in range(2)])  # the change being taken: not lag
+    store.apply([server(next_id()) for _ in range(3)])  # 3 > max_lag behind it
+    with pytest.raises(Evicted):
+        await asyncio.wait_for(sending, 10)  # liveness only
+    assert hub.watcher_count == 0
+
+
+async def test_cancelling_a_blocked_write_from_outside_stays_a_cancellation() -> None:
+    store = Store()
+    hub = WatchHub(store, write_timeout=3600)
+    watcher = hub.watch()
+    store.apply([server(next_id())])
+    sending = asyncio.create_task(watcher.send(_never_written, await watcher.next_response()))
+    await asyncio.sleep(0)
+    sending.cancel()  # as grpc does when the client goes away
+    with pytest.raises(asyncio.CancelledError):
+        await sending
+    assert hub.watcher_count == 1  # the caller closes it, as for any ended call

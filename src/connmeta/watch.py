@@ -13,6 +13,14 @@ Evicted with the last revision it delivered, from which a new watch resumes
 without loss, as long as the history still holds it. A watcher holds at most
 one change plus ``max_lag`` events, all shared with the store's history.
 
+A watcher whose reader stopped reading is ended too, on every transport:
+``send`` writes each response under a watchdog that interrupts the write
+when it has been blocked for ``write_timeout`` seconds, or at once when the
+watcher is evicted meanwhile. Without it, a write blocked on a client that
+no longer reads (HTTP/2 flow control, or a full Unix socket, where nothing
+like TCP_USER_TIMEOUT ends the connection) would keep the call, and the
+eviction waiting behind it, for ever.
+
 Lessons applied (Kubernetes cacher, etcd): register for live events before
 replaying history, deduplicate by revision, never block the writer, bound
 every buffer, make eviction resumable.
@@ -23,7 +31,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Final
 
 from connmeta.filters import Filter
@@ -119,6 +127,14 @@ class Watcher:
         self._wake: asyncio.Event | None = None
         self._last_sent = time.monotonic()
         self._response: bytes | None = None  # the last take, already a response
+        # The write watchdog (see ``send``): one timer per watcher at most,
+        # armed while writes happen; a write itself only stores its start.
+        self._write_started: float | None = None
+        self._writer: asyncio.Task[object] | None = None
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._interrupted = False
+        self._cancelling = 0
+        self._closed = False
 
     @property
     def last_revision(self) -> int:
@@ -135,12 +151,21 @@ class Watcher:
         """Events queued behind the change being worked through (evicted past ``max_lag``)."""
         return self._behind
 
+    @property
+    def closed(self) -> bool:
+        """``close()`` ran: whoever served this watch has let go of it."""
+        return self._closed
+
     def close(self) -> None:
         """Stop watching (the client went away); idempotent."""
+        self._closed = True
         self._ended = True
         self._pending.clear()
         self._offset = self._behind = 0
         self._hub._remove(self)
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         self._notify()
 
     async def next(self) -> list[bytes]:
@@ -203,6 +228,58 @@ class Watcher:
             return response
         return encode_repeated(1, batch) if batch else b""
 
+    async def send(self, write: Callable[[bytes], Awaitable[object]], response: bytes) -> None:
+        """``await write(response)``, ended early if the reader does not keep up.
+
+        Raises Evicted (with the revision of what was written so far: the
+        call's status goes out after it) when the write stays blocked for the
+        hub's ``write_timeout``, or when the watcher is evicted while its
+        write is blocked. The write is interrupted by cancelling the calling
+        task, so call this from the task that owns the watch.
+        """
+        writer = self._writer
+        if writer is None:
+            writer = self._writer = asyncio.current_task()
+            assert writer is not None, "send() runs in a task"
+        loop = asyncio.get_running_loop()
+        self._cancelling = writer.cancelling()  # cancels from others stay theirs
+        self._write_started = started = loop.time()
+        if self._watchdog is None:
+            self._watchdog = loop.call_at(started + self._hub.write_timeout, self._check_write)
+        try:
+            await write(response)
+        except asyncio.CancelledError:
+            if self._interrupted and writer.uncancel() <= self._cancelling:
+                raise Evicted(self.last_revision) from None
+            raise  # the call was cancelled (client gone, shutdown): not ours
+        finally:
+            self._write_started = None
+
+    def _check_write(self) -> None:
+        """The watchdog: end a write blocked for write_timeout; re-armed while writes go on."""
+        self._watchdog = None
+        started = self._write_started
+        if started is None or self._ended or self._evicted:
+            return  # idle: the next write arms it again
+        loop = asyncio.get_running_loop()
+        due = started + self._hub.write_timeout
+        if due - loop.time() > 0.001:  # a later write than the one that armed it
+            self._watchdog = loop.call_at(due, self._check_write)
+            return
+        self._evicted = True
+        self._pending.clear()
+        self._offset = self._behind = 0
+        self._hub._remove(self)
+        self._interrupt()
+
+    def _interrupt(self) -> None:
+        """Cancel the blocked write (``send`` turns it into Evicted)."""
+        writer = self._writer
+        if writer is None or self._write_started is None or self._interrupted:
+            return
+        self._interrupted = True
+        writer.cancel()
+
     # -- hub side ------------------------------------------------------------------
 
     def _replay(self, events: Sequence[Event]) -> None:
@@ -225,6 +302,7 @@ class Watcher:
                 self._evicted = True
                 pending.clear()
                 self._offset = self._behind = 0
+                self._interrupt()  # a write blocked on a frozen reader ends now
                 self._notify()
                 return False
         pending.append(events)
@@ -319,11 +397,19 @@ class WatchHub:
     """Every watcher of one store."""
 
     def __init__(
-        self, store: Store, *, max_lag: int = 10_000, bookmark_interval: float = 5.0
+        self,
+        store: Store,
+        *,
+        max_lag: int = 10_000,
+        bookmark_interval: float = 5.0,
+        write_timeout: float = 30.0,
     ) -> None:
+        if write_timeout <= 0:
+            raise ValueError(f"write_timeout must be positive, got {write_timeout}")
         self.store = store
         self.max_lag = max_lag
         self.bookmark_interval = bookmark_interval
+        self.write_timeout = write_timeout
         self._watchers: dict[Watcher, None] = {}
         self._shutting_down = False
         self._unsubscribe = store.subscribe(self._broadcast)
@@ -332,6 +418,11 @@ class WatchHub:
     def watcher_count(self) -> int:
         """Watchers currently registered."""
         return len(self._watchers)
+
+    @property
+    def watchers(self) -> tuple[Watcher, ...]:
+        """Watchers currently registered, oldest first."""
+        return tuple(self._watchers)
 
     def watch(
         self,
