@@ -387,3 +387,71 @@ async def test_report_with_a_malformed_snapshot_is_invalid_and_keeps_the_earlier
         cs.GetConnectionRequest(id=good.server.connection.id)
     )
     assert got.connection.server.connection.id == good.server.connection.id
+
+
+@pytest.mark.parametrize("ended_by", ["write_timeout", "eviction"])
+async def test_frozen_reader_is_ended_within_the_write_timeout_or_at_eviction(
+    start_sidecar: StartSidecar, transport: str, ended_by: str
+) -> None:
+    # Either bound alone must end the watch: the other one is out of reach.
+    if ended_by == "write_timeout":
+        limits = {"watch_write_timeout": 0.5, "watch_max_lag": 10**6}
+    else:
+        limits = {"watch_write_timeout": 3600.0, "watch_max_lag": 2000}
+    sidecar, channel = await start_sidecar(history_size=10**6, **limits)
+    reporter = Reporter(channel)
+    stub = cs_grpc.ConnectionServiceStub(channel)
+    first = factories.server()
+    start = await reporter.report(first)
+    request = cs.WatchConnectionsRequest(start_after_revision=start)
+    frozen_call = stub.WatchConnections(request)  # opened, then never read until the end
+    while sidecar.hub.watcher_count < 1:  # noqa: ASYNC110
+        await asyncio.sleep(0.01)
+    (frozen,) = sidecar.hub.watchers
+    received: list[int] = []
+
+    async def keep_reading() -> None:
+        async for response in stub.WatchConnections(request):
+            received.extend(e.revision for e in response.events)
+
+    reader = asyncio.create_task(keep_reading())
+    while sidecar.hub.watcher_count < 2:  # noqa: ASYNC110
+        await asyncio.sleep(0.01)
+
+    async def write_until_the_frozen_watch_is_released() -> int:
+        # The frozen reader's buffers (HTTP/2 windows, socket) fill, its write
+        # blocks; nothing the client does ends the call from now on.
+        final = start
+        while not frozen.closed:
+            final = await reporter.report(*(factories.server(sni="x" * 200) for _ in range(500)))
+            await asyncio.sleep(0.02)
+        return final
+
+    # A liveness bound far above either limit, not a measurement.
+    final = await asyncio.wait_for(write_until_the_frozen_watch_is_released(), 60)
+    assert frozen not in sidecar.hub.watchers
+    # Everyone else was served throughout, and still is.
+    got = await stub.GetConnection(cs.GetConnectionRequest(id=first.server.connection.id))
+    assert got.connection.server.connection.id == first.server.connection.id
+    while not received or received[-1] < final:  # noqa: ASYNC110
+        await asyncio.sleep(0.01)
+    assert received == list(range(start + 1, final + 1))
+    assert sidecar.hub.watcher_count == 1
+    reader.cancel()
+
+    # Reading again, the frozen client gets what was written, then the status.
+    delivered: list[int] = []
+
+    async def read_again() -> None:
+        async for response in frozen_call:
+            delivered.extend(e.revision for e in response.events)
+
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await read_again()
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    info = details(caught.value)["ErrorInfo"]
+    assert info.reason == "WATCHER_TOO_SLOW"
+    last = int(info.metadata["last_revision"])
+    assert delivered == list(range(start + 1, last + 1))
+    rest = await _collect(stub, cs.WatchConnectionsRequest(start_after_revision=last), final)
+    assert delivered + [e.revision for e in rest] == list(range(start + 1, final + 1))

@@ -9,6 +9,7 @@ instead of the generated ``add_*_to_server`` helpers.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hashlib
@@ -126,9 +127,7 @@ class ConnectionServicer:
         chunks = [r.basic() for r in records] if basic else [r.data for r in records]
         return encode_repeated(1, chunks) + tail.SerializeToString()
 
-    async def WatchConnections(
-        self, request: cs.WatchConnectionsRequest, context: Context
-    ) -> AsyncIterator[bytes]:
+    async def WatchConnections(self, request: cs.WatchConnectionsRequest, context: Context) -> None:
         try:
             watcher = self._hub.watch(
                 start_after_revision=request.start_after_revision,
@@ -144,9 +143,11 @@ class ConnectionServicer:
                 response = await watcher.next_response()
                 if not response:  # the hub ended this watch cleanly (shutdown)
                     return
-                yield response
+                # context.write rather than yield: the watcher bounds how long
+                # a write may stay blocked on a reader that stopped reading.
+                await watcher.send(context.write, response)
         except Evicted as error:
-            await abort(context, status_for(error))
+            await _end_watch(context, status_for(error))
         finally:
             watcher.close()
 
@@ -165,6 +166,22 @@ class ConnectionServicer:
         except StoreError as error:
             await abort(context, status_for(error))
         return encode_field(1, record.data)
+
+
+async def _end_watch(context: Context, status: grpc.Status) -> None:
+    """End a watch with ``status`` without waiting for it to reach the client.
+
+    The status goes out behind the messages already written; to a reader that
+    stopped reading, ``abort`` would wait for ever (measured over a Unix
+    socket), and the handler with it. Once abort has handed the status to
+    grpc, the handler returns: grpc ends the call when the client reads again
+    (it gets the rest, then the status) or when the connection ends.
+    """
+    try:
+        async with asyncio.timeout(0):
+            await abort(context, status)
+    except TimeoutError:
+        pass
 
 
 class DecodedReport(NamedTuple):
