@@ -455,3 +455,68 @@ async def test_frozen_reader_is_ended_within_the_write_timeout_or_at_eviction(
     assert delivered == list(range(start + 1, last + 1))
     rest = await _collect(stub, cs.WatchConnectionsRequest(start_after_revision=last), final)
     assert delivered + [e.revision for e in rest] == list(range(start + 1, final + 1))
+
+
+async def test_one_change_larger_than_the_lag_budget_evicts_nobody_who_keeps_up(
+    start_sidecar: StartSidecar,
+) -> None:
+    sidecar, channel = await start_sidecar(watch_max_lag=10)
+    reporter = Reporter(channel)
+    stub = cs_grpc.ConnectionServiceStub(channel)
+    start = await reporter.report(factories.server())
+    watches = [
+        asyncio.create_task(
+            _collect(stub, cs.WatchConnectionsRequest(start_after_revision=start), start + 101)
+        ),
+        asyncio.create_task(
+            _collect(
+                stub,
+                cs.WatchConnectionsRequest(
+                    start_after_revision=start, view=cs.CONNECTION_VIEW_BASIC
+                ),
+                start + 101,
+            )
+        ),
+    ]
+    while sidecar.hub.watcher_count < 2:  # noqa: ASYNC110
+        await asyncio.sleep(0.01)
+    # One batch ten times the lag budget: a single change, like a retention sweep.
+    batch = await reporter.report(*(factories.server() for _ in range(100)))
+    for watcher in sidecar.hub.watchers:  # both took it, neither was evicted
+        while watcher.last_revision < batch:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+    assert sidecar.hub.watcher_count == 2
+    final = await reporter.report(factories.server())  # still watching: they get it
+    for watch in watches:
+        events = await asyncio.wait_for(watch, 30)
+        assert [e.revision for e in events] == list(range(start + 1, final + 1))
+
+
+async def test_pinned_pages_show_a_record_deleted_after_the_first_page_once(
+    start_sidecar: StartSidecar,
+) -> None:
+    _, channel = await start_sidecar(closed_retention=0.0)
+    reporter = Reporter(channel)
+    stub = cs_grpc.ConnectionServiceStub(channel)
+    snapshots = [factories.server() for _ in range(20)]
+    await reporter.report(*snapshots)
+    ids = sorted(s.server.connection.id for s in snapshots)
+    first = await stub.ListConnections(cs.ListConnectionsRequest(page_size=3))
+    seen = [r.server.connection.id for r in first.connections]
+    victim = next(s for s in snapshots if s.server.connection.id == ids[10])
+    victim.server.connection.state = CLOSED
+    victim.hook = pb.HOOK_SERVER_DISCONNECTED
+    await reporter.report(victim)
+    listed = [ids[10]]
+    while ids[10] in listed:  # the retention sweep deletes it within a second
+        await asyncio.sleep(0.05)
+        now = await stub.ListConnections(cs.ListConnectionsRequest(page_size=100))
+        listed = [r.server.connection.id for r in now.connections]
+    assert len(listed) == 19
+    token = first.next_page_token
+    while token:
+        page = await stub.ListConnections(cs.ListConnectionsRequest(page_size=3, page_token=token))
+        assert page.revision == first.revision
+        seen.extend(r.server.connection.id for r in page.connections)
+        token = page.next_page_token
+    assert seen == ids
