@@ -445,3 +445,136 @@ async def test_two_proxies_resync_independently_and_keep_their_ids(
     assert got_a.connection.metadata.proxy_id == "proxy-a"
     assert got_b.connection.client.connection.state == OPEN
     assert got_b.connection.metadata.proxy_id == "proxy-b"
+
+
+@pytest.mark.parametrize("ended_by", ["write_timeout", "eviction"])
+async def test_frozen_reader_is_ended_within_the_write_timeout_or_at_eviction(
+    start_sidecar: StartSidecar, transport: str, ended_by: str
+) -> None:
+    # Either bound alone must end the watch: the other one is out of reach.
+    if ended_by == "write_timeout":
+        limits = {"watch_write_timeout": 0.5, "watch_max_lag": 10**6}
+    else:
+        limits = {"watch_write_timeout": 3600.0, "watch_max_lag": 2000}
+    sidecar, channel = await start_sidecar(history_size=10**6, **limits)
+    reporter = Reporter(channel)
+    stub = cs_grpc.ConnectionServiceStub(channel)
+    first = factories.server()
+    start = await reporter.report(first)
+    request = cs.WatchConnectionsRequest(start_after_revision=start)
+    frozen_call = stub.WatchConnections(request)  # opened, then never read until the end
+    while sidecar.hub.watcher_count < 1:  # noqa: ASYNC110
+        await asyncio.sleep(0.01)
+    (frozen,) = sidecar.hub.watchers
+    received: list[int] = []
+
+    async def keep_reading() -> None:
+        async for response in stub.WatchConnections(request):
+            received.extend(e.revision for e in response.events)
+
+    reader = asyncio.create_task(keep_reading())
+    while sidecar.hub.watcher_count < 2:  # noqa: ASYNC110
+        await asyncio.sleep(0.01)
+
+    async def write_until_the_frozen_watch_is_released() -> int:
+        # The frozen reader's buffers (HTTP/2 windows, socket) fill, its write
+        # blocks; nothing the client does ends the call from now on.
+        final = start
+        while not frozen.closed:
+            final = await reporter.report(*(factories.server(sni="x" * 200) for _ in range(500)))
+            await asyncio.sleep(0.02)
+        return final
+
+    # A liveness bound far above either limit, not a measurement.
+    final = await asyncio.wait_for(write_until_the_frozen_watch_is_released(), 60)
+    assert frozen not in sidecar.hub.watchers
+    # Everyone else was served throughout, and still is.
+    got = await stub.GetConnection(cs.GetConnectionRequest(id=first.server.connection.id))
+    assert got.connection.server.connection.id == first.server.connection.id
+    while not received or received[-1] < final:  # noqa: ASYNC110
+        await asyncio.sleep(0.01)
+    assert received == list(range(start + 1, final + 1))
+    assert sidecar.hub.watcher_count == 1
+    reader.cancel()
+
+    # Reading again, the frozen client gets what was written, then the status.
+    delivered: list[int] = []
+
+    async def read_again() -> None:
+        async for response in frozen_call:
+            delivered.extend(e.revision for e in response.events)
+
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await read_again()
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    info = details(caught.value)["ErrorInfo"]
+    assert info.reason == "WATCHER_TOO_SLOW"
+    last = int(info.metadata["last_revision"])
+    assert delivered == list(range(start + 1, last + 1))
+    rest = await _collect(stub, cs.WatchConnectionsRequest(start_after_revision=last), final)
+    assert delivered + [e.revision for e in rest] == list(range(start + 1, final + 1))
+
+
+async def test_one_change_larger_than_the_lag_budget_evicts_nobody_who_keeps_up(
+    start_sidecar: StartSidecar,
+) -> None:
+    sidecar, channel = await start_sidecar(watch_max_lag=10)
+    reporter = Reporter(channel)
+    stub = cs_grpc.ConnectionServiceStub(channel)
+    start = await reporter.report(factories.server())
+    watches = [
+        asyncio.create_task(
+            _collect(stub, cs.WatchConnectionsRequest(start_after_revision=start), start + 101)
+        ),
+        asyncio.create_task(
+            _collect(
+                stub,
+                cs.WatchConnectionsRequest(
+                    start_after_revision=start, view=cs.CONNECTION_VIEW_BASIC
+                ),
+                start + 101,
+            )
+        ),
+    ]
+    while sidecar.hub.watcher_count < 2:  # noqa: ASYNC110
+        await asyncio.sleep(0.01)
+    # One batch ten times the lag budget: a single change, like a retention sweep.
+    batch = await reporter.report(*(factories.server() for _ in range(100)))
+    for watcher in sidecar.hub.watchers:  # both took it, neither was evicted
+        while watcher.last_revision < batch:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+    assert sidecar.hub.watcher_count == 2
+    final = await reporter.report(factories.server())  # still watching: they get it
+    for watch in watches:
+        events = await asyncio.wait_for(watch, 30)
+        assert [e.revision for e in events] == list(range(start + 1, final + 1))
+
+
+async def test_pinned_pages_show_a_record_deleted_after_the_first_page_once(
+    start_sidecar: StartSidecar,
+) -> None:
+    _, channel = await start_sidecar(closed_retention=0.0)
+    reporter = Reporter(channel)
+    stub = cs_grpc.ConnectionServiceStub(channel)
+    snapshots = [factories.server() for _ in range(20)]
+    await reporter.report(*snapshots)
+    ids = sorted(s.server.connection.id for s in snapshots)
+    first = await stub.ListConnections(cs.ListConnectionsRequest(page_size=3))
+    seen = [r.server.connection.id for r in first.connections]
+    victim = next(s for s in snapshots if s.server.connection.id == ids[10])
+    victim.server.connection.state = CLOSED
+    victim.hook = pb.HOOK_SERVER_DISCONNECTED
+    await reporter.report(victim)
+    listed = [ids[10]]
+    while ids[10] in listed:  # the retention sweep deletes it within a second
+        await asyncio.sleep(0.05)
+        now = await stub.ListConnections(cs.ListConnectionsRequest(page_size=100))
+        listed = [r.server.connection.id for r in now.connections]
+    assert len(listed) == 19
+    token = first.next_page_token
+    while token:
+        page = await stub.ListConnections(cs.ListConnectionsRequest(page_size=3, page_token=token))
+        assert page.revision == first.revision
+        seen.extend(r.server.connection.id for r in page.connections)
+        token = page.next_page_token
+    assert seen == ids

@@ -810,3 +810,25 @@ def test_stored_bytes_are_exactly_what_protobuf_would_encode() -> None:
     for record in store.list(Filter(), limit=10)[0]:
         assert record.message().SerializeToString() == record.data
         assert record.message().metadata.revision == record.revision
+
+
+def test_pinned_pages_show_a_record_deleted_after_the_first_page_once() -> None:
+    clock = FakeClock()
+    store = Store(clock=clock, closed_retention_seconds=10)
+    ids = [f"id-{i:02d}" for i in range(20)]
+    store.apply([server(i, state=OPEN) for i in ids])
+    store.apply([server("id-10", state=CLOSED, hook=pb.HOOK_SERVER_DISCONNECTED)])
+    page, pinned, more = store.list(Filter(), limit=3)
+    seen = list(page)
+    clock.now += 11
+    # One deletion among twenty ids is too few to rebuild the sorted id list:
+    # the deleted id stays in it, and the pinned pages bring its old version back.
+    assert store.expire() == 1
+    while more:
+        page, revision, more = store.list(
+            Filter(), after_id=seen[-1].id, limit=3, at_revision=pinned
+        )
+        assert revision == pinned
+        seen.extend(page)
+    assert _ids(seen) == ids
+    assert seen[10].state == CLOSED  # as it was at the pinned revision

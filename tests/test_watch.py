@@ -247,15 +247,16 @@ async def test_resuming_an_evicted_watcher_from_its_last_revision_loses_nothing(
     seen: list[int] = []
     store.apply([server(next_id()) for _ in range(5)])
     seen.extend(e.revision for e in await drain(watcher))
-    for _ in range(3):
-        store.apply([server(next_id()) for _ in range(4)])  # 12 > max_lag unread
+    for _ in range(4):
+        # Unread: the first change is not lag, the 12 events behind it are > max_lag.
+        store.apply([server(next_id()) for _ in range(4)])
     with pytest.raises(Evicted) as info:
         await watcher.next()
     assert info.value.last_revision == base + 5
     resumed = hub.watch(start_after_revision=info.value.last_revision)
     seen.extend(e.revision for e in await drain(resumed))
     assert seen == list(range(base + 1, store.revision + 1))
-    assert store.revision == base + 17
+    assert store.revision == base + 21
 
 
 async def test_a_replay_longer_than_max_lag_is_not_evicted() -> None:
@@ -332,3 +333,116 @@ async def test_every_watcher_shares_one_encoding_per_event_and_view() -> None:
     batches = [await w.next() for w in full]
     assert batches[0][0] is batches[1][0] is batches[2][0]
     assert (await basic.next())[0] == batches[0][0]  # no certificates: same bytes
+
+
+async def _drain_to(watcher: Watcher, revision: int) -> list[cs.WatchEvent]:
+    events: list[cs.WatchEvent] = []
+    while watcher.last_revision < revision:
+        events.extend(await drain(watcher))
+    return events
+
+
+async def test_a_retention_sweep_larger_than_max_lag_evicts_nobody_who_keeps_up() -> None:
+    from tests.snapshots import FakeClock
+
+    clock = FakeClock()
+    store = Store(clock=clock, closed_retention_seconds=1)
+    hub = WatchHub(store, max_lag=10)
+    base = store.revision
+    closed = [next_id() for _ in range(50)]
+    store.apply([server(i, state=CLOSED, hook=pb.HOOK_SERVER_DISCONNECTED) for i in closed])
+    resumed = hub.watch(start_after_revision=base)
+    assert len(await _drain_to(resumed, base + 50)) == 50  # caught up with its replay
+    keeping_up = [
+        resumed,
+        hub.watch(),
+        hub.watch(basic=True),
+        hub.watch(flt=Filter.from_proto(cs.ConnectionFilter(states=[CLOSED]))),
+    ]
+    frozen = hub.watch()
+    clock.now += 2
+    assert store.expire() == 50  # one change, five times the lag budget
+    assert hub.watcher_count == 5
+    for watcher in keeping_up:
+        events = await _drain_to(watcher, base + 100)
+        assert [(e.type, _id(e)) for e in events] == [(DELETED, i) for i in closed]
+    # The frozen watcher has not taken the sweep; what piles up behind it is lag.
+    later = [server(next_id(), state=CLOSED, hook=pb.HOOK_SERVER_DISCONNECTED) for _ in range(11)]
+    for snapshot in later[:10]:
+        store.apply([snapshot])
+        for watcher in keeping_up:
+            await drain(watcher)
+    assert (frozen.lag, hub.watcher_count) == (10, 5)
+    store.apply(later[10:])
+    with pytest.raises(Evicted) as info:
+        await frozen.next()
+    assert info.value.last_revision == base + 50
+    assert hub.watcher_count == 4
+    assert all(w.lag == 0 and w.pending == 1 for w in keeping_up)
+
+
+async def test_lag_counts_what_waits_behind_the_change_being_taken() -> None:
+    store = Store()
+    hub = WatchHub(store, max_lag=MAX_BATCH_EVENTS)
+    watcher = hub.watch()
+    store.apply([server(next_id()) for _ in range(3 * MAX_BATCH_EVENTS)])
+    assert (watcher.pending, watcher.lag) == (3 * MAX_BATCH_EVENTS, 0)
+    await drain(watcher)  # a third of the big change taken, the rest is not lag
+    store.apply([server(next_id()) for _ in range(MAX_BATCH_EVENTS)])
+    assert (watcher.pending, watcher.lag) == (3 * MAX_BATCH_EVENTS, MAX_BATCH_EVENTS)
+    await drain(watcher)
+    await drain(watcher)  # the big change is done: the next one is being taken
+    assert (watcher.pending, watcher.lag) == (MAX_BATCH_EVENTS, 0)
+    store.apply([server(next_id())])
+    assert watcher.lag == 1
+    assert len(await drain(watcher)) == MAX_BATCH_EVENTS
+    assert len(await drain(watcher)) == 1
+    assert (watcher.pending, watcher.lag, hub.watcher_count) == (0, 0, 1)
+
+
+async def _never_written(response: bytes) -> None:
+    """A write to a client that stopped reading: it never completes."""
+    await asyncio.Event().wait()
+
+
+async def test_a_write_blocked_for_write_timeout_ends_the_watch() -> None:
+    store = Store()
+    hub = WatchHub(store, write_timeout=0.05)
+    base = store.revision
+    watcher = hub.watch()
+    store.apply([server(next_id())])
+    response = await watcher.next_response()
+    with pytest.raises(Evicted) as info:
+        await asyncio.wait_for(watcher.send(_never_written, response), 10)  # liveness only
+    # Its status goes out behind the blocked response: resume after that one.
+    assert info.value.last_revision == base + 1
+    assert hub.watcher_count == 0
+    store.apply([server(next_id())])
+    assert watcher.pending == 0  # dropped: holds nothing any more
+
+
+async def test_eviction_ends_a_blocked_write_at_once() -> None:
+    store = Store()
+    hub = WatchHub(store, max_lag=2, write_timeout=3600)
+    watcher = hub.watch()
+    store.apply([server(next_id())])
+    sending = asyncio.create_task(watcher.send(_never_written, await watcher.next_response()))
+    await asyncio.sleep(0)
+    store.apply([server(next_id()) for _ in range(2)])  # the change being taken: not lag
+    store.apply([server(next_id()) for _ in range(3)])  # 3 > max_lag behind it
+    with pytest.raises(Evicted):
+        await asyncio.wait_for(sending, 10)  # liveness only
+    assert hub.watcher_count == 0
+
+
+async def test_cancelling_a_blocked_write_from_outside_stays_a_cancellation() -> None:
+    store = Store()
+    hub = WatchHub(store, write_timeout=3600)
+    watcher = hub.watch()
+    store.apply([server(next_id())])
+    sending = asyncio.create_task(watcher.send(_never_written, await watcher.next_response()))
+    await asyncio.sleep(0)
+    sending.cancel()  # as grpc does when the client goes away
+    with pytest.raises(asyncio.CancelledError):
+        await sending
+    assert hub.watcher_count == 1  # the caller closes it, as for any ended call

@@ -42,6 +42,8 @@ _HELP = {
     "closed_retention": "seconds a closed connection stays before it is deleted",
     "closed_retention_count": "closed connections kept at most (oldest deleted first)",
     "watch_max_lag": "events a watcher may fall behind before it is ended (RESOURCE_EXHAUSTED)",
+    "watch_write_timeout": "seconds a watch response may wait on a client that stopped reading"
+    " before the watch is ended (RESOURCE_EXHAUSTED)",
     "bookmark_interval": "seconds of silence before a watcher gets a BOOKMARK",
     "shutdown_grace": "seconds in-flight calls get after SIGTERM",
     "max_message_bytes": "largest gRPC message sent or received",

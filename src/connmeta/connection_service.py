@@ -8,23 +8,24 @@ List page or a watch batch costs no protobuf encoding.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hashlib
 import hmac
 import secrets
-from collections.abc import AsyncIterator
 from typing import Final
 
 import grpc
 
+from connmeta.errors import abort, status_for
 from connmeta.filters import Filter
 from connmeta.records import InvalidArgument, NotFound, encode_field, encode_repeated
-from connmeta.service import Context, decoder, identity, server_stream, unary
+from connmeta.service import Context, decoder, identity, unary, writer
 from connmeta.store import Store
 from connmeta.v1 import connection_service_pb2 as cs
 from connmeta.validation import id_problem
-from connmeta.watch import WatchHub
+from connmeta.watch import Evicted, WatchHub
 
 __all__ = ["CONNECTION_SERVICE", "ConnectionServicer", "handler"]
 
@@ -140,9 +141,7 @@ class ConnectionServicer:
             )
         return encode_repeated(1, chunks) + tail.SerializeToString()
 
-    async def WatchConnections(
-        self, request: cs.WatchConnectionsRequest, context: Context
-    ) -> AsyncIterator[bytes]:
+    async def WatchConnections(self, request: cs.WatchConnectionsRequest, context: Context) -> None:
         watcher = self._hub.watch(
             start_after_revision=request.start_after_revision,
             send_initial_events=request.send_initial_events,
@@ -155,7 +154,11 @@ class ConnectionServicer:
                 response = await watcher.next_response()
                 if not response:  # the hub ended this watch cleanly (shutdown)
                     return
-                yield response
+                # context.write rather than yield: the watcher bounds how long
+                # a write may stay blocked on a reader that stopped reading.
+                await watcher.send(context.write, response)
+        except Evicted as error:
+            await _end_watch(context, status_for(error))
         finally:
             watcher.close()
 
@@ -171,6 +174,22 @@ class ConnectionServicer:
             actor=request.actor or context.peer(),
         )
         return encode_field(1, record.data)
+
+
+async def _end_watch(context: Context, status: grpc.Status) -> None:
+    """End a watch with ``status`` without waiting for it to reach the client.
+
+    The status goes out behind the messages already written; to a reader that
+    stopped reading, ``abort`` would wait for ever (measured over a Unix
+    socket), and the handler with it. Once abort has handed the status to
+    grpc, the handler returns: grpc ends the call when the client reads again
+    (it gets the rest, then the status) or when the connection ends.
+    """
+    try:
+        async with asyncio.timeout(0):
+            await abort(context, status)
+    except TimeoutError:
+        pass
 
 
 def handler(store: Store, hub: WatchHub) -> grpc.GenericRpcHandler:
@@ -190,7 +209,7 @@ def handler(store: Store, hub: WatchHub) -> grpc.GenericRpcHandler:
                 response_serializer=identity,
             ),
             "WatchConnections": grpc.unary_stream_rpc_method_handler(
-                server_stream(servicer.WatchConnections),
+                writer(servicer.WatchConnections),
                 request_deserializer=decoder(cs.WatchConnectionsRequest),
                 response_serializer=identity,
             ),

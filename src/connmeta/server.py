@@ -51,6 +51,7 @@ class Config:
     closed_retention: float = 300.0
     closed_retention_count: int = 10_000
     watch_max_lag: int = 10_000
+    watch_write_timeout: float = 30.0
     bookmark_interval: float = 5.0
     shutdown_grace: float = 5.0
     max_message_bytes: int = 16 * MiB
@@ -124,7 +125,10 @@ class Sidecar:
             closed_retention_count=config.closed_retention_count,
         )
         self.hub = WatchHub(
-            self.store, max_lag=config.watch_max_lag, bookmark_interval=config.bookmark_interval
+            self.store,
+            max_lag=config.watch_max_lag,
+            bookmark_interval=config.bookmark_interval,
+            write_timeout=config.watch_write_timeout,
         )
         self.routers = RouterHub(self.store)
         self.health = HealthServicer()

@@ -9,7 +9,7 @@ here, so every RPC gets it alike:
   not a valid message become an :class:`Undecodable`, which the servicer
   answers with INVALID_ARGUMENT like any other bad input (a deserializer that
   raises makes grpcio answer UNKNOWN).
-- :func:`unary` and :func:`server_stream` are the error boundary of a
+- :func:`unary` and :func:`writer` are the error boundary of a
   handler: a domain error becomes its rich status; anything else is a bug of
   ours, logged once with its traceback and answered INTERNAL. Bidirectional
   streams keep their own boundary (their work runs in tasks).
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
@@ -30,7 +30,6 @@ from google.protobuf.message import Message
 
 from connmeta.errors import abort, internal, status_for, undecodable
 from connmeta.store import StoreError
-from connmeta.watch import Evicted
 
 __all__ = [
     "Context",
@@ -38,8 +37,8 @@ __all__ = [
     "cancel",
     "decoder",
     "identity",
-    "server_stream",
     "unary",
+    "writer",
 ]
 
 log = logging.getLogger("connmeta.service")
@@ -114,18 +113,18 @@ def unary(
     return handle
 
 
-def server_stream(
-    method: Callable[[_Request, Context], AsyncIterator[bytes]],
-) -> Callable[[_Request | Undecodable, Context], AsyncIterator[bytes]]:
-    """The error boundary of a server-streaming handler."""
+def writer(
+    method: Callable[[_Request, Context], Awaitable[None]],
+) -> Callable[[_Request | Undecodable, Context], Awaitable[None]]:
+    """The error boundary of a server-streaming handler that writes with
+    ``context.write`` (and so can bound how long a write may block)."""
 
-    async def handle(request: _Request | Undecodable, context: Context) -> AsyncIterator[bytes]:
+    async def handle(request: _Request | Undecodable, context: Context) -> None:
         if isinstance(request, Undecodable):
             await abort(context, request.status())
         try:
-            async for response in method(request, context):
-                yield response
-        except (StoreError, Evicted) as error:
+            await method(request, context)
+        except StoreError as error:
             await abort(context, status_for(error))
         except grpc.aio.AbortError:
             raise

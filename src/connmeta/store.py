@@ -732,7 +732,14 @@ class Store:
             gone = sorted(i for i, r in overlay.items() if r is not None and i not in records)
             gone_start = bisect.bisect_right(gone, after_id) if after_id else 0
             candidates = heapq.merge(candidates, gone[gone_start:])
+        last: str | None = None
         for id in candidates:
+            # A deleted id may still be in ``ids`` (it leaves only when enough
+            # deletions pile up) as well as in ``gone``: the merge then yields
+            # it twice, side by side.
+            if id == last:
+                continue
+            last = id
             record = records.get(id)
             if overlay is not None:
                 past = overlay.get(id, _MISSING)

@@ -4,10 +4,22 @@ The store calls the hub synchronously after each change; the hub appends the
 same list of events to each watcher's pending queue (O(watchers) appends, no
 encoding) and wakes it. Each watcher filters and encodes on its own
 coroutine, in ``Watcher.next``, taking each event's encoding from the event
-(encoded once per view and type, shared by all watchers). A watcher whose
-queue passes ``max_lag`` events is evicted: its queue is dropped and its
-next ``next()`` raises Evicted with the last revision it delivered, from
-which a new watch resumes without loss, as long as the history still holds it.
+(encoded once per view and type, shared by all watchers). A watcher's lag
+is what waits behind the change it is working through: one change of any
+size (a retention sweep, a resync end, a big batch) is never lag by itself,
+so it evicts nobody who keeps up. A watcher whose lag passes ``max_lag``
+events is evicted: its queue is dropped and its next ``next()`` raises
+Evicted with the last revision it delivered, from which a new watch resumes
+without loss, as long as the history still holds it. A watcher holds at most
+one change plus ``max_lag`` events, all shared with the store's history.
+
+A watcher whose reader stopped reading is ended too, on every transport:
+``send`` writes each response under a watchdog that interrupts the write
+when it has been blocked for ``write_timeout`` seconds, or at once when the
+watcher is evicted meanwhile. Without it, a write blocked on a client that
+no longer reads (HTTP/2 flow control, or a full Unix socket, where nothing
+like TCP_USER_TIMEOUT ends the connection) would keep the call, and the
+eviction waiting behind it, for ever.
 
 Lessons applied (Kubernetes cacher, etcd): register for live events before
 replaying history, deduplicate by revision, never block the writer, bound
@@ -19,7 +31,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Final
 
 from connmeta.filters import Filter
@@ -47,6 +59,8 @@ _DELETED: Final = EventType.DELETED
 
 class Evicted(Exception):
     """The watcher fell more than ``max_lag`` events behind and was ended.
+
+    (Events behind the change it is working through; see the module doc.)
 
     ``last_revision`` is the last revision it delivered: watch again with
     ``start_after_revision=last_revision`` to lose nothing. It is 0 when the
@@ -104,14 +118,23 @@ class Watcher:
         self._basic = basic
         self._pending: deque[Sequence[Event]] = deque()
         self._offset = 0  # events of _pending[0] already taken
-        self._pending_count = 0  # live events only: a history replay is not lag
-        self._replay_left = 0  # events at the front of _pending that came from the history
+        # Events of _pending[1:]: the lag. The head (a live change or the
+        # history replay) is what the watcher is working through, not lag.
+        self._behind = 0
         self._evicted = False
         self._ending = False  # graceful shutdown: drain, final bookmark, end
         self._ended = False
         self._wake: asyncio.Event | None = None
         self._last_sent = time.monotonic()
         self._response: bytes | None = None  # the last take, already a response
+        # The write watchdog (see ``send``): one timer per watcher at most,
+        # armed while writes happen; a write itself only stores its start.
+        self._write_started: float | None = None
+        self._writer: asyncio.Task[object] | None = None
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._interrupted = False
+        self._cancelling = 0
+        self._closed = False
 
     @property
     def last_revision(self) -> int:
@@ -121,14 +144,28 @@ class Watcher:
     @property
     def pending(self) -> int:
         """Events queued and not yet taken by ``next()``."""
-        return self._pending_count
+        return sum(map(len, self._pending)) - self._offset
+
+    @property
+    def lag(self) -> int:
+        """Events queued behind the change being worked through (evicted past ``max_lag``)."""
+        return self._behind
+
+    @property
+    def closed(self) -> bool:
+        """``close()`` ran: whoever served this watch has let go of it."""
+        return self._closed
 
     def close(self) -> None:
         """Stop watching (the client went away); idempotent."""
+        self._closed = True
         self._ended = True
         self._pending.clear()
-        self._pending_count = 0
+        self._offset = self._behind = 0
         self._hub._remove(self)
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         self._notify()
 
     async def next(self) -> list[bytes]:
@@ -191,27 +228,84 @@ class Watcher:
             return response
         return encode_repeated(1, batch) if batch else b""
 
+    async def send(self, write: Callable[[bytes], Awaitable[object]], response: bytes) -> None:
+        """``await write(response)``, ended early if the reader does not keep up.
+
+        Raises Evicted (with the revision of what was written so far: the
+        call's status goes out after it) when the write stays blocked for the
+        hub's ``write_timeout``, or when the watcher is evicted while its
+        write is blocked. The write is interrupted by cancelling the calling
+        task, so call this from the task that owns the watch.
+        """
+        writer = self._writer
+        if writer is None:
+            writer = self._writer = asyncio.current_task()
+            assert writer is not None, "send() runs in a task"
+        loop = asyncio.get_running_loop()
+        self._cancelling = writer.cancelling()  # cancels from others stay theirs
+        self._write_started = started = loop.time()
+        if self._watchdog is None:
+            self._watchdog = loop.call_at(started + self._hub.write_timeout, self._check_write)
+        try:
+            await write(response)
+        except asyncio.CancelledError:
+            if self._interrupted and writer.uncancel() <= self._cancelling:
+                raise Evicted(self.last_revision) from None
+            raise  # the call was cancelled (client gone, shutdown): not ours
+        finally:
+            self._write_started = None
+
+    def _check_write(self) -> None:
+        """The watchdog: end a write blocked for write_timeout; re-armed while writes go on."""
+        self._watchdog = None
+        started = self._write_started
+        if started is None or self._ended or self._evicted:
+            return  # idle: the next write arms it again
+        loop = asyncio.get_running_loop()
+        due = started + self._hub.write_timeout
+        if due - loop.time() > 0.001:  # a later write than the one that armed it
+            self._watchdog = loop.call_at(due, self._check_write)
+            return
+        self._evicted = True
+        self._pending.clear()
+        self._offset = self._behind = 0
+        self._hub._remove(self)
+        self._interrupt()
+
+    def _interrupt(self) -> None:
+        """Cancel the blocked write (``send`` turns it into Evicted)."""
+        writer = self._writer
+        if writer is None or self._write_started is None or self._interrupted:
+            return
+        self._interrupted = True
+        writer.cancel()
+
     # -- hub side ------------------------------------------------------------------
 
     def _replay(self, events: Sequence[Event]) -> None:
-        """Queue history events; they do not count towards ``max_lag``, so a
-        watcher resuming far back is not evicted for the replay alone."""
-        self._pending.append(events)
-        self._replay_left += len(events)
+        """Queue history events first; as the head of the queue they are not
+        lag, so a watcher resuming far back is not evicted for the replay alone."""
+        pending = self._pending
+        if pending:  # the hub replays before anything is taken: nothing is half-taken
+            self._behind += len(pending[0])
+        pending.appendleft(events)
         self._notify()
 
     def _push(self, events: Sequence[Event]) -> bool:
         """Queue ``events``; False when this push evicted the watcher."""
         if self._ending or self._ended:
             return True
-        self._pending.append(events)
-        self._pending_count += len(events)
-        if self._pending_count > self._hub.max_lag:
-            self._evicted = True
-            self._pending.clear()
-            self._pending_count = self._replay_left = 0
-            self._notify()
-            return False
+        pending = self._pending
+        if pending:
+            self._behind += len(events)
+            if self._behind > self._hub.max_lag:
+                self._evicted = True
+                pending.clear()
+                self._offset = self._behind = 0
+                self._interrupt()  # a write blocked on a frozen reader ends now
+                self._notify()
+                return False
+        pending.append(events)
         self._notify()
         return True
 
@@ -251,18 +345,17 @@ class Watcher:
                 chunks, response = events.view(basic)
                 if len(response) <= MAX_BATCH_BYTES:
                     pending.popleft()
+                    if pending:
+                        self._behind -= len(pending[0])
                     self._position = events[-1].revision
-                    self._pending_count -= len(events)  # live: never part of a replay
                     self._response = response
                     return list(chunks)
-        taken = 0
         while pending and len(out) < MAX_BATCH_EVENTS and size < MAX_BATCH_BYTES:
             events = pending[0]
             n = len(events)
             while offset < n:
                 event = events[offset]
                 offset += 1
-                taken += 1
                 revision = event.revision
                 if revision <= position:
                     continue  # already delivered (history replay met live events)
@@ -277,11 +370,10 @@ class Watcher:
             if offset >= n:
                 pending.popleft()
                 offset = 0
+                if pending:
+                    self._behind -= len(pending[0])
         self._offset = offset
         self._position = position
-        from_replay = min(taken, self._replay_left)
-        self._replay_left -= from_replay
-        self._pending_count -= taken - from_replay
         return out
 
 
@@ -305,11 +397,19 @@ class WatchHub:
     """Every watcher of one store."""
 
     def __init__(
-        self, store: Store, *, max_lag: int = 10_000, bookmark_interval: float = 5.0
+        self,
+        store: Store,
+        *,
+        max_lag: int = 10_000,
+        bookmark_interval: float = 5.0,
+        write_timeout: float = 30.0,
     ) -> None:
+        if write_timeout <= 0:
+            raise ValueError(f"write_timeout must be positive, got {write_timeout}")
         self.store = store
         self.max_lag = max_lag
         self.bookmark_interval = bookmark_interval
+        self.write_timeout = write_timeout
         self._watchers: dict[Watcher, None] = {}
         self._shutting_down = False
         self._unsubscribe = store.subscribe(self._broadcast)
@@ -318,6 +418,11 @@ class WatchHub:
     def watcher_count(self) -> int:
         """Watchers currently registered."""
         return len(self._watchers)
+
+    @property
+    def watchers(self) -> tuple[Watcher, ...]:
+        """Watchers currently registered, oldest first."""
+        return tuple(self._watchers)
 
     def watch(
         self,
