@@ -85,6 +85,10 @@ class PageTokens:
         payload, mac = raw[:-_MAC_BYTES], raw[-_MAC_BYTES:]
         if len(raw) <= _MAC_BYTES or not hmac.compare_digest(mac, self._mac(payload)):
             raise bad
+        # One spelling per token: the same bytes re-encoded (padded, say) are
+        # not a token this server issued either.
+        if base64.urlsafe_b64encode(raw).decode().rstrip("=") != token:
+            raise bad
         revision_text, after_id, expected = payload.decode().split("\n")
         if expected != fingerprint:
             raise InvalidArgument(

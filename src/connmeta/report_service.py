@@ -23,6 +23,7 @@ from typing import Any, Final, NamedTuple
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
+from grpc._cython import cygrpc  # type: ignore[attr-defined]  # no stubs; BaseError is public there
 
 from connmeta._rawview import RawReportRequest
 from connmeta.errors import abort, internal, status_for
@@ -46,6 +47,8 @@ REPORT_SERVICE: Final = rs.DESCRIPTOR.services_by_name["ReportService"].full_nam
 # is held for (about) the router's time, never for the full deadline.
 _DEADLINE_SHARE: Final = 0.8
 _LOG_INTERVAL: Final = 10.0
+# What grpc's request iterator raises when the call ends under it.
+_GRPC_ERRORS: Final = (grpc.aio.AioRpcError, cygrpc.BaseError)
 
 
 class DecodedReport(NamedTuple):
@@ -172,6 +175,11 @@ class ReportServicer:
                         spawn(self._route(stream, server_id, client_id, out.put_nowait))
             except StoreError as error:
                 out.put_nowait(status_for(error))
+            except _GRPC_ERRORS as error:
+                # The call ended under the reader (the server stops, the
+                # connection broke): nothing of ours failed, nothing to answer.
+                log.debug("report stream of proxy %s ended: %r", escape(stream.proxy), error)
+                out.put_nowait(None)
             except Exception:
                 log.exception("report stream of proxy %s failed", escape(stream.proxy))
                 out.put_nowait(internal())
