@@ -55,6 +55,13 @@ type ConnectionServiceClient interface {
 	// WatchConnections streams every change after a revision, in revision
 	// order, with no gap and no duplicate. Each response carries a batch of
 	// events. See WatchConnectionsRequest for resume and snapshot semantics.
+	//
+	// A watcher that falls behind is ended with RESOURCE_EXHAUSTED and an
+	// ErrorInfo WATCHER_TOO_SLOW naming last_revision, from which a new watch
+	// resumes without loss: when more events wait behind the change it is
+	// working through than the sidecar's --watch-max-lag (one large change
+	// alone never ends a watcher that keeps up), or when a response stays
+	// unsent for --watch-write-timeout because the client stopped reading.
 	WatchConnections(ctx context.Context, in *WatchConnectionsRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[WatchConnectionsResponse], error)
 	// UpdateServerConnection changes a server connection's address and/or via,
 	// under mitmproxy's own guard: refused with FAILED_PRECONDITION exactly when
@@ -159,6 +166,13 @@ type ConnectionServiceServer interface {
 	// WatchConnections streams every change after a revision, in revision
 	// order, with no gap and no duplicate. Each response carries a batch of
 	// events. See WatchConnectionsRequest for resume and snapshot semantics.
+	//
+	// A watcher that falls behind is ended with RESOURCE_EXHAUSTED and an
+	// ErrorInfo WATCHER_TOO_SLOW naming last_revision, from which a new watch
+	// resumes without loss: when more events wait behind the change it is
+	// working through than the sidecar's --watch-max-lag (one large change
+	// alone never ends a watcher that keeps up), or when a response stays
+	// unsent for --watch-write-timeout because the client stopped reading.
 	WatchConnections(*WatchConnectionsRequest, grpc.ServerStreamingServer[WatchConnectionsResponse]) error
 	// UpdateServerConnection changes a server connection's address and/or via,
 	// under mitmproxy's own guard: refused with FAILED_PRECONDITION exactly when

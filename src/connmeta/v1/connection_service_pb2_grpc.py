@@ -101,6 +101,13 @@ class ConnectionServiceServicer:
         """WatchConnections streams every change after a revision, in revision
         order, with no gap and no duplicate. Each response carries a batch of
         events. See WatchConnectionsRequest for resume and snapshot semantics.
+
+        A watcher that falls behind is ended with RESOURCE_EXHAUSTED and an
+        ErrorInfo WATCHER_TOO_SLOW naming last_revision, from which a new watch
+        resumes without loss: when more events wait behind the change it is
+        working through than the sidecar's --watch-max-lag (one large change
+        alone never ends a watcher that keeps up), or when a response stays
+        unsent for --watch-write-timeout because the client stopped reading.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -57,6 +57,13 @@ class ConnectionServiceStub:
     """WatchConnections streams every change after a revision, in revision
     order, with no gap and no duplicate. Each response carries a batch of
     events. See WatchConnectionsRequest for resume and snapshot semantics.
+
+    A watcher that falls behind is ended with RESOURCE_EXHAUSTED and an
+    ErrorInfo WATCHER_TOO_SLOW naming last_revision, from which a new watch
+    resumes without loss: when more events wait behind the change it is
+    working through than the sidecar's --watch-max-lag (one large change
+    alone never ends a watcher that keeps up), or when a response stays
+    unsent for --watch-write-timeout because the client stopped reading.
     """
     UpdateServerConnection: _grpc.UnaryUnaryMultiCallable[_connection_service_pb2.UpdateServerConnectionRequest, _connection_service_pb2.UpdateServerConnectionResponse]
     """UpdateServerConnection changes a server connection's address and/or via,
@@ -104,6 +111,13 @@ class ConnectionServiceAsyncStub(ConnectionServiceStub):
     """WatchConnections streams every change after a revision, in revision
     order, with no gap and no duplicate. Each response carries a batch of
     events. See WatchConnectionsRequest for resume and snapshot semantics.
+
+    A watcher that falls behind is ended with RESOURCE_EXHAUSTED and an
+    ErrorInfo WATCHER_TOO_SLOW naming last_revision, from which a new watch
+    resumes without loss: when more events wait behind the change it is
+    working through than the sidecar's --watch-max-lag (one large change
+    alone never ends a watcher that keeps up), or when a response stays
+    unsent for --watch-write-timeout because the client stopped reading.
     """
     UpdateServerConnection: _aio.UnaryUnaryMultiCallable[_connection_service_pb2.UpdateServerConnectionRequest, _connection_service_pb2.UpdateServerConnectionResponse]  # type: ignore[assignment]
     """UpdateServerConnection changes a server connection's address and/or via,
@@ -166,6 +180,13 @@ class ConnectionServiceServicer(metaclass=_abc_1.ABCMeta):
         """WatchConnections streams every change after a revision, in revision
         order, with no gap and no duplicate. Each response carries a batch of
         events. See WatchConnectionsRequest for resume and snapshot semantics.
+
+        A watcher that falls behind is ended with RESOURCE_EXHAUSTED and an
+        ErrorInfo WATCHER_TOO_SLOW naming last_revision, from which a new watch
+        resumes without loss: when more events wait behind the change it is
+        working through than the sidecar's --watch-max-lag (one large change
+        alone never ends a watcher that keeps up), or when a response stays
+        unsent for --watch-write-timeout because the client stopped reading.
         """
 
     @_abc_1.abstractmethod
