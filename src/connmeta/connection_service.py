@@ -21,7 +21,7 @@ import grpc
 from connmeta.errors import abort, status_for
 from connmeta.filters import Filter
 from connmeta.records import InvalidArgument, NotFound, encode_field, encode_repeated
-from connmeta.service import Context, decoder, identity, unary, writer
+from connmeta.service import Context, decoder, guarded, identity
 from connmeta.store import Store
 from connmeta.v1 import connection_service_pb2 as cs
 from connmeta.validation import id_problem
@@ -203,22 +203,22 @@ def handler(store: Store, hub: WatchHub) -> grpc.GenericRpcHandler:
         CONNECTION_SERVICE,
         {
             "GetConnection": grpc.unary_unary_rpc_method_handler(
-                unary(servicer.GetConnection),
+                guarded(servicer.GetConnection),
                 request_deserializer=decoder(cs.GetConnectionRequest),
                 response_serializer=identity,
             ),
             "ListConnections": grpc.unary_unary_rpc_method_handler(
-                unary(servicer.ListConnections),
+                guarded(servicer.ListConnections),
                 request_deserializer=decoder(cs.ListConnectionsRequest),
                 response_serializer=identity,
             ),
             "WatchConnections": grpc.unary_stream_rpc_method_handler(
-                writer(servicer.WatchConnections),
+                guarded(servicer.WatchConnections),
                 request_deserializer=decoder(cs.WatchConnectionsRequest),
                 response_serializer=identity,
             ),
             "UpdateServerConnection": grpc.unary_unary_rpc_method_handler(
-                unary(servicer.UpdateServerConnection),
+                guarded(servicer.UpdateServerConnection),
                 request_deserializer=decoder(cs.UpdateServerConnectionRequest),
                 response_serializer=identity,
             ),

@@ -9,10 +9,10 @@ here, so every RPC gets it alike:
   not a valid message become an :class:`Undecodable`, which the servicer
   answers with INVALID_ARGUMENT like any other bad input (a deserializer that
   raises makes grpcio answer UNKNOWN).
-- :func:`unary` and :func:`writer` are the error boundary of a
-  handler: a domain error becomes its rich status; anything else is a bug of
-  ours, logged once with its traceback and answered INTERNAL. Bidirectional
-  streams keep their own boundary (their work runs in tasks).
+- :func:`guarded` is the error boundary of a handler: a domain error
+  becomes its rich status; anything else is a bug of ours, logged once with
+  its traceback and answered INTERNAL. Bidirectional streams keep their own
+  boundary (their work runs in tasks).
 - Reads answer with bytes the store already holds (each record version is
   serialized once, when written), so their response serializer is the
   identity.
@@ -36,15 +36,15 @@ __all__ = [
     "Undecodable",
     "cancel",
     "decoder",
+    "guarded",
     "identity",
-    "unary",
-    "writer",
 ]
 
 log = logging.getLogger("connmeta.service")
 
 Context = grpc.aio.ServicerContext[Any, Any]
 _Request = TypeVar("_Request")
+_Response = TypeVar("_Response")
 
 
 class Undecodable:
@@ -92,38 +92,17 @@ def identity(data: bytes) -> bytes:
     return data
 
 
-def unary(
-    method: Callable[[_Request, Context], Awaitable[bytes]],
-) -> Callable[[_Request | Undecodable, Context], Awaitable[bytes]]:
-    """The error boundary of a unary handler."""
+def guarded(
+    method: Callable[[_Request, Context], Awaitable[_Response]],
+) -> Callable[[_Request | Undecodable, Context], Awaitable[_Response]]:
+    """The error boundary of a handler: a unary one, or a streaming one that
+    writes with ``context.write`` (and so can bound how long a write blocks)."""
 
-    async def handle(request: _Request | Undecodable, context: Context) -> bytes:
+    async def handle(request: _Request | Undecodable, context: Context) -> _Response:
         if isinstance(request, Undecodable):
             await abort(context, request.status())
         try:
             return await method(request, context)
-        except StoreError as error:
-            await abort(context, status_for(error))
-        except grpc.aio.AbortError:
-            raise
-        except Exception:
-            log.exception("%s failed", getattr(method, "__name__", "handler"))
-            await abort(context, internal())
-
-    return handle
-
-
-def writer(
-    method: Callable[[_Request, Context], Awaitable[None]],
-) -> Callable[[_Request | Undecodable, Context], Awaitable[None]]:
-    """The error boundary of a server-streaming handler that writes with
-    ``context.write`` (and so can bound how long a write may block)."""
-
-    async def handle(request: _Request | Undecodable, context: Context) -> None:
-        if isinstance(request, Undecodable):
-            await abort(context, request.status())
-        try:
-            await method(request, context)
         except StoreError as error:
             await abort(context, status_for(error))
         except grpc.aio.AbortError:
