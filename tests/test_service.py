@@ -578,3 +578,44 @@ async def test_pinned_pages_show_a_record_deleted_after_the_first_page_once(
         seen.extend(r.server.connection.id for r in page.connections)
         token = page.next_page_token
     assert seen == ids
+
+
+async def test_every_call_names_the_store_it_answers_from_errors_included(
+    start_sidecar: StartSidecar,
+) -> None:
+    sidecar, channel = await start_sidecar()
+    incarnation = sidecar.store.incarnation
+    snapshot = factories.server()
+    await Reporter(channel).report(snapshot)
+    stub = cs_grpc.ConnectionServiceStub(channel)
+    call = stub.GetConnection(cs.GetConnectionRequest(id=snapshot.server.connection.id))
+    got = await call
+    assert got.header.incarnation == incarnation
+    assert dict(await call.initial_metadata())["connmeta-incarnation"] == incarnation
+    listed = await stub.ListConnections(cs.ListConnectionsRequest())
+    assert listed.header.incarnation == incarnation
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.GetConnection(cs.GetConnectionRequest(id="no-such-id"))
+    assert dict(caught.value.initial_metadata() or ())["connmeta-incarnation"] == incarnation
+    watch = stub.WatchConnections(cs.WatchConnectionsRequest(send_initial_events=True), timeout=5)
+    first = await watch.read()
+    assert isinstance(first, cs.WatchConnectionsResponse)
+    assert first.header.incarnation == incarnation
+    watch.cancel()
+
+
+@pytest.mark.parametrize("why", ["incarnation", "revision ahead"])
+async def test_a_watch_resumed_from_another_incarnation_is_out_of_range(
+    channel: grpc.aio.Channel, why: str
+) -> None:
+    revision = await Reporter(channel).report(factories.server())
+    request = cs.WatchConnectionsRequest(start_after_revision=revision)
+    if why == "incarnation":
+        request.incarnation = "another-store"
+    else:
+        request.start_after_revision = revision + 1_000_000
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for _ in cs_grpc.ConnectionServiceStub(channel).WatchConnections(request, timeout=5):
+            pass
+    assert caught.value.code() == grpc.StatusCode.OUT_OF_RANGE
+    assert details(caught.value)["ErrorInfo"].reason == "REVISION_COMPACTED"

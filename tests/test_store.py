@@ -68,7 +68,6 @@ def test_each_snapshot_gets_the_next_revision() -> None:
     events = recorder(store)
     a, b = next_id(), next_id()
     base = store.revision
-    assert base == 1
     assert store.apply([client(a), server(b, client_id=a, state=CLOSED)]) == []
     assert store.revision == base + 2
     store.apply([server(b, client_id=a, state=OPEN)])
@@ -342,9 +341,11 @@ def test_list_page_from_a_compacted_revision_is_compacted() -> None:
     assert len(store.list(Filter(), limit=100, at_revision=base + 5)[0]) == 5
 
 
-def test_list_page_from_a_future_revision_is_invalid() -> None:
-    with pytest.raises(InvalidArgument, match="ahead"):
-        Store().list(Filter(), limit=1, at_revision=3)
+def test_list_page_from_a_revision_ahead_of_the_store_is_out_of_its_history() -> None:
+    store = Store()
+    with pytest.raises(Compacted, match="not in this store's history") as info:
+        store.list(Filter(), limit=1, at_revision=store.revision + 1)
+    assert info.value.ahead
 
 
 def test_last_page_reports_no_more() -> None:
@@ -361,31 +362,41 @@ def test_last_page_reports_no_more() -> None:
 # -- history ----------------------------------------------------------------------
 
 
-def test_fresh_store_is_at_revision_one_so_a_listing_can_be_resumed() -> None:
+def test_new_store_starts_from_the_clock_in_microseconds_under_a_new_incarnation() -> None:
+    clock = FakeClock(1_700_000_000.25)
+    first, second = Store(clock=clock), Store(clock=clock)
+    assert first.revision == 1_700_000_000_250_000
+    assert first.incarnation != second.incarnation
+    clock.now += 1.0  # a restart a second later starts above what the first issued
+    first.apply([client(next_id()) for _ in range(1000)])
+    assert Store(clock=clock).revision > first.revision
+
+
+def test_fresh_store_lists_at_its_own_revision_so_a_listing_can_be_resumed() -> None:
     # Revision 0 means "from now" to a watch: an empty store must never list at 0,
     # or a list-then-watch client would lose the first change.
-    store = Store()
-    assert (store.revision, store.oldest_revision) == (1, 1)
+    store = Store(clock=FakeClock(1.0))
+    assert (store.revision, store.oldest_revision) == (1_000_000, 1_000_000)
     records, listed, more = store.list(Filter(), limit=10)
-    assert (records, listed, more) == ([], 1, False)
+    assert (records, listed, more) == ([], 1_000_000, False)
     assert store.events_after(listed) == []
     id = next_id()
     store.apply([server(id)])
     [event] = store.events_after(listed)
     assert (event.revision, event.type, event.record.id, event.prev) == (
-        2,
+        1_000_001,
         EventType.ADDED,
         id,
         None,
     )
     assert (event.record.revision, event.record.create_revision, event.record.etag) == (
-        2,
-        2,
-        '"2"',
+        1_000_001,
+        1_000_001,
+        '"1000001"',
     )
     # A page pinned to the empty listing still shows the store as it was then.
-    assert store.list(Filter(), limit=10, at_revision=listed) == ([], 1, False)
-    assert store.oldest_revision == 1
+    assert store.list(Filter(), limit=10, at_revision=listed) == ([], 1_000_000, False)
+    assert store.oldest_revision == 1_000_000
 
 
 def test_events_after_returns_exactly_the_later_events() -> None:

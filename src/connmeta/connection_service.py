@@ -20,7 +20,7 @@ import grpc
 
 from connmeta.errors import abort, status_for
 from connmeta.filters import Filter
-from connmeta.records import InvalidArgument, NotFound, encode_field, encode_repeated
+from connmeta.records import Compacted, InvalidArgument, NotFound, encode_field, encode_repeated
 from connmeta.service import Context, decoder, guarded, identity
 from connmeta.store import Store
 from connmeta.v1 import connection_service_pb2 as cs
@@ -74,7 +74,13 @@ class PageTokens:
     def decode(self, token: str, fingerprint: str) -> tuple[int, str]:
         """The (revision, after_id) of ``token``; InvalidArgument if it is not ours."""
         bad = InvalidArgument(
-            [("page_token", "not a token this server issued; list again without one")]
+            [
+                (
+                    "page_token",
+                    "not a token this sidecar issued (forged, changed, or from before it "
+                    "restarted): list again without one",
+                )
+            ]
         )
         if len(token) > _MAX_TOKEN_CHARS or not token.isascii():
             raise bad
@@ -104,6 +110,12 @@ class ConnectionServicer:
         self._store = store
         self._hub = hub
         self._tokens = tokens or PageTokens()
+        # Every read names the store it answers from (ResponseHeader); encoded
+        # once: the incarnation never changes for a store.
+        header = cs.ResponseHeader(incarnation=store.incarnation)
+        self._header = header
+        self._get_header = encode_field(2, header.SerializeToString())
+        self._watch_header = encode_field(2, header.SerializeToString())
 
     async def GetConnection(self, request: cs.GetConnectionRequest, context: Context) -> bytes:
         problem = id_problem(request.id)
@@ -113,7 +125,7 @@ class ConnectionServicer:
         record = self._store.get(request.id)
         if record is None:
             raise NotFound(request.id)
-        return encode_field(1, record.basic() if basic else record.data)
+        return encode_field(1, record.basic() if basic else record.data) + self._get_header
 
     async def ListConnections(self, request: cs.ListConnectionsRequest, context: Context) -> bytes:
         if request.page_size < 0:
@@ -138,7 +150,7 @@ class ConnectionServicer:
                 more = True
                 break
             chunks.append(chunk)
-        tail = cs.ListConnectionsResponse(revision=revision)
+        tail = cs.ListConnectionsResponse(revision=revision, header=self._header)
         if more and chunks:
             tail.next_page_token = self._tokens.encode(
                 revision, records[len(chunks) - 1].id, fingerprint
@@ -146,6 +158,9 @@ class ConnectionServicer:
         return encode_repeated(1, chunks) + tail.SerializeToString()
 
     async def WatchConnections(self, request: cs.WatchConnectionsRequest, context: Context) -> None:
+        store = self._store
+        if request.incarnation and request.incarnation != store.incarnation:
+            raise Compacted(request.start_after_revision, store.oldest_revision, ahead=True)
         watcher = self._hub.watch(
             start_after_revision=request.start_after_revision,
             send_initial_events=request.send_initial_events,
@@ -160,7 +175,7 @@ class ConnectionServicer:
                     return
                 # context.write rather than yield: the watcher bounds how long
                 # a write may stay blocked on a reader that stopped reading.
-                await watcher.send(context.write, response)
+                await watcher.send(context.write, response + self._watch_header)
         except Evicted as error:
             await _end_watch(context, status_for(error))
         finally:

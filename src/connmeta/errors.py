@@ -140,10 +140,14 @@ def status_for(error: StoreError | Evicted) -> grpc.Status:
             precondition,
         )
     if isinstance(error, Compacted):
+        where = (
+            "is not in this store's history (it is from another incarnation: the sidecar restarted)"
+            if error.ahead
+            else f"is older than the retained history (oldest available: {error.oldest_revision})"
+        )
         return rich_status(
             grpc.StatusCode.OUT_OF_RANGE,
-            f"revision {error.requested_revision} is older than the retained history "
-            f"(oldest available: {error.oldest_revision}): list again and watch from the "
+            f"revision {error.requested_revision} {where}: list again and watch from the "
             "listing's revision",
             "REVISION_COMPACTED",
             {

@@ -20,6 +20,7 @@ from grpc_reflection.v1alpha import reflection
 
 from connmeta import __version__, connection_service, report_service, router_service
 from connmeta.routing import RouterHub
+from connmeta.service import IdentityInterceptor
 from connmeta.store import Store
 from connmeta.watch import WatchHub
 
@@ -144,7 +145,8 @@ class Sidecar:
         config = self.config
         if not config.listen and not config.unix_socket:
             raise ListenError("nothing to serve on: both --listen and --unix-socket are empty")
-        server = grpc.aio.server(options=channel_options(config))
+        identity = [IdentityInterceptor(self.store.incarnation)]
+        server = grpc.aio.server(options=channel_options(config), interceptors=identity)
         # One servicer per service, each behind the transport's error boundary.
         server.add_generic_rpc_handlers(
             (
@@ -179,7 +181,7 @@ class Sidecar:
         if config.health_listen:
             # kubelet's grpc probes cannot reach a Unix socket and the API
             # port may be loopback-only, so health gets a port of its own.
-            health_server = grpc.aio.server(options=channel_options(config))
+            health_server = grpc.aio.server(options=channel_options(config), interceptors=identity)
             health_pb2_grpc.add_HealthServicer_to_server(self.health, health_server)
             self.health_address = self._bind_tcp(
                 health_server, config.health_listen, "--health-listen"

@@ -21,8 +21,9 @@ here, so every RPC gets it alike:
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
@@ -32,7 +33,9 @@ from connmeta.errors import abort, internal, status_for, undecodable
 from connmeta.store import StoreError
 
 __all__ = [
+    "IDENTITY_KEY",
     "Context",
+    "IdentityInterceptor",
     "Undecodable",
     "cancel",
     "decoder",
@@ -112,3 +115,48 @@ def guarded(
             await abort(context, internal())
 
     return handle
+
+
+IDENTITY_KEY = "connmeta-incarnation"
+"""The response metadata key that names the store on every call."""
+
+
+class IdentityInterceptor(grpc.aio.ServerInterceptor):
+    """Sends the store's incarnation as response metadata on every call, errors
+    included, before the handler runs: the one door through which every RPC,
+    present and future, says which store's history it answers from."""
+
+    def __init__(self, incarnation: str) -> None:
+        self._metadata = ((IDENTITY_KEY, incarnation),)
+
+    async def intercept_service(
+        self,
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
+        ],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        fields = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
+        name = next(f for f in fields if getattr(handler, f) is not None)
+        wrapped = self._wrap(getattr(handler, name))
+        return handler._replace(**{name: wrapped})  # type: ignore[attr-defined, no-any-return]
+
+    def _wrap(self, behavior: Callable[..., Any]) -> Callable[..., Any]:
+        metadata = self._metadata
+        if inspect.isasyncgenfunction(behavior):
+
+            async def stream(request: Any, context: Context) -> AsyncIterator[Any]:
+                await context.send_initial_metadata(metadata)
+                async for response in behavior(request, context):
+                    yield response
+
+            return stream
+
+        async def call(request: Any, context: Context) -> Any:
+            await context.send_initial_metadata(metadata)
+            return await behavior(request, context)
+
+        return call

@@ -23,6 +23,7 @@ import builtins
 import heapq
 import itertools
 import time
+import uuid
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Final, Protocol, TypeVar
@@ -125,12 +126,20 @@ class Store:
         closed_retention_seconds: float = 300.0,
         closed_retention_count: int = 10_000,
         clock: Callable[[], float] = time.time,
+        incarnation: str = "",
+        revision: int = 0,
     ) -> None:
         if history_size < 1:
             raise ValueError(f"history_size must be at least 1, got {history_size}")
-        # Revision 1 is the empty store, so that every listing names a revision a
-        # watch can resume after: 0 means "from now" to WatchConnections.
-        self._revision = 1
+        self.incarnation = incarnation or uuid.uuid4().hex
+        """Names this store's history; a new store gets a new one."""
+        # A new store starts from the clock (microseconds since the epoch), above
+        # every revision an earlier incarnation issued unless that one averaged
+        # a million changes a second: a client resuming from an old revision
+        # then meets REVISION_COMPACTED and lists again, instead of reading a
+        # different history under familiar numbers. Never 0, so every listing
+        # names a revision a watch can resume after (0 means "from now").
+        self._revision = revision or max(1, int(clock() * 1_000_000))
         self._records: dict[str, Record] = {}
         self._history: deque[Event] = deque(maxlen=history_size)
         self._retention_seconds = closed_retention_seconds
@@ -192,8 +201,8 @@ class Store:
         ``at_revision`` (from the first page) pins the snapshot: records are
         shown as they were then, rebuilt from the history. Returns (records,
         snapshot revision, whether more may follow). Compacted when the
-        revision has left the history; InvalidArgument when it is ahead of
-        the store.
+        revision has left the history or is ahead of the store (another
+        incarnation's).
         """
         if limit < 1:
             raise InvalidArgument([("page_size", f"must be positive, got {limit}")])
@@ -201,9 +210,7 @@ class Store:
         overlay: dict[str, Record | None] | None = None
         if at_revision is not None and at_revision != revision:
             if at_revision > revision:
-                raise InvalidArgument(
-                    [("page_token", f"revision {at_revision} is ahead of the store ({revision})")]
-                )
+                raise Compacted(at_revision, self.oldest_revision, ahead=True)
             if at_revision < self.oldest_revision:
                 raise Compacted(at_revision, self.oldest_revision)
             overlay = self._overlay(at_revision)

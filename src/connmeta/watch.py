@@ -439,8 +439,9 @@ class WatchHub:
         replays every event after R from the history, then continues live.
         ``send_initial_events`` (only with 0) first sends every matching
         record as ADDED (carrying its own revision), then INITIAL_EVENTS_END
-        at the snapshot revision. Raises InvalidArgument (negative or future
-        revision, initial events with a revision) or Compacted.
+        at the snapshot revision. Raises InvalidArgument (negative revision,
+        initial events with a revision) or Compacted (a revision outside the
+        history: too old, or ahead of the store).
         """
         store = self.store
         if start_after_revision < 0:
@@ -458,14 +459,8 @@ class WatchHub:
                 ]
             )
         if start_after_revision > store.revision:
-            raise InvalidArgument(
-                [
-                    (
-                        "start_after_revision",
-                        f"{start_after_revision} is ahead of the store's revision {store.revision}",
-                    )
-                ]
-            )
+            # Never issued by this store: another incarnation's history.
+            raise Compacted(start_after_revision, store.oldest_revision, ahead=True)
         if start_after_revision and start_after_revision < store.oldest_revision:
             raise Compacted(start_after_revision, store.oldest_revision)
         initial: list[Record] | None = None

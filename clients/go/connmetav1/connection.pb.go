@@ -351,8 +351,14 @@ const (
 	Hook_HOOK_TLS_FAILED_CLIENT Hook = 9
 	// HOOK_TLS_FAILED_SERVER is tls_failed_server.
 	Hook_HOOK_TLS_FAILED_SERVER Hook = 10
-	// HOOK_RESYNC marks a snapshot sent during a resync, not after a hook.
+	// HOOK_RESYNC marks a snapshot sent during a resync, not after a hook, and
+	// a connection a resync closed because the proxy no longer had it.
 	Hook_HOOK_RESYNC Hook = 11
+	// HOOK_PROXY_GONE is never reported: the sidecar set the connection CLOSED
+	// because the proxy that held it has had no report stream open for the
+	// sidecar's --proxy-gone-after seconds (it crashed, or was removed,
+	// without a resync).
+	Hook_HOOK_PROXY_GONE Hook = 12
 )
 
 // Enum value maps for Hook.
@@ -370,6 +376,7 @@ var (
 		9:  "HOOK_TLS_FAILED_CLIENT",
 		10: "HOOK_TLS_FAILED_SERVER",
 		11: "HOOK_RESYNC",
+		12: "HOOK_PROXY_GONE",
 	}
 	Hook_value = map[string]int32{
 		"HOOK_UNSPECIFIED":            0,
@@ -384,6 +391,7 @@ var (
 		"HOOK_TLS_FAILED_CLIENT":      9,
 		"HOOK_TLS_FAILED_SERVER":      10,
 		"HOOK_RESYNC":                 11,
+		"HOOK_PROXY_GONE":             12,
 	}
 )
 
@@ -1417,8 +1425,11 @@ func (x *Change) GetQueryId() string {
 type RecordMetadata struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// revision is the store revision of this record's last change. Revisions
-	// are global and only go up; the first change of a store is revision 2
-	// (revision 1 is the empty store).
+	// are global to the store and only go up, also across restarts of the
+	// sidecar: a new store (a new incarnation, see ResponseHeader) starts at a
+	// revision taken from the clock (microseconds since the Unix epoch), above
+	// every revision an earlier incarnation issued; a store kept in
+	// --state-dir continues its own sequence.
 	Revision int64 `protobuf:"varint,1,opt,name=revision,proto3" json:"revision,omitempty"`
 	// create_revision is the revision at which the sidecar first saw this
 	// connection.
@@ -1788,7 +1799,7 @@ const file_connmeta_v1_connection_proto_rawDesc = "" +
 	"SCHEME_UDP\x10\a\x12\x0e\n" +
 	"\n" +
 	"SCHEME_DNS\x10\b\x12\x0f\n" +
-	"\vSCHEME_QUIC\x10\t*\xd1\x02\n" +
+	"\vSCHEME_QUIC\x10\t*\xe6\x02\n" +
 	"\x04Hook\x12\x14\n" +
 	"\x10HOOK_UNSPECIFIED\x10\x00\x12\x19\n" +
 	"\x15HOOK_CLIENT_CONNECTED\x10\x01\x12\x1c\n" +
@@ -1802,7 +1813,8 @@ const file_connmeta_v1_connection_proto_rawDesc = "" +
 	"\x16HOOK_TLS_FAILED_CLIENT\x10\t\x12\x1a\n" +
 	"\x16HOOK_TLS_FAILED_SERVER\x10\n" +
 	"\x12\x0f\n" +
-	"\vHOOK_RESYNC\x10\v*\x9e\x01\n" +
+	"\vHOOK_RESYNC\x10\v\x12\x13\n" +
+	"\x0fHOOK_PROXY_GONE\x10\f*\x9e\x01\n" +
 	"\fChangeStatus\x12\x1d\n" +
 	"\x19CHANGE_STATUS_UNSPECIFIED\x10\x00\x12\x19\n" +
 	"\x15CHANGE_STATUS_PENDING\x10\x01\x12\x19\n" +

@@ -354,18 +354,74 @@ func (x *GetConnectionRequest) GetView() ConnectionView {
 	return ConnectionView_CONNECTION_VIEW_UNSPECIFIED
 }
 
+// ResponseHeader identifies the store that answered, like etcd's
+// ResponseHeader. The same identity is sent on every call, errors included,
+// as the response metadata key "connmeta-incarnation".
+type ResponseHeader struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// incarnation identifies the store's history: a sidecar that restarts
+	// without --state-dir starts a new history under a new incarnation (and
+	// with higher revisions); one that restarts on the same --state-dir keeps
+	// its incarnation and its revisions. Revisions, etags and page tokens of
+	// another incarnation are never taken as this one's: a watch resumed or a
+	// page token continued from one fails OUT_OF_RANGE with ErrorInfo
+	// REVISION_COMPACTED, so a client lists again, and an etag fails ABORTED.
+	Incarnation   string `protobuf:"bytes,1,opt,name=incarnation,proto3" json:"incarnation,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ResponseHeader) Reset() {
+	*x = ResponseHeader{}
+	mi := &file_connmeta_v1_connection_service_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ResponseHeader) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ResponseHeader) ProtoMessage() {}
+
+func (x *ResponseHeader) ProtoReflect() protoreflect.Message {
+	mi := &file_connmeta_v1_connection_service_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ResponseHeader.ProtoReflect.Descriptor instead.
+func (*ResponseHeader) Descriptor() ([]byte, []int) {
+	return file_connmeta_v1_connection_service_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *ResponseHeader) GetIncarnation() string {
+	if x != nil {
+		return x.Incarnation
+	}
+	return ""
+}
+
 // GetConnectionResponse holds the connection.
 type GetConnectionResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// connection is the record as of response.connection.metadata.revision.
-	Connection    *ConnectionRecord `protobuf:"bytes,1,opt,name=connection,proto3" json:"connection,omitempty"`
+	Connection *ConnectionRecord `protobuf:"bytes,1,opt,name=connection,proto3" json:"connection,omitempty"`
+	// header identifies the store that answered.
+	Header        *ResponseHeader `protobuf:"bytes,2,opt,name=header,proto3" json:"header,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *GetConnectionResponse) Reset() {
 	*x = GetConnectionResponse{}
-	mi := &file_connmeta_v1_connection_service_proto_msgTypes[2]
+	mi := &file_connmeta_v1_connection_service_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -377,7 +433,7 @@ func (x *GetConnectionResponse) String() string {
 func (*GetConnectionResponse) ProtoMessage() {}
 
 func (x *GetConnectionResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_connmeta_v1_connection_service_proto_msgTypes[2]
+	mi := &file_connmeta_v1_connection_service_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -390,12 +446,19 @@ func (x *GetConnectionResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetConnectionResponse.ProtoReflect.Descriptor instead.
 func (*GetConnectionResponse) Descriptor() ([]byte, []int) {
-	return file_connmeta_v1_connection_service_proto_rawDescGZIP(), []int{2}
+	return file_connmeta_v1_connection_service_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *GetConnectionResponse) GetConnection() *ConnectionRecord {
 	if x != nil {
 		return x.Connection
+	}
+	return nil
+}
+
+func (x *GetConnectionResponse) GetHeader() *ResponseHeader {
+	if x != nil {
+		return x.Header
 	}
 	return nil
 }
@@ -426,7 +489,7 @@ type ListConnectionsRequest struct {
 
 func (x *ListConnectionsRequest) Reset() {
 	*x = ListConnectionsRequest{}
-	mi := &file_connmeta_v1_connection_service_proto_msgTypes[3]
+	mi := &file_connmeta_v1_connection_service_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -438,7 +501,7 @@ func (x *ListConnectionsRequest) String() string {
 func (*ListConnectionsRequest) ProtoMessage() {}
 
 func (x *ListConnectionsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_connmeta_v1_connection_service_proto_msgTypes[3]
+	mi := &file_connmeta_v1_connection_service_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -451,7 +514,7 @@ func (x *ListConnectionsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListConnectionsRequest.ProtoReflect.Descriptor instead.
 func (*ListConnectionsRequest) Descriptor() ([]byte, []int) {
-	return file_connmeta_v1_connection_service_proto_rawDescGZIP(), []int{3}
+	return file_connmeta_v1_connection_service_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *ListConnectionsRequest) GetPageSize() int32 {
@@ -491,16 +554,18 @@ type ListConnectionsResponse struct {
 	NextPageToken string `protobuf:"bytes,2,opt,name=next_page_token,json=nextPageToken,proto3" json:"next_page_token,omitempty"`
 	// revision is the store revision this listing reflects. Watch with
 	// start_after_revision = revision to follow every later change. It is
-	// never 0: a store starts at revision 1 (empty), like etcd, so a listing
-	// of an empty store can be resumed too.
-	Revision      int64 `protobuf:"varint,3,opt,name=revision,proto3" json:"revision,omitempty"`
+	// never 0: an empty store has a revision too, like etcd's, so a listing of
+	// an empty store can be resumed.
+	Revision int64 `protobuf:"varint,3,opt,name=revision,proto3" json:"revision,omitempty"`
+	// header identifies the store that answered.
+	Header        *ResponseHeader `protobuf:"bytes,4,opt,name=header,proto3" json:"header,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *ListConnectionsResponse) Reset() {
 	*x = ListConnectionsResponse{}
-	mi := &file_connmeta_v1_connection_service_proto_msgTypes[4]
+	mi := &file_connmeta_v1_connection_service_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -512,7 +577,7 @@ func (x *ListConnectionsResponse) String() string {
 func (*ListConnectionsResponse) ProtoMessage() {}
 
 func (x *ListConnectionsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_connmeta_v1_connection_service_proto_msgTypes[4]
+	mi := &file_connmeta_v1_connection_service_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -525,7 +590,7 @@ func (x *ListConnectionsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListConnectionsResponse.ProtoReflect.Descriptor instead.
 func (*ListConnectionsResponse) Descriptor() ([]byte, []int) {
-	return file_connmeta_v1_connection_service_proto_rawDescGZIP(), []int{4}
+	return file_connmeta_v1_connection_service_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *ListConnectionsResponse) GetConnections() []*ConnectionRecord {
@@ -547,6 +612,13 @@ func (x *ListConnectionsResponse) GetRevision() int64 {
 		return x.Revision
 	}
 	return 0
+}
+
+func (x *ListConnectionsResponse) GetHeader() *ResponseHeader {
+	if x != nil {
+		return x.Header
+	}
+	return nil
 }
 
 // WatchConnectionsRequest starts a watch.
@@ -571,14 +643,19 @@ type WatchConnectionsRequest struct {
 	// DELETED, one that starts matching as ADDED.
 	Filter *ConnectionFilter `protobuf:"bytes,4,opt,name=filter,proto3" json:"filter,omitempty"`
 	// view selects how much of each record to send.
-	View          ConnectionView `protobuf:"varint,5,opt,name=view,proto3,enum=connmeta.v1.ConnectionView" json:"view,omitempty"`
+	View ConnectionView `protobuf:"varint,5,opt,name=view,proto3,enum=connmeta.v1.ConnectionView" json:"view,omitempty"`
+	// incarnation, when set, must be the store's (ResponseHeader.incarnation
+	// of the listing or watch this one resumes), else the watch fails
+	// OUT_OF_RANGE with ErrorInfo REVISION_COMPACTED: the revision belongs to
+	// another history. Resumes without it are caught by their revision.
+	Incarnation   string `protobuf:"bytes,6,opt,name=incarnation,proto3" json:"incarnation,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *WatchConnectionsRequest) Reset() {
 	*x = WatchConnectionsRequest{}
-	mi := &file_connmeta_v1_connection_service_proto_msgTypes[5]
+	mi := &file_connmeta_v1_connection_service_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -590,7 +667,7 @@ func (x *WatchConnectionsRequest) String() string {
 func (*WatchConnectionsRequest) ProtoMessage() {}
 
 func (x *WatchConnectionsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_connmeta_v1_connection_service_proto_msgTypes[5]
+	mi := &file_connmeta_v1_connection_service_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -603,7 +680,7 @@ func (x *WatchConnectionsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchConnectionsRequest.ProtoReflect.Descriptor instead.
 func (*WatchConnectionsRequest) Descriptor() ([]byte, []int) {
-	return file_connmeta_v1_connection_service_proto_rawDescGZIP(), []int{5}
+	return file_connmeta_v1_connection_service_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *WatchConnectionsRequest) GetStartAfterRevision() int64 {
@@ -641,6 +718,13 @@ func (x *WatchConnectionsRequest) GetView() ConnectionView {
 	return ConnectionView_CONNECTION_VIEW_UNSPECIFIED
 }
 
+func (x *WatchConnectionsRequest) GetIncarnation() string {
+	if x != nil {
+		return x.Incarnation
+	}
+	return ""
+}
+
 // WatchEvent is one change.
 type WatchEvent struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -658,7 +742,7 @@ type WatchEvent struct {
 
 func (x *WatchEvent) Reset() {
 	*x = WatchEvent{}
-	mi := &file_connmeta_v1_connection_service_proto_msgTypes[6]
+	mi := &file_connmeta_v1_connection_service_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -670,7 +754,7 @@ func (x *WatchEvent) String() string {
 func (*WatchEvent) ProtoMessage() {}
 
 func (x *WatchEvent) ProtoReflect() protoreflect.Message {
-	mi := &file_connmeta_v1_connection_service_proto_msgTypes[6]
+	mi := &file_connmeta_v1_connection_service_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -683,7 +767,7 @@ func (x *WatchEvent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchEvent.ProtoReflect.Descriptor instead.
 func (*WatchEvent) Descriptor() ([]byte, []int) {
-	return file_connmeta_v1_connection_service_proto_rawDescGZIP(), []int{6}
+	return file_connmeta_v1_connection_service_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *WatchEvent) GetType() WatchEventType {
@@ -711,14 +795,17 @@ func (x *WatchEvent) GetConnection() *ConnectionRecord {
 type WatchConnectionsResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// events are consecutive in the watcher's view: no gap, no duplicate.
-	Events        []*WatchEvent `protobuf:"bytes,1,rep,name=events,proto3" json:"events,omitempty"`
+	Events []*WatchEvent `protobuf:"bytes,1,rep,name=events,proto3" json:"events,omitempty"`
+	// header identifies the store that answered; the same on every response
+	// of one watch.
+	Header        *ResponseHeader `protobuf:"bytes,2,opt,name=header,proto3" json:"header,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *WatchConnectionsResponse) Reset() {
 	*x = WatchConnectionsResponse{}
-	mi := &file_connmeta_v1_connection_service_proto_msgTypes[7]
+	mi := &file_connmeta_v1_connection_service_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -730,7 +817,7 @@ func (x *WatchConnectionsResponse) String() string {
 func (*WatchConnectionsResponse) ProtoMessage() {}
 
 func (x *WatchConnectionsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_connmeta_v1_connection_service_proto_msgTypes[7]
+	mi := &file_connmeta_v1_connection_service_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -743,12 +830,19 @@ func (x *WatchConnectionsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchConnectionsResponse.ProtoReflect.Descriptor instead.
 func (*WatchConnectionsResponse) Descriptor() ([]byte, []int) {
-	return file_connmeta_v1_connection_service_proto_rawDescGZIP(), []int{7}
+	return file_connmeta_v1_connection_service_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *WatchConnectionsResponse) GetEvents() []*WatchEvent {
 	if x != nil {
 		return x.Events
+	}
+	return nil
+}
+
+func (x *WatchConnectionsResponse) GetHeader() *ResponseHeader {
+	if x != nil {
+		return x.Header
 	}
 	return nil
 }
@@ -785,7 +879,7 @@ type UpdateServerConnectionRequest struct {
 
 func (x *UpdateServerConnectionRequest) Reset() {
 	*x = UpdateServerConnectionRequest{}
-	mi := &file_connmeta_v1_connection_service_proto_msgTypes[8]
+	mi := &file_connmeta_v1_connection_service_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -797,7 +891,7 @@ func (x *UpdateServerConnectionRequest) String() string {
 func (*UpdateServerConnectionRequest) ProtoMessage() {}
 
 func (x *UpdateServerConnectionRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_connmeta_v1_connection_service_proto_msgTypes[8]
+	mi := &file_connmeta_v1_connection_service_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -810,7 +904,7 @@ func (x *UpdateServerConnectionRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateServerConnectionRequest.ProtoReflect.Descriptor instead.
 func (*UpdateServerConnectionRequest) Descriptor() ([]byte, []int) {
-	return file_connmeta_v1_connection_service_proto_rawDescGZIP(), []int{8}
+	return file_connmeta_v1_connection_service_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *UpdateServerConnectionRequest) GetId() string {
@@ -867,7 +961,7 @@ type UpdateServerConnectionResponse struct {
 
 func (x *UpdateServerConnectionResponse) Reset() {
 	*x = UpdateServerConnectionResponse{}
-	mi := &file_connmeta_v1_connection_service_proto_msgTypes[9]
+	mi := &file_connmeta_v1_connection_service_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -879,7 +973,7 @@ func (x *UpdateServerConnectionResponse) String() string {
 func (*UpdateServerConnectionResponse) ProtoMessage() {}
 
 func (x *UpdateServerConnectionResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_connmeta_v1_connection_service_proto_msgTypes[9]
+	mi := &file_connmeta_v1_connection_service_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -892,7 +986,7 @@ func (x *UpdateServerConnectionResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateServerConnectionResponse.ProtoReflect.Descriptor instead.
 func (*UpdateServerConnectionResponse) Descriptor() ([]byte, []int) {
-	return file_connmeta_v1_connection_service_proto_rawDescGZIP(), []int{9}
+	return file_connmeta_v1_connection_service_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *UpdateServerConnectionResponse) GetConnection() *ConnectionRecord {
@@ -916,36 +1010,42 @@ const file_connmeta_v1_connection_service_proto_rawDesc = "" +
 	"\tclient_id\x18\x06 \x01(\tR\bclientId\"W\n" +
 	"\x14GetConnectionRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12/\n" +
-	"\x04view\x18\x02 \x01(\x0e2\x1b.connmeta.v1.ConnectionViewR\x04view\"V\n" +
+	"\x04view\x18\x02 \x01(\x0e2\x1b.connmeta.v1.ConnectionViewR\x04view\"2\n" +
+	"\x0eResponseHeader\x12 \n" +
+	"\vincarnation\x18\x01 \x01(\tR\vincarnation\"\x8b\x01\n" +
 	"\x15GetConnectionResponse\x12=\n" +
 	"\n" +
 	"connection\x18\x01 \x01(\v2\x1d.connmeta.v1.ConnectionRecordR\n" +
-	"connection\"\xbc\x01\n" +
+	"connection\x123\n" +
+	"\x06header\x18\x02 \x01(\v2\x1b.connmeta.v1.ResponseHeaderR\x06header\"\xbc\x01\n" +
 	"\x16ListConnectionsRequest\x12\x1b\n" +
 	"\tpage_size\x18\x01 \x01(\x05R\bpageSize\x12\x1d\n" +
 	"\n" +
 	"page_token\x18\x02 \x01(\tR\tpageToken\x125\n" +
 	"\x06filter\x18\x03 \x01(\v2\x1d.connmeta.v1.ConnectionFilterR\x06filter\x12/\n" +
-	"\x04view\x18\x04 \x01(\x0e2\x1b.connmeta.v1.ConnectionViewR\x04view\"\x9e\x01\n" +
+	"\x04view\x18\x04 \x01(\x0e2\x1b.connmeta.v1.ConnectionViewR\x04view\"\xd3\x01\n" +
 	"\x17ListConnectionsResponse\x12?\n" +
 	"\vconnections\x18\x01 \x03(\v2\x1d.connmeta.v1.ConnectionRecordR\vconnections\x12&\n" +
 	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\x12\x1a\n" +
-	"\brevision\x18\x03 \x01(\x03R\brevision\"\x8c\x02\n" +
+	"\brevision\x18\x03 \x01(\x03R\brevision\x123\n" +
+	"\x06header\x18\x04 \x01(\v2\x1b.connmeta.v1.ResponseHeaderR\x06header\"\xae\x02\n" +
 	"\x17WatchConnectionsRequest\x120\n" +
 	"\x14start_after_revision\x18\x01 \x01(\x03R\x12startAfterRevision\x12.\n" +
 	"\x13send_initial_events\x18\x02 \x01(\bR\x11sendInitialEvents\x12'\n" +
 	"\x0fallow_bookmarks\x18\x03 \x01(\bR\x0eallowBookmarks\x125\n" +
 	"\x06filter\x18\x04 \x01(\v2\x1d.connmeta.v1.ConnectionFilterR\x06filter\x12/\n" +
-	"\x04view\x18\x05 \x01(\x0e2\x1b.connmeta.v1.ConnectionViewR\x04view\"\x98\x01\n" +
+	"\x04view\x18\x05 \x01(\x0e2\x1b.connmeta.v1.ConnectionViewR\x04view\x12 \n" +
+	"\vincarnation\x18\x06 \x01(\tR\vincarnation\"\x98\x01\n" +
 	"\n" +
 	"WatchEvent\x12/\n" +
 	"\x04type\x18\x01 \x01(\x0e2\x1b.connmeta.v1.WatchEventTypeR\x04type\x12\x1a\n" +
 	"\brevision\x18\x02 \x01(\x03R\brevision\x12=\n" +
 	"\n" +
 	"connection\x18\x03 \x01(\v2\x1d.connmeta.v1.ConnectionRecordR\n" +
-	"connection\"K\n" +
+	"connection\"\x80\x01\n" +
 	"\x18WatchConnectionsResponse\x12/\n" +
-	"\x06events\x18\x01 \x03(\v2\x17.connmeta.v1.WatchEventR\x06events\"\xf1\x01\n" +
+	"\x06events\x18\x01 \x03(\v2\x17.connmeta.v1.WatchEventR\x06events\x123\n" +
+	"\x06header\x18\x02 \x01(\v2\x1b.connmeta.v1.ResponseHeaderR\x06header\"\xf1\x01\n" +
 	"\x1dUpdateServerConnectionRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12.\n" +
 	"\aaddress\x18\x02 \x01(\v2\x14.connmeta.v1.AddressR\aaddress\x12)\n" +
@@ -992,57 +1092,61 @@ func file_connmeta_v1_connection_service_proto_rawDescGZIP() []byte {
 }
 
 var file_connmeta_v1_connection_service_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
-var file_connmeta_v1_connection_service_proto_msgTypes = make([]protoimpl.MessageInfo, 10)
+var file_connmeta_v1_connection_service_proto_msgTypes = make([]protoimpl.MessageInfo, 11)
 var file_connmeta_v1_connection_service_proto_goTypes = []any{
 	(ConnectionKind)(0),                    // 0: connmeta.v1.ConnectionKind
 	(ConnectionView)(0),                    // 1: connmeta.v1.ConnectionView
 	(WatchEventType)(0),                    // 2: connmeta.v1.WatchEventType
 	(*ConnectionFilter)(nil),               // 3: connmeta.v1.ConnectionFilter
 	(*GetConnectionRequest)(nil),           // 4: connmeta.v1.GetConnectionRequest
-	(*GetConnectionResponse)(nil),          // 5: connmeta.v1.GetConnectionResponse
-	(*ListConnectionsRequest)(nil),         // 6: connmeta.v1.ListConnectionsRequest
-	(*ListConnectionsResponse)(nil),        // 7: connmeta.v1.ListConnectionsResponse
-	(*WatchConnectionsRequest)(nil),        // 8: connmeta.v1.WatchConnectionsRequest
-	(*WatchEvent)(nil),                     // 9: connmeta.v1.WatchEvent
-	(*WatchConnectionsResponse)(nil),       // 10: connmeta.v1.WatchConnectionsResponse
-	(*UpdateServerConnectionRequest)(nil),  // 11: connmeta.v1.UpdateServerConnectionRequest
-	(*UpdateServerConnectionResponse)(nil), // 12: connmeta.v1.UpdateServerConnectionResponse
-	(ConnectionState)(0),                   // 13: connmeta.v1.ConnectionState
-	(*ConnectionRecord)(nil),               // 14: connmeta.v1.ConnectionRecord
-	(*Address)(nil),                        // 15: connmeta.v1.Address
-	(*ServerSpec)(nil),                     // 16: connmeta.v1.ServerSpec
-	(*fieldmaskpb.FieldMask)(nil),          // 17: google.protobuf.FieldMask
+	(*ResponseHeader)(nil),                 // 5: connmeta.v1.ResponseHeader
+	(*GetConnectionResponse)(nil),          // 6: connmeta.v1.GetConnectionResponse
+	(*ListConnectionsRequest)(nil),         // 7: connmeta.v1.ListConnectionsRequest
+	(*ListConnectionsResponse)(nil),        // 8: connmeta.v1.ListConnectionsResponse
+	(*WatchConnectionsRequest)(nil),        // 9: connmeta.v1.WatchConnectionsRequest
+	(*WatchEvent)(nil),                     // 10: connmeta.v1.WatchEvent
+	(*WatchConnectionsResponse)(nil),       // 11: connmeta.v1.WatchConnectionsResponse
+	(*UpdateServerConnectionRequest)(nil),  // 12: connmeta.v1.UpdateServerConnectionRequest
+	(*UpdateServerConnectionResponse)(nil), // 13: connmeta.v1.UpdateServerConnectionResponse
+	(ConnectionState)(0),                   // 14: connmeta.v1.ConnectionState
+	(*ConnectionRecord)(nil),               // 15: connmeta.v1.ConnectionRecord
+	(*Address)(nil),                        // 16: connmeta.v1.Address
+	(*ServerSpec)(nil),                     // 17: connmeta.v1.ServerSpec
+	(*fieldmaskpb.FieldMask)(nil),          // 18: google.protobuf.FieldMask
 }
 var file_connmeta_v1_connection_service_proto_depIdxs = []int32{
 	0,  // 0: connmeta.v1.ConnectionFilter.kind:type_name -> connmeta.v1.ConnectionKind
-	13, // 1: connmeta.v1.ConnectionFilter.states:type_name -> connmeta.v1.ConnectionState
+	14, // 1: connmeta.v1.ConnectionFilter.states:type_name -> connmeta.v1.ConnectionState
 	1,  // 2: connmeta.v1.GetConnectionRequest.view:type_name -> connmeta.v1.ConnectionView
-	14, // 3: connmeta.v1.GetConnectionResponse.connection:type_name -> connmeta.v1.ConnectionRecord
-	3,  // 4: connmeta.v1.ListConnectionsRequest.filter:type_name -> connmeta.v1.ConnectionFilter
-	1,  // 5: connmeta.v1.ListConnectionsRequest.view:type_name -> connmeta.v1.ConnectionView
-	14, // 6: connmeta.v1.ListConnectionsResponse.connections:type_name -> connmeta.v1.ConnectionRecord
-	3,  // 7: connmeta.v1.WatchConnectionsRequest.filter:type_name -> connmeta.v1.ConnectionFilter
-	1,  // 8: connmeta.v1.WatchConnectionsRequest.view:type_name -> connmeta.v1.ConnectionView
-	2,  // 9: connmeta.v1.WatchEvent.type:type_name -> connmeta.v1.WatchEventType
-	14, // 10: connmeta.v1.WatchEvent.connection:type_name -> connmeta.v1.ConnectionRecord
-	9,  // 11: connmeta.v1.WatchConnectionsResponse.events:type_name -> connmeta.v1.WatchEvent
-	15, // 12: connmeta.v1.UpdateServerConnectionRequest.address:type_name -> connmeta.v1.Address
-	16, // 13: connmeta.v1.UpdateServerConnectionRequest.via:type_name -> connmeta.v1.ServerSpec
-	17, // 14: connmeta.v1.UpdateServerConnectionRequest.update_mask:type_name -> google.protobuf.FieldMask
-	14, // 15: connmeta.v1.UpdateServerConnectionResponse.connection:type_name -> connmeta.v1.ConnectionRecord
-	4,  // 16: connmeta.v1.ConnectionService.GetConnection:input_type -> connmeta.v1.GetConnectionRequest
-	6,  // 17: connmeta.v1.ConnectionService.ListConnections:input_type -> connmeta.v1.ListConnectionsRequest
-	8,  // 18: connmeta.v1.ConnectionService.WatchConnections:input_type -> connmeta.v1.WatchConnectionsRequest
-	11, // 19: connmeta.v1.ConnectionService.UpdateServerConnection:input_type -> connmeta.v1.UpdateServerConnectionRequest
-	5,  // 20: connmeta.v1.ConnectionService.GetConnection:output_type -> connmeta.v1.GetConnectionResponse
-	7,  // 21: connmeta.v1.ConnectionService.ListConnections:output_type -> connmeta.v1.ListConnectionsResponse
-	10, // 22: connmeta.v1.ConnectionService.WatchConnections:output_type -> connmeta.v1.WatchConnectionsResponse
-	12, // 23: connmeta.v1.ConnectionService.UpdateServerConnection:output_type -> connmeta.v1.UpdateServerConnectionResponse
-	20, // [20:24] is the sub-list for method output_type
-	16, // [16:20] is the sub-list for method input_type
-	16, // [16:16] is the sub-list for extension type_name
-	16, // [16:16] is the sub-list for extension extendee
-	0,  // [0:16] is the sub-list for field type_name
+	15, // 3: connmeta.v1.GetConnectionResponse.connection:type_name -> connmeta.v1.ConnectionRecord
+	5,  // 4: connmeta.v1.GetConnectionResponse.header:type_name -> connmeta.v1.ResponseHeader
+	3,  // 5: connmeta.v1.ListConnectionsRequest.filter:type_name -> connmeta.v1.ConnectionFilter
+	1,  // 6: connmeta.v1.ListConnectionsRequest.view:type_name -> connmeta.v1.ConnectionView
+	15, // 7: connmeta.v1.ListConnectionsResponse.connections:type_name -> connmeta.v1.ConnectionRecord
+	5,  // 8: connmeta.v1.ListConnectionsResponse.header:type_name -> connmeta.v1.ResponseHeader
+	3,  // 9: connmeta.v1.WatchConnectionsRequest.filter:type_name -> connmeta.v1.ConnectionFilter
+	1,  // 10: connmeta.v1.WatchConnectionsRequest.view:type_name -> connmeta.v1.ConnectionView
+	2,  // 11: connmeta.v1.WatchEvent.type:type_name -> connmeta.v1.WatchEventType
+	15, // 12: connmeta.v1.WatchEvent.connection:type_name -> connmeta.v1.ConnectionRecord
+	10, // 13: connmeta.v1.WatchConnectionsResponse.events:type_name -> connmeta.v1.WatchEvent
+	5,  // 14: connmeta.v1.WatchConnectionsResponse.header:type_name -> connmeta.v1.ResponseHeader
+	16, // 15: connmeta.v1.UpdateServerConnectionRequest.address:type_name -> connmeta.v1.Address
+	17, // 16: connmeta.v1.UpdateServerConnectionRequest.via:type_name -> connmeta.v1.ServerSpec
+	18, // 17: connmeta.v1.UpdateServerConnectionRequest.update_mask:type_name -> google.protobuf.FieldMask
+	15, // 18: connmeta.v1.UpdateServerConnectionResponse.connection:type_name -> connmeta.v1.ConnectionRecord
+	4,  // 19: connmeta.v1.ConnectionService.GetConnection:input_type -> connmeta.v1.GetConnectionRequest
+	7,  // 20: connmeta.v1.ConnectionService.ListConnections:input_type -> connmeta.v1.ListConnectionsRequest
+	9,  // 21: connmeta.v1.ConnectionService.WatchConnections:input_type -> connmeta.v1.WatchConnectionsRequest
+	12, // 22: connmeta.v1.ConnectionService.UpdateServerConnection:input_type -> connmeta.v1.UpdateServerConnectionRequest
+	6,  // 23: connmeta.v1.ConnectionService.GetConnection:output_type -> connmeta.v1.GetConnectionResponse
+	8,  // 24: connmeta.v1.ConnectionService.ListConnections:output_type -> connmeta.v1.ListConnectionsResponse
+	11, // 25: connmeta.v1.ConnectionService.WatchConnections:output_type -> connmeta.v1.WatchConnectionsResponse
+	13, // 26: connmeta.v1.ConnectionService.UpdateServerConnection:output_type -> connmeta.v1.UpdateServerConnectionResponse
+	23, // [23:27] is the sub-list for method output_type
+	19, // [19:23] is the sub-list for method input_type
+	19, // [19:19] is the sub-list for extension type_name
+	19, // [19:19] is the sub-list for extension extendee
+	0,  // [0:19] is the sub-list for field type_name
 }
 
 func init() { file_connmeta_v1_connection_service_proto_init() }
@@ -1057,7 +1161,7 @@ func file_connmeta_v1_connection_service_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_connmeta_v1_connection_service_proto_rawDesc), len(file_connmeta_v1_connection_service_proto_rawDesc)),
 			NumEnums:      3,
-			NumMessages:   10,
+			NumMessages:   11,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -249,7 +249,15 @@ class _HookEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Hook.ValueType],
     HOOK_TLS_FAILED_SERVER: _Hook.ValueType  # 10
     """HOOK_TLS_FAILED_SERVER is tls_failed_server."""
     HOOK_RESYNC: _Hook.ValueType  # 11
-    """HOOK_RESYNC marks a snapshot sent during a resync, not after a hook."""
+    """HOOK_RESYNC marks a snapshot sent during a resync, not after a hook, and
+    a connection a resync closed because the proxy no longer had it.
+    """
+    HOOK_PROXY_GONE: _Hook.ValueType  # 12
+    """HOOK_PROXY_GONE is never reported: the sidecar set the connection CLOSED
+    because the proxy that held it has had no report stream open for the
+    sidecar's --proxy-gone-after seconds (it crashed, or was removed,
+    without a resync).
+    """
 
 class Hook(_Hook, metaclass=_HookEnumTypeWrapper):
     """Hook names the mitmproxy event after which a snapshot was taken."""
@@ -279,7 +287,15 @@ HOOK_TLS_FAILED_CLIENT: Hook.ValueType  # 9
 HOOK_TLS_FAILED_SERVER: Hook.ValueType  # 10
 """HOOK_TLS_FAILED_SERVER is tls_failed_server."""
 HOOK_RESYNC: Hook.ValueType  # 11
-"""HOOK_RESYNC marks a snapshot sent during a resync, not after a hook."""
+"""HOOK_RESYNC marks a snapshot sent during a resync, not after a hook, and
+a connection a resync closed because the proxy no longer had it.
+"""
+HOOK_PROXY_GONE: Hook.ValueType  # 12
+"""HOOK_PROXY_GONE is never reported: the sidecar set the connection CLOSED
+because the proxy that held it has had no report stream open for the
+sidecar's --proxy-gone-after seconds (it crashed, or was removed,
+without a resync).
+"""
 Global___Hook: _TypeAlias = Hook  # noqa: Y015
 
 class _ChangeStatus:
@@ -939,8 +955,11 @@ class RecordMetadata(_message.Message):
     PROXY_ID_FIELD_NUMBER: _builtins.int
     revision: _builtins.int
     """revision is the store revision of this record's last change. Revisions
-    are global and only go up; the first change of a store is revision 2
-    (revision 1 is the empty store).
+    are global to the store and only go up, also across restarts of the
+    sidecar: a new store (a new incarnation, see ResponseHeader) starts at a
+    revision taken from the clock (microseconds since the Unix epoch), above
+    every revision an earlier incarnation issued; a store kept in
+    --state-dir continues its own sequence.
     """
     create_revision: _builtins.int
     """create_revision is the revision at which the sidecar first saw this

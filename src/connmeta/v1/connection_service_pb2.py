@@ -26,7 +26,7 @@ from connmeta.v1 import connection_pb2 as connmeta_dot_v1_dot_connection__pb2
 from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mask__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$connmeta/v1/connection_service.proto\x12\x0b\x63onnmeta.v1\x1a\x1c\x63onnmeta/v1/connection.proto\x1a google/protobuf/field_mask.proto\"\xa7\x01\n\x10\x43onnectionFilter\x12)\n\x04kind\x18\x01 \x01(\x0e\x32\x1b.connmeta.v1.ConnectionKind\x12,\n\x06states\x18\x02 \x03(\x0e\x32\x1c.connmeta.v1.ConnectionState\x12\x0c\n\x04host\x18\x03 \x01(\t\x12\x0c\n\x04port\x18\x04 \x01(\r\x12\x0b\n\x03sni\x18\x05 \x01(\t\x12\x11\n\tclient_id\x18\x06 \x01(\t\"M\n\x14GetConnectionRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12)\n\x04view\x18\x02 \x01(\x0e\x32\x1b.connmeta.v1.ConnectionView\"J\n\x15GetConnectionResponse\x12\x31\n\nconnection\x18\x01 \x01(\x0b\x32\x1d.connmeta.v1.ConnectionRecord\"\x99\x01\n\x16ListConnectionsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12-\n\x06\x66ilter\x18\x03 \x01(\x0b\x32\x1d.connmeta.v1.ConnectionFilter\x12)\n\x04view\x18\x04 \x01(\x0e\x32\x1b.connmeta.v1.ConnectionView\"x\n\x17ListConnectionsResponse\x12\x32\n\x0b\x63onnections\x18\x01 \x03(\x0b\x32\x1d.connmeta.v1.ConnectionRecord\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x10\n\x08revision\x18\x03 \x01(\x03\"\xc7\x01\n\x17WatchConnectionsRequest\x12\x1c\n\x14start_after_revision\x18\x01 \x01(\x03\x12\x1b\n\x13send_initial_events\x18\x02 \x01(\x08\x12\x17\n\x0f\x61llow_bookmarks\x18\x03 \x01(\x08\x12-\n\x06\x66ilter\x18\x04 \x01(\x0b\x32\x1d.connmeta.v1.ConnectionFilter\x12)\n\x04view\x18\x05 \x01(\x0e\x32\x1b.connmeta.v1.ConnectionView\"|\n\nWatchEvent\x12)\n\x04type\x18\x01 \x01(\x0e\x32\x1b.connmeta.v1.WatchEventType\x12\x10\n\x08revision\x18\x02 \x01(\x03\x12\x31\n\nconnection\x18\x03 \x01(\x0b\x32\x1d.connmeta.v1.ConnectionRecord\"C\n\x18WatchConnectionsResponse\x12\'\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x17.connmeta.v1.WatchEvent\"\xc6\x01\n\x1dUpdateServerConnectionRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12%\n\x07\x61\x64\x64ress\x18\x02 \x01(\x0b\x32\x14.connmeta.v1.Address\x12$\n\x03via\x18\x03 \x01(\x0b\x32\x17.connmeta.v1.ServerSpec\x12/\n\x0bupdate_mask\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\x12\x0c\n\x04\x65tag\x18\x05 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x06 \x01(\t\"S\n\x1eUpdateServerConnectionResponse\x12\x31\n\nconnection\x18\x01 \x01(\x0b\x32\x1d.connmeta.v1.ConnectionRecord*i\n\x0e\x43onnectionKind\x12\x1f\n\x1b\x43ONNECTION_KIND_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x43ONNECTION_KIND_CLIENT\x10\x01\x12\x1a\n\x16\x43ONNECTION_KIND_SERVER\x10\x02*f\n\x0e\x43onnectionView\x12\x1f\n\x1b\x43ONNECTION_VIEW_UNSPECIFIED\x10\x00\x12\x19\n\x15\x43ONNECTION_VIEW_BASIC\x10\x01\x12\x18\n\x14\x43ONNECTION_VIEW_FULL\x10\x02*\xd3\x01\n\x0eWatchEventType\x12 \n\x1cWATCH_EVENT_TYPE_UNSPECIFIED\x10\x00\x12\x1a\n\x16WATCH_EVENT_TYPE_ADDED\x10\x01\x12\x1d\n\x19WATCH_EVENT_TYPE_MODIFIED\x10\x02\x12\x1c\n\x18WATCH_EVENT_TYPE_DELETED\x10\x03\x12\x1d\n\x19WATCH_EVENT_TYPE_BOOKMARK\x10\x04\x12\'\n#WATCH_EVENT_TYPE_INITIAL_EVENTS_END\x10\x05\x32\xae\x03\n\x11\x43onnectionService\x12[\n\rGetConnection\x12!.connmeta.v1.GetConnectionRequest\x1a\".connmeta.v1.GetConnectionResponse\"\x03\x90\x02\x01\x12\x61\n\x0fListConnections\x12#.connmeta.v1.ListConnectionsRequest\x1a$.connmeta.v1.ListConnectionsResponse\"\x03\x90\x02\x01\x12\x66\n\x10WatchConnections\x12$.connmeta.v1.WatchConnectionsRequest\x1a%.connmeta.v1.WatchConnectionsResponse\"\x03\x90\x02\x01\x30\x01\x12q\n\x16UpdateServerConnection\x12*.connmeta.v1.UpdateServerConnectionRequest\x1a+.connmeta.v1.UpdateServerConnectionResponseB?Z=github.com/connmeta/connmeta/clients/go/connmetav1;connmetav1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$connmeta/v1/connection_service.proto\x12\x0b\x63onnmeta.v1\x1a\x1c\x63onnmeta/v1/connection.proto\x1a google/protobuf/field_mask.proto\"\xa7\x01\n\x10\x43onnectionFilter\x12)\n\x04kind\x18\x01 \x01(\x0e\x32\x1b.connmeta.v1.ConnectionKind\x12,\n\x06states\x18\x02 \x03(\x0e\x32\x1c.connmeta.v1.ConnectionState\x12\x0c\n\x04host\x18\x03 \x01(\t\x12\x0c\n\x04port\x18\x04 \x01(\r\x12\x0b\n\x03sni\x18\x05 \x01(\t\x12\x11\n\tclient_id\x18\x06 \x01(\t\"M\n\x14GetConnectionRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12)\n\x04view\x18\x02 \x01(\x0e\x32\x1b.connmeta.v1.ConnectionView\"%\n\x0eResponseHeader\x12\x13\n\x0bincarnation\x18\x01 \x01(\t\"w\n\x15GetConnectionResponse\x12\x31\n\nconnection\x18\x01 \x01(\x0b\x32\x1d.connmeta.v1.ConnectionRecord\x12+\n\x06header\x18\x02 \x01(\x0b\x32\x1b.connmeta.v1.ResponseHeader\"\x99\x01\n\x16ListConnectionsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12-\n\x06\x66ilter\x18\x03 \x01(\x0b\x32\x1d.connmeta.v1.ConnectionFilter\x12)\n\x04view\x18\x04 \x01(\x0e\x32\x1b.connmeta.v1.ConnectionView\"\xa5\x01\n\x17ListConnectionsResponse\x12\x32\n\x0b\x63onnections\x18\x01 \x03(\x0b\x32\x1d.connmeta.v1.ConnectionRecord\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x10\n\x08revision\x18\x03 \x01(\x03\x12+\n\x06header\x18\x04 \x01(\x0b\x32\x1b.connmeta.v1.ResponseHeader\"\xdc\x01\n\x17WatchConnectionsRequest\x12\x1c\n\x14start_after_revision\x18\x01 \x01(\x03\x12\x1b\n\x13send_initial_events\x18\x02 \x01(\x08\x12\x17\n\x0f\x61llow_bookmarks\x18\x03 \x01(\x08\x12-\n\x06\x66ilter\x18\x04 \x01(\x0b\x32\x1d.connmeta.v1.ConnectionFilter\x12)\n\x04view\x18\x05 \x01(\x0e\x32\x1b.connmeta.v1.ConnectionView\x12\x13\n\x0bincarnation\x18\x06 \x01(\t\"|\n\nWatchEvent\x12)\n\x04type\x18\x01 \x01(\x0e\x32\x1b.connmeta.v1.WatchEventType\x12\x10\n\x08revision\x18\x02 \x01(\x03\x12\x31\n\nconnection\x18\x03 \x01(\x0b\x32\x1d.connmeta.v1.ConnectionRecord\"p\n\x18WatchConnectionsResponse\x12\'\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x17.connmeta.v1.WatchEvent\x12+\n\x06header\x18\x02 \x01(\x0b\x32\x1b.connmeta.v1.ResponseHeader\"\xc6\x01\n\x1dUpdateServerConnectionRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12%\n\x07\x61\x64\x64ress\x18\x02 \x01(\x0b\x32\x14.connmeta.v1.Address\x12$\n\x03via\x18\x03 \x01(\x0b\x32\x17.connmeta.v1.ServerSpec\x12/\n\x0bupdate_mask\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\x12\x0c\n\x04\x65tag\x18\x05 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x06 \x01(\t\"S\n\x1eUpdateServerConnectionResponse\x12\x31\n\nconnection\x18\x01 \x01(\x0b\x32\x1d.connmeta.v1.ConnectionRecord*i\n\x0e\x43onnectionKind\x12\x1f\n\x1b\x43ONNECTION_KIND_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x43ONNECTION_KIND_CLIENT\x10\x01\x12\x1a\n\x16\x43ONNECTION_KIND_SERVER\x10\x02*f\n\x0e\x43onnectionView\x12\x1f\n\x1b\x43ONNECTION_VIEW_UNSPECIFIED\x10\x00\x12\x19\n\x15\x43ONNECTION_VIEW_BASIC\x10\x01\x12\x18\n\x14\x43ONNECTION_VIEW_FULL\x10\x02*\xd3\x01\n\x0eWatchEventType\x12 \n\x1cWATCH_EVENT_TYPE_UNSPECIFIED\x10\x00\x12\x1a\n\x16WATCH_EVENT_TYPE_ADDED\x10\x01\x12\x1d\n\x19WATCH_EVENT_TYPE_MODIFIED\x10\x02\x12\x1c\n\x18WATCH_EVENT_TYPE_DELETED\x10\x03\x12\x1d\n\x19WATCH_EVENT_TYPE_BOOKMARK\x10\x04\x12\'\n#WATCH_EVENT_TYPE_INITIAL_EVENTS_END\x10\x05\x32\xae\x03\n\x11\x43onnectionService\x12[\n\rGetConnection\x12!.connmeta.v1.GetConnectionRequest\x1a\".connmeta.v1.GetConnectionResponse\"\x03\x90\x02\x01\x12\x61\n\x0fListConnections\x12#.connmeta.v1.ListConnectionsRequest\x1a$.connmeta.v1.ListConnectionsResponse\"\x03\x90\x02\x01\x12\x66\n\x10WatchConnections\x12$.connmeta.v1.WatchConnectionsRequest\x1a%.connmeta.v1.WatchConnectionsResponse\"\x03\x90\x02\x01\x30\x01\x12q\n\x16UpdateServerConnection\x12*.connmeta.v1.UpdateServerConnectionRequest\x1a+.connmeta.v1.UpdateServerConnectionResponseB?Z=github.com/connmeta/connmeta/clients/go/connmetav1;connmetav1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,32 +40,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CONNECTIONSERVICE'].methods_by_name['ListConnections']._serialized_options = b'\220\002\001'
   _globals['_CONNECTIONSERVICE'].methods_by_name['WatchConnections']._loaded_options = None
   _globals['_CONNECTIONSERVICE'].methods_by_name['WatchConnections']._serialized_options = b'\220\002\001'
-  _globals['_CONNECTIONKIND']._serialized_start=1403
-  _globals['_CONNECTIONKIND']._serialized_end=1508
-  _globals['_CONNECTIONVIEW']._serialized_start=1510
-  _globals['_CONNECTIONVIEW']._serialized_end=1612
-  _globals['_WATCHEVENTTYPE']._serialized_start=1615
-  _globals['_WATCHEVENTTYPE']._serialized_end=1826
+  _globals['_CONNECTIONKIND']._serialized_start=1599
+  _globals['_CONNECTIONKIND']._serialized_end=1704
+  _globals['_CONNECTIONVIEW']._serialized_start=1706
+  _globals['_CONNECTIONVIEW']._serialized_end=1808
+  _globals['_WATCHEVENTTYPE']._serialized_start=1811
+  _globals['_WATCHEVENTTYPE']._serialized_end=2022
   _globals['_CONNECTIONFILTER']._serialized_start=118
   _globals['_CONNECTIONFILTER']._serialized_end=285
   _globals['_GETCONNECTIONREQUEST']._serialized_start=287
   _globals['_GETCONNECTIONREQUEST']._serialized_end=364
-  _globals['_GETCONNECTIONRESPONSE']._serialized_start=366
-  _globals['_GETCONNECTIONRESPONSE']._serialized_end=440
-  _globals['_LISTCONNECTIONSREQUEST']._serialized_start=443
-  _globals['_LISTCONNECTIONSREQUEST']._serialized_end=596
-  _globals['_LISTCONNECTIONSRESPONSE']._serialized_start=598
-  _globals['_LISTCONNECTIONSRESPONSE']._serialized_end=718
-  _globals['_WATCHCONNECTIONSREQUEST']._serialized_start=721
-  _globals['_WATCHCONNECTIONSREQUEST']._serialized_end=920
-  _globals['_WATCHEVENT']._serialized_start=922
-  _globals['_WATCHEVENT']._serialized_end=1046
-  _globals['_WATCHCONNECTIONSRESPONSE']._serialized_start=1048
-  _globals['_WATCHCONNECTIONSRESPONSE']._serialized_end=1115
-  _globals['_UPDATESERVERCONNECTIONREQUEST']._serialized_start=1118
-  _globals['_UPDATESERVERCONNECTIONREQUEST']._serialized_end=1316
-  _globals['_UPDATESERVERCONNECTIONRESPONSE']._serialized_start=1318
-  _globals['_UPDATESERVERCONNECTIONRESPONSE']._serialized_end=1401
-  _globals['_CONNECTIONSERVICE']._serialized_start=1829
-  _globals['_CONNECTIONSERVICE']._serialized_end=2259
+  _globals['_RESPONSEHEADER']._serialized_start=366
+  _globals['_RESPONSEHEADER']._serialized_end=403
+  _globals['_GETCONNECTIONRESPONSE']._serialized_start=405
+  _globals['_GETCONNECTIONRESPONSE']._serialized_end=524
+  _globals['_LISTCONNECTIONSREQUEST']._serialized_start=527
+  _globals['_LISTCONNECTIONSREQUEST']._serialized_end=680
+  _globals['_LISTCONNECTIONSRESPONSE']._serialized_start=683
+  _globals['_LISTCONNECTIONSRESPONSE']._serialized_end=848
+  _globals['_WATCHCONNECTIONSREQUEST']._serialized_start=851
+  _globals['_WATCHCONNECTIONSREQUEST']._serialized_end=1071
+  _globals['_WATCHEVENT']._serialized_start=1073
+  _globals['_WATCHEVENT']._serialized_end=1197
+  _globals['_WATCHCONNECTIONSRESPONSE']._serialized_start=1199
+  _globals['_WATCHCONNECTIONSRESPONSE']._serialized_end=1311
+  _globals['_UPDATESERVERCONNECTIONREQUEST']._serialized_start=1314
+  _globals['_UPDATESERVERCONNECTIONREQUEST']._serialized_end=1512
+  _globals['_UPDATESERVERCONNECTIONRESPONSE']._serialized_start=1514
+  _globals['_UPDATESERVERCONNECTIONRESPONSE']._serialized_end=1597
+  _globals['_CONNECTIONSERVICE']._serialized_start=2025
+  _globals['_CONNECTIONSERVICE']._serialized_end=2455
 # @@protoc_insertion_point(module_scope)

@@ -207,24 +207,62 @@ class GetConnectionRequest(_message.Message):
 Global___GetConnectionRequest: _TypeAlias = GetConnectionRequest  # noqa: Y015
 
 @_typing.final
+class ResponseHeader(_message.Message):
+    """ResponseHeader identifies the store that answered, like etcd's
+    ResponseHeader. The same identity is sent on every call, errors included,
+    as the response metadata key "connmeta-incarnation".
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INCARNATION_FIELD_NUMBER: _builtins.int
+    incarnation: _builtins.str
+    """incarnation identifies the store's history: a sidecar that restarts
+    without --state-dir starts a new history under a new incarnation (and
+    with higher revisions); one that restarts on the same --state-dir keeps
+    its incarnation and its revisions. Revisions, etags and page tokens of
+    another incarnation are never taken as this one's: a watch resumed or a
+    page token continued from one fails OUT_OF_RANGE with ErrorInfo
+    REVISION_COMPACTED, so a client lists again, and an etag fails ABORTED.
+    """
+    def __init__(
+        self,
+        *,
+        incarnation: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["incarnation", b"incarnation"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResponseHeader: _TypeAlias = ResponseHeader  # noqa: Y015
+
+@_typing.final
 class GetConnectionResponse(_message.Message):
     """GetConnectionResponse holds the connection."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     CONNECTION_FIELD_NUMBER: _builtins.int
+    HEADER_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def connection(self) -> _connection_pb2.ConnectionRecord:
         """connection is the record as of response.connection.metadata.revision."""
+
+    @_builtins.property
+    def header(self) -> Global___ResponseHeader:
+        """header identifies the store that answered."""
 
     def __init__(
         self,
         *,
         connection: _connection_pb2.ConnectionRecord | None = ...,
+        header: Global___ResponseHeader | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["connection", b"connection"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["connection", b"connection", "header", b"header"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["connection", b"connection"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["connection", b"connection", "header", b"header"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -286,17 +324,22 @@ class ListConnectionsResponse(_message.Message):
     CONNECTIONS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     REVISION_FIELD_NUMBER: _builtins.int
+    HEADER_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
     """next_page_token fetches the next page; empty means this was the last."""
     revision: _builtins.int
     """revision is the store revision this listing reflects. Watch with
     start_after_revision = revision to follow every later change. It is
-    never 0: a store starts at revision 1 (empty), like etcd, so a listing
-    of an empty store can be resumed too.
+    never 0: an empty store has a revision too, like etcd's, so a listing of
+    an empty store can be resumed.
     """
     @_builtins.property
     def connections(self) -> _containers.RepeatedCompositeFieldContainer[_connection_pb2.ConnectionRecord]:
         """connections are the matching records of this page, in id order."""
+
+    @_builtins.property
+    def header(self) -> Global___ResponseHeader:
+        """header identifies the store that answered."""
 
     def __init__(
         self,
@@ -304,10 +347,11 @@ class ListConnectionsResponse(_message.Message):
         connections: _abc.Iterable[_connection_pb2.ConnectionRecord] | None = ...,
         next_page_token: _builtins.str = ...,
         revision: _builtins.int = ...,
+        header: Global___ResponseHeader | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["header", b"header"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["connections", b"connections", "next_page_token", b"next_page_token", "revision", b"revision"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["connections", b"connections", "header", b"header", "next_page_token", b"next_page_token", "revision", b"revision"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -324,6 +368,7 @@ class WatchConnectionsRequest(_message.Message):
     ALLOW_BOOKMARKS_FIELD_NUMBER: _builtins.int
     FILTER_FIELD_NUMBER: _builtins.int
     VIEW_FIELD_NUMBER: _builtins.int
+    INCARNATION_FIELD_NUMBER: _builtins.int
     start_after_revision: _builtins.int
     """start_after_revision: 0 starts at the current revision (only later
     changes are sent); a value R > 0 sends every change with revision > R
@@ -344,6 +389,12 @@ class WatchConnectionsRequest(_message.Message):
     """
     view: Global___ConnectionView.ValueType
     """view selects how much of each record to send."""
+    incarnation: _builtins.str
+    """incarnation, when set, must be the store's (ResponseHeader.incarnation
+    of the listing or watch this one resumes), else the watch fails
+    OUT_OF_RANGE with ErrorInfo REVISION_COMPACTED: the revision belongs to
+    another history. Resumes without it are caught by their revision.
+    """
     @_builtins.property
     def filter(self) -> Global___ConnectionFilter:
         """filter selects the connections. A record that stops matching is sent as
@@ -358,10 +409,11 @@ class WatchConnectionsRequest(_message.Message):
         allow_bookmarks: _builtins.bool = ...,
         filter: Global___ConnectionFilter | None = ...,
         view: Global___ConnectionView.ValueType = ...,
+        incarnation: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_bookmarks", b"allow_bookmarks", "filter", b"filter", "send_initial_events", b"send_initial_events", "start_after_revision", b"start_after_revision", "view", b"view"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_bookmarks", b"allow_bookmarks", "filter", b"filter", "incarnation", b"incarnation", "send_initial_events", b"send_initial_events", "start_after_revision", b"start_after_revision", "view", b"view"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -410,18 +462,26 @@ class WatchConnectionsResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     EVENTS_FIELD_NUMBER: _builtins.int
+    HEADER_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___WatchEvent]:
         """events are consecutive in the watcher's view: no gap, no duplicate."""
+
+    @_builtins.property
+    def header(self) -> Global___ResponseHeader:
+        """header identifies the store that answered; the same on every response
+        of one watch.
+        """
 
     def __init__(
         self,
         *,
         events: _abc.Iterable[Global___WatchEvent] | None = ...,
+        header: Global___ResponseHeader | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["header", b"header"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "header", b"header"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
