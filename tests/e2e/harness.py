@@ -184,6 +184,17 @@ class Mitmdump:
         return (self.directory / "log").read_text(errors="replace")
 
 
+def live_in_proxy(proxy: Mitmdump) -> set[str]:
+    """Connections mitmproxy opened and has not reported closed."""
+    live: set[str] = set()
+    for entry in proxy.hooks():
+        if entry["hook"] in ("client_connected", "server_connected"):
+            live.add(entry["id"])
+        elif entry["hook"] in ("client_disconnected", "server_disconnected"):
+            live.discard(entry["id"])
+    return live
+
+
 # -- origins -------------------------------------------------------------------
 
 

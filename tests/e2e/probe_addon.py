@@ -98,7 +98,8 @@ class Probe:
         if flow.request.host == CONTROL_HOST:
             # Options set at runtime, as an operator would with mitmweb:
             # answered here, so no server connection is made.
-            ctx.options.update(**dict(flow.request.query.items()))  # type: ignore[no-untyped-call]
+            # Parsed as --set parses them, so numbers work too.
+            ctx.options.set(*(f"{k}={v}" for k, v in flow.request.query.items()))
             flow.response = http.Response.make(200, b"ok")
             return
         _write(

@@ -122,8 +122,15 @@ async def test_every_stream_opens_with_the_same_derived_proxy_id(
             proxy.stop()
     expected = derive_proxy_id(socket.gethostname(), proxy.port, 0)
     assert expected.endswith(f":{proxy.port}")
-    for stream in sidecar.streams[:2]:
-        assert stream[0].HasField("resync_start"), "a stream opens with a resync"
+    first, second = sidecar.streams[:2]
+    assert first[0].HasField("resync_start"), "a stream opens with a resync"
+    # ... or with the replay of what the previous one left unacknowledged
+    # (here the batch the scripted sidecar refused), then the resync.
+    refused = first[-1].batch.snapshots
+    assert refused
+    assert second[0].batch.snapshots[: len(refused)] == refused
+    assert second[1].HasField("resync_start")
+    for stream in (first, second):
         assert stream[0].proxy_id == expected
         assert all(not r.proxy_id for r in stream[1:]), "named once, on the first message"
 
@@ -226,6 +233,14 @@ async def test_a_connect_held_for_routing_takes_a_change_sent_on_the_next_stream
             return [rs.ReportResponse(route_decision=decision)]
         return []
 
+    def outcomes() -> list[rs.RouteOutcome]:
+        return [
+            snap.route_outcome
+            for request in sidecar.streams[1]
+            for snap in request.batch.snapshots
+            if snap.server.connection.id == held[0] and snap.HasField("route_outcome")
+        ]
+
     async with scripted_sidecar(
         tmp_path / "s.sock", drop_first_stream_once_a_connect_waits, route
     ) as sidecar:
@@ -238,16 +253,12 @@ async def test_a_connect_held_for_routing_takes_a_change_sent_on_the_next_stream
             started = time.monotonic()
             body = await asyncio.to_thread(get, proxy.proxy, origin_a.url + "/held")
             took = time.monotonic() - started
+            # The outcome may wait out one batch interval behind the replay.
+            await async_wait_for(lambda: asyncio.sleep(0, outcomes()), 5, "the route outcome")
         finally:
             proxy.stop()
     assert body == "B:/held"
     assert took < 4, "applied when the decision arrived, not at the deadline"
     assert len(sidecar.streams) == 2
-    outcomes = [
-        snap.route_outcome
-        for request in sidecar.streams[1]
-        for snap in request.batch.snapshots
-        if snap.server.connection.id == held[0] and snap.HasField("route_outcome")
-    ]
-    assert [o.kind for o in outcomes] == [rs.ROUTE_OUTCOME_KIND_APPLIED]
-    assert list(outcomes[0].applied_fields) == ["address"]
+    assert [o.kind for o in outcomes()] == [rs.ROUTE_OUTCOME_KIND_APPLIED]
+    assert list(outcomes()[0].applied_fields) == ["address"]

@@ -19,21 +19,11 @@ from tests.e2e.harness import (
     SidecarProcess,
     async_wait_for,
     get,
+    live_in_proxy,
 )
 from tests.e2e.sidecar_view import conn_of, records
 
 pytestmark = pytest.mark.e2e
-
-
-def live_in_proxy(proxy: Mitmdump) -> set[str]:
-    """Connections mitmproxy opened and has not reported closed."""
-    live: set[str] = set()
-    for entry in proxy.hooks():
-        if entry["hook"] in ("client_connected", "server_connected"):
-            live.add(entry["id"])
-        elif entry["hook"] in ("client_disconnected", "server_disconnected"):
-            live.discard(entry["id"])
-    return live
 
 
 async def test_proxy_keeps_serving_without_the_sidecar_and_resyncs_after_its_restart(
