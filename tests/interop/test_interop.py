@@ -364,4 +364,4 @@ def test_readme_examples_against_the_server(
         text=True,
         timeout=60,
     )
-    assert (done.returncode, done.stdout) == (0, "listed 0 servers\nstopped\n"), done.stderr
+    assert (done.returncode, done.stdout) == (0, "listed 0 servers (Start)\nstopped\n"), done.stderr
