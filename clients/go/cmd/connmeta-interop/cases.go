@@ -34,6 +34,7 @@ var cases = []interopCase{
 	{"watch_resume_no_gap", "a watch cut mid-stream and resumed from its last revision sees every concurrent write exactly once, in order", caseWatchResumeNoGap},
 	{"watch_compacted", "watching from a revision older than the history fails OUT_OF_RANGE with ErrorInfo REVISION_COMPACTED and oldest_revision; relist then watch recovers", caseWatchCompacted},
 	{"watch_slow_consumer", "a watcher that stops reading is ended RESOURCE_EXHAUSTED with ErrorInfo WATCHER_TOO_SLOW and last_revision; resuming from it loses nothing", caseWatchSlowConsumer},
+	{"watch_survives_sidecar_restart", "after a kill -9 and restart of the server (no --state-dir), a watch and a page token of the old incarnation fail OUT_OF_RANGE REVISION_COMPACTED and INVALID_ARGUMENT, never OK; the helper's informer relists by itself, says so, delivers the vanished records as DELETED and ends with exactly the new store's records", caseWatchSurvivesSidecarRestart},
 	{"keepalive", "keepalive pings every 10 s on an idle watch do not get the connection closed (too_many_pings); the watch still delivers afterwards", caseKeepalive},
 	{"health", "grpc.health.v1 Check reports SERVING for \"\" and connmeta.v1.ConnectionService", caseHealth},
 	{"report_rejects_bad_snapshot", "a batch whose middle snapshot has transport_protocol UNSPECIFIED is acked with that one rejected (index 1, INVALID_SNAPSHOT, a violation naming its field path) and the other two stored; the stream goes on: a further batch with port 70000 at index 0 is acked the same way", caseReportRejectsBadSnapshot},

@@ -25,6 +25,7 @@ use crate::keepalive::{PingCounter, counting_channel};
 use crate::proxy::{
     Proxy, addr, applied_at, client_snapshot, new_id, padded, resync_client, server_snapshot,
 };
+use crate::restart::watch_survives_sidecar_restart;
 use crate::router::{
     router_retargets_connect, router_silent_fails_open, router_standby_takes_over,
 };
@@ -100,6 +101,11 @@ pub static CASES: &[Case] = &[
         watch_slow_consumer
     ),
     case!(
+        "watch_survives_sidecar_restart",
+        "after a kill -9 and restart of the server (no --state-dir), a watch and a page token of the old incarnation fail OUT_OF_RANGE REVISION_COMPACTED and INVALID_ARGUMENT, never OK; the helper's informer relists by itself, says so, delivers the vanished records as DELETED and ends with exactly the new store's records",
+        watch_survives_sidecar_restart
+    ),
+    case!(
         "keepalive",
         "keepalive pings every 10 s on an idle watch do not get the connection closed (too_many_pings); the watch still delivers afterwards",
         keepalive
@@ -147,7 +153,7 @@ const CLOSED: ConnectionState = ConnectionState::Closed;
 
 /// Checks that `result` failed with this code and ErrorInfo reason (domain
 /// connmeta.v1); returns the decoded details.
-fn expect_error<T: std::fmt::Debug>(
+pub fn expect_error<T: std::fmt::Debug>(
     what: &str,
     result: Result<T, Status>,
     code: Code,
@@ -216,7 +222,7 @@ fn meta_of(rec: &ConnectionRecord) -> connmeta::v1::RecordMetadata {
     rec.metadata.clone().unwrap_or_default()
 }
 
-fn is_change(ev: &WatchEvent) -> bool {
+pub fn is_change(ev: &WatchEvent) -> bool {
     [
         WatchEventType::Added,
         WatchEventType::Modified,
