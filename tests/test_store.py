@@ -916,3 +916,16 @@ def test_a_proxy_that_reconnects_in_time_keeps_its_connections() -> None:
     record = store.get(id)
     assert record is not None
     assert record.state == OPEN
+
+
+def test_retained_bytes_follow_every_new_version_of_a_closed_record() -> None:
+    store = Store(closed_retention_bytes=1 << 30)
+    ids = [next_id() for _ in range(3)]
+    store.apply([server(id, state=CLOSED, hook=pb.HOOK_SERVER_DISCONNECTED) for id in ids])
+    update(store, ids[0], address=address(("new.example", 443)))  # a new, larger version
+    store.end_resync(store.begin_resync())  # settles the pending change: NOT_APPLIED
+    held = sum(len(r.data) for r in (store.get(id) for id in ids) if r is not None)
+    assert store._terminal_bytes == held
+    store._retention_count = 0
+    store.expire()
+    assert (len(store), store._terminal_bytes) == (0, 0)

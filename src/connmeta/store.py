@@ -609,10 +609,7 @@ class Store:
                     closed += 1
                 record = self._new_version(prev, msg, now, state=state, hook=last_hook)
                 events.append(Event(record.revision, EventType.MODIFIED, record, prev))
-                if self._terminal.pop(prev.id, None) is not None:
-                    self._terminal_bytes -= len(prev.data)
-                self._terminal[prev.id] = now
-                self._terminal_bytes += len(record.data)
+                self._retain(prev, record, now)
         finally:
             self._commit(events)
         return closed
@@ -686,6 +683,7 @@ class Store:
         else:
             meta.pending_change.CopyFrom(pending)
         record = self._new_version(current, msg, now)
+        self._retain(current, record, now)
         self._commit([Event(record.revision, EventType.MODIFIED, record, current)])
         return record
 
@@ -729,6 +727,16 @@ class Store:
                 interned.clear()
             shared = interned[value] = value
         return shared
+
+    def _retain(self, prev: Record, record: Record, now: float) -> None:
+        """Retention bookkeeping for a new version of a record: a terminal one
+        is kept (and counted) from its last change."""
+        terminal = self._terminal
+        if terminal.pop(prev.id, None) is not None:
+            self._terminal_bytes -= len(prev.data)
+        if record.terminal:
+            terminal[record.id] = now
+            self._terminal_bytes += len(record.data)
 
     def _commit(self, events: builtins.list[Event]) -> None:
         if not events:
