@@ -44,8 +44,12 @@ _HELP = {
     "unix_socket": "gRPC API over a Unix socket (mode 0600); empty disables",
     "health_listen": "grpc.health.v1 only, HOST:PORT, for kubelet probes; empty disables",
     "history_size": "events kept for resuming watches and paging",
+    "history_bytes": "bytes of record versions the history keeps at most (oldest dropped first)",
     "closed_retention": "seconds a closed connection stays before it is deleted",
     "closed_retention_count": "closed connections kept at most (oldest deleted first)",
+    "closed_retention_bytes": "bytes of closed connections kept at most (oldest deleted first)",
+    "proxy_gone_after": "seconds a proxy may have no report stream before its open"
+    " connections are set CLOSED (HOOK_PROXY_GONE)",
     "watch_max_lag": "events a watcher may fall behind before it is ended (RESOURCE_EXHAUSTED)",
     "watch_write_timeout": "seconds a watch response may wait on a client that stopped reading"
     " before the watch is ended (RESOURCE_EXHAUSTED)",
