@@ -26,6 +26,8 @@ from typing import Any
 
 import pytest
 
+from connmeta.server import Config
+
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 TOOLS = ROOT / ".tools"
@@ -276,6 +278,36 @@ def test_every_container_has_resource_requests_and_limits(rendered: Rendered) ->
             assert set(c.get("resources", {}).get(bound, {})) >= {"cpu", "memory"}, (
                 f"{rendered.name}: container {c['name']} lacks {bound}"
             )
+
+
+_MEMORY_UNITS = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30}
+# What the sidecar holds besides its bounded history and closed connections:
+# the interpreter, grpcio and the protobuf runtime (53 MiB resident
+# when idle) and the open connections a busy proxy keeps (about 600 B each,
+# 100k of them ~60 MiB).
+_PROCESS_AND_LIVE_RECORDS = 128 << 20
+
+
+def _memory(quantity: str) -> int:
+    for suffix, factor in _MEMORY_UNITS.items():
+        if quantity.endswith(suffix):
+            return int(float(quantity.removesuffix(suffix)) * factor)
+    return int(quantity)
+
+
+def test_sidecar_memory_limit_holds_the_byte_bounds_with_headroom(rendered: Rendered) -> None:
+    # The history and the closed connections are bounded by bytes so that a
+    # TLS-heavy load cannot push the sidecar past its limit (an OOM kill loses
+    # the whole store); bench/store_bench.py measures the bounds holding.
+    sidecar = rendered.container(SIDECAR)
+    defaults = Config()
+    history = int(_flag(sidecar, "--history-bytes") or defaults.history_bytes)
+    closed = int(_flag(sidecar, "--closed-retention-bytes") or defaults.closed_retention_bytes)
+    limit = _memory(sidecar["resources"]["limits"]["memory"])
+    assert history + closed + _PROCESS_AND_LIVE_RECORDS <= limit, (
+        f"{rendered.name}: {limit >> 20} MiB does not hold the {history >> 20} MiB history, "
+        f"{closed >> 20} MiB of closed connections and {_PROCESS_AND_LIVE_RECORDS >> 20} MiB more"
+    )
 
 
 def test_sidecar_does_not_gate_the_pods_readiness(rendered: Rendered) -> None:
