@@ -14,7 +14,8 @@ Writes: one transaction per store change (``Store._commit`` calls
 The history is trimmed with the store's own: ``append`` gets the store's
 oldest retained revision, whatever bound (count or bytes) put it there.
 
-Durability: WAL with ``synchronous=NORMAL``. A commit is in the OS page
+Durability: WAL with ``synchronous=NORMAL``, checkpoints on a thread of
+their own (their fsyncs never stall the event loop). A commit is in the OS page
 cache when ``append`` returns, so a killed process (kill -9, OOM, a container
 restart: what an emptyDir outlives) loses nothing; only the OS crashing or
 the power failing may lose the last transactions, and those revisions may
@@ -26,7 +27,9 @@ available, every commit is fsynced (``synchronous=FULL``) instead.
 
 A file that is not a connmeta state file (another format, another
 application's database, a newer schema, a truncated or damaged file) is
-refused with a StateError naming it, and never written to.
+refused with a StateError naming it, and never written to (nothing is, until
+the file has been read whole: ``StateFile.begin``). SQLite may leave its empty
+``-wal``/``-shm`` side files beside a refused file.
 """
 
 from __future__ import annotations
