@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime
 import gc
 import random
 import sys
@@ -231,6 +232,74 @@ def bench_memory(n: int) -> None:
     )
 
 
+def _chain(length: int = 4) -> list[bytes]:
+    """A certificate chain of ``length`` DER certificates, leaf first (RSA 2048)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    now = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
+    ders = []
+    for i in range(length):
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, f"level-{i}.example")])
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(key.public_key())
+            .serial_number(1000 + i)
+            .not_valid_before(now)
+            .not_valid_after(now + datetime.timedelta(days=90))
+            .add_extension(
+                x509.SubjectAlternativeName([x509.DNSName(f"*.site{i}.example")]), critical=False
+            )
+            .sign(key, hashes.SHA256())
+        )
+        ders.append(cert.public_bytes(Encoding.DER))
+    return ders
+
+
+def bench_tls_memory(connections: int) -> None:
+    """A TLS-heavy churn (4-certificate chains, every connection opened and
+    closed): what the store holds at the default bounds, beside the same
+    store bounded by count only (history 100k events, 10k closed), as before
+    --history-bytes and --closed-retention-bytes."""
+    chain = _chain()
+    snaps = snapshots(connections, seed=5)
+    for snap in snaps:
+        snap.server.connection.certificate_list.extend(pb.Certificate(der=d) for d in chain)
+    for label, store in (
+        ("bounded by count only", Store(history_bytes=1 << 40, closed_retention_bytes=1 << 40)),
+        ("default byte bounds", Store()),
+    ):
+        gc.collect()
+        tracemalloc.start()
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(0, connections, BATCH):
+            batch = snaps[i : i + BATCH]
+            store.apply(batch)
+            for snap in batch:
+                snap.hook = pb.HOOK_SERVER_DISCONNECTED
+                snap.server.connection.state = pb.CONNECTION_STATE_CLOSED
+            store.apply(batch)
+            for snap in batch:
+                snap.hook = pb.HOOK_TLS_ESTABLISHED_SERVER
+                snap.server.connection.state = pb.CONNECTION_STATE_OPEN
+            store.expire()
+        gc.collect()
+        after = tracemalloc.get_traced_memory()[0]
+        tracemalloc.stop()
+        print(
+            f"TLS churn, {connections:,} connections, {label}: store holds "
+            f"{(after - before) / 2**20:,.0f} MiB ({len(store):,} records, history from "
+            f"{store.revision - store.oldest_revision:,} events)"
+        )
+        del store
+        gc.collect()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="100k connections only")
@@ -243,6 +312,7 @@ def main(argv: list[str] | None = None) -> None:
         lambda: bench_fanout(10, 50_000),
         lambda: bench_fanout(100, 10_000),
         *[(lambda n=n: bench_memory(n)) for n in sizes],
+        lambda: bench_tls_memory(60_000),
     ]
     for step in steps:
         step()

@@ -314,3 +314,30 @@ def test_a_file_that_is_not_a_usable_state_file_is_refused_naming_it_and_left_un
     assert str(path) in str(raised.value)
     assert says in str(raised.value)
     assert path.read_bytes() == before
+
+
+def test_saved_history_follows_the_stores_byte_bound(tmp_path: Path) -> None:
+    store, state = opened(tmp_path, history_bytes=20_000)
+    for _ in range(100):
+        store.apply([client(next_id())])
+    kept = events(store)
+    assert 0 < len(kept) < 100, "the byte bound, not the count, trimmed the history"
+    again = reopened(tmp_path, state, history_bytes=20_000)
+    assert events(again) == kept
+    assert contents(again) == contents(store)
+
+
+def test_a_proxy_that_does_not_come_back_after_a_restart_has_its_records_closed(
+    tmp_path: Path,
+) -> None:
+    clock = FakeClock()
+    store, state = opened(tmp_path, clock=clock)
+    id = next_id()
+    store.attach_proxy("gone")
+    store.apply([client(id)], proxy="gone")
+    again = reopened(tmp_path, state, clock=clock)
+    clock.now += 60
+    assert again.close_gone_proxies(30) == 1
+    record = again.get(id)
+    assert record is not None
+    assert (record.state, record.last_hook) == (CLOSED, pb.HOOK_PROXY_GONE)

@@ -51,8 +51,11 @@ class Config:
     unix_socket: str = field(default_factory=default_unix_socket)
     health_listen: str = ""
     history_size: int = 100_000
+    history_bytes: int = 64 * MiB
     closed_retention: float = 300.0
     closed_retention_count: int = 10_000
+    closed_retention_bytes: int = 32 * MiB
+    proxy_gone_after: float = 300.0
     watch_max_lag: int = 10_000
     watch_write_timeout: float = 30.0
     bookmark_interval: float = 5.0
@@ -125,8 +128,10 @@ class Sidecar:
         self.config = config
         options: dict[str, Any] = {
             "history_size": config.history_size,
+            "history_bytes": config.history_bytes,
             "closed_retention_seconds": config.closed_retention,
             "closed_retention_count": config.closed_retention_count,
+            "closed_retention_bytes": config.closed_retention_bytes,
         }
         self.state: StateFile | None = None
         tokens = connection_service.PageTokens()
@@ -219,6 +224,7 @@ class Sidecar:
     async def _expire_loop(self) -> None:
         while True:
             await asyncio.sleep(1.0)
+            self.store.close_gone_proxies(self.config.proxy_gone_after)
             self.store.expire()
 
     def describe(self) -> str:
