@@ -16,12 +16,16 @@ import datetime
 import gc
 import random
 import sys
+import tempfile
 import time
 import tracemalloc
 import uuid
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 from connmeta._rawview import RawReportRequest
+from connmeta.state_file import open_store
 from connmeta.store import Filter, Store
 from connmeta.v1 import connection_pb2 as pb
 from connmeta.v1 import report_service_pb2 as rs
@@ -121,6 +125,56 @@ def bench_apply(n: int) -> None:
     for batch in batches:
         store.apply(batch)
     _rate("MODIFIED with 10 idle watchers subscribed", n, time.perf_counter() - t0)
+
+
+def bench_state_dir(n: int, history: int = 20_000) -> None:
+    """Ingest with --state-dir beside the in-memory store, batch by batch.
+
+    Both stores get each batch in turn (alternating which goes first), so
+    the machine's noise falls on both alike. The history is smaller than the
+    ingest, so the saved history is trimmed as in steady state.
+    """
+    print(
+        f"apply() with --state-dir vs in memory, {n:,} servers in batches of {BATCH}, "
+        f"history {history:,}, interleaved batch by batch"
+    )
+    snaps = snapshots(n, seed=4)
+    added = [
+        rs.ReportRequest(batch=rs.ReportBatch(snapshots=snaps[i : i + BATCH])).SerializeToString()
+        for i in range(0, n, BATCH)
+    ]
+    for s in snaps:
+        s.hook = pb.HOOK_SERVER_DISCONNECTED
+        s.server.connection.state = pb.CONNECTION_STATE_CLOSED
+    modified = [
+        rs.ReportRequest(batch=rs.ReportBatch(snapshots=snaps[i : i + BATCH])).SerializeToString()
+        for i in range(0, n, BATCH)
+    ]
+    with tempfile.TemporaryDirectory() as directory:
+        options: dict[str, Any] = {"history_size": history, "closed_retention_seconds": 1e9}
+        memory = Store(**options)
+        saved, state = open_store(directory, **options)
+        for label, requests in (
+            ("new connections (ADDED)", added),
+            ("changed connections (MODIFIED)", modified),
+        ):
+            spent = {id(memory): 0.0, id(saved): 0.0}
+            for i, data in enumerate(requests):
+                for store in (memory, saved) if i % 2 else (saved, memory):
+                    t0 = time.perf_counter()
+                    store.apply(
+                        rs.ReportRequest.FromString(data).batch.snapshots,
+                        RawReportRequest.FromString(data).batch.snapshots,
+                    )
+                    spent[id(store)] += time.perf_counter() - t0
+            mem, sta = spent[id(memory)], spent[id(saved)]
+            print(
+                f"  {label:<32} in memory {n / mem:>9,.0f}/s   --state-dir {n / sta:>9,.0f}/s"
+                f"   ratio {mem / sta:.2f}   (+{(sta - mem) * 1e6 / n:.1f} µs each)"
+            )
+        state.close()
+        size = sum(f.stat().st_size for f in Path(directory).iterdir())
+    print(f"  state file after {2 * n:,} changes: {size / 1e6:.1f} MB (history {history:,})")
 
 
 def bench_fanout(watchers: int, events: int) -> None:
@@ -254,6 +308,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"python {sys.version.split()[0]}")
     steps: list[Callable[[], None]] = [
         lambda: bench_apply(100_000),
+        lambda: bench_state_dir(50_000),
         lambda: bench_fanout(10, 50_000),
         lambda: bench_fanout(100, 10_000),
         *[(lambda n=n: bench_memory(n)) for n in sizes],

@@ -33,6 +33,7 @@ from grpc_status import rpc_status
 from connmeta import __version__
 from connmeta.addresses import SCHEME_VALUES, format_address, parse_address
 from connmeta.server import Config, ListenError, default_unix_socket, serve
+from connmeta.state_file import StateError
 from connmeta.v1 import connection_pb2 as pb
 from connmeta.v1 import connection_service_pb2 as cs
 from connmeta.v1 import connection_service_pb2_grpc as cs_grpc
@@ -57,6 +58,7 @@ _HELP = {
     "shutdown_grace": "seconds in-flight calls get after SIGTERM",
     "max_message_bytes": "largest gRPC message sent or received",
     "keepalive_min_ping_interval": "seconds: clients may ping this often without a GOAWAY",
+    "state_dir": "directory that keeps the store across restarts (SQLite); empty: in memory",
 }
 
 
@@ -632,7 +634,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = Config(**{f.name: getattr(args, f.name) for f in fields(Config)})
         try:
             asyncio.run(serve(config))
-        except ListenError as error:
+        except (ListenError, StateError) as error:
             print(f"connmeta: {error}", file=sys.stderr)
             return 1
         return 0

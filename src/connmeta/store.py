@@ -34,6 +34,7 @@ from connmeta import certs, changes, validation
 from connmeta.filters import Filter
 from connmeta.guard import address_value, guard_refuses, via_value
 from connmeta.records import (
+    TERMINAL_HOOKS,
     Compacted,
     ConnectionOpen,
     EtagMismatch,
@@ -63,6 +64,7 @@ __all__ = [
     "EventType",
     "Filter",
     "InvalidArgument",
+    "Journal",
     "Kind",
     "NotFound",
     "Record",
@@ -78,9 +80,7 @@ Listener = Callable[[Sequence[Event]], None]
 
 _OPEN: Final = pb.CONNECTION_STATE_OPEN
 _CLOSED: Final = pb.CONNECTION_STATE_CLOSED
-_TERMINAL_HOOKS: Final = frozenset(
-    (pb.HOOK_CLIENT_DISCONNECTED, pb.HOOK_SERVER_DISCONNECTED, pb.HOOK_SERVER_CONNECT_ERROR)
-)
+_TERMINAL_HOOKS: Final = TERMINAL_HOOKS
 _CONNECT_HOOKS: Final = frozenset((pb.HOOK_SERVER_CONNECTED, pb.HOOK_SERVER_CONNECT_ERROR))
 _HOOKS: Final = frozenset(pb.Hook.values())
 _OVERLAY_CACHE: Final = 4
@@ -120,6 +120,13 @@ class EncodedSnapshot(Protocol):
     def server(self) -> bytes: ...
 
 
+class Journal(Protocol):
+    """Where a durable store writes each change before anyone sees it (``connmeta.state_file``)."""
+
+    def append(self, events: Sequence[Event], oldest_revision: int) -> None:
+        """Make ``events`` (one change) durable; keep history after ``oldest_revision``."""
+
+
 class Store:
     """All connection records, their revisions and the recent history of changes."""
 
@@ -134,6 +141,7 @@ class Store:
         clock: Callable[[], float] = time.time,
         incarnation: str = "",
         revision: int = 0,
+        journal: Journal | None = None,
     ) -> None:
         if history_size < 1:
             raise ValueError(f"history_size must be at least 1, got {history_size}")
@@ -179,6 +187,54 @@ class Store:
         self._overlays: dict[int, tuple[int, dict[str, Record | None]]] = {}
         # Hosts, SNIs and ports repeat across connections; share one object each.
         self._interned: dict[Any, Any] = {}
+        self._journal = journal
+
+    @classmethod
+    def restored(
+        cls,
+        records: Iterable[Record],
+        history: Iterable[Event],
+        *,
+        incarnation: str,
+        revision: int,
+        journal: Journal | None = None,
+        **options: Any,
+    ) -> Store:
+        """A store holding saved ``records`` and ``history`` (oldest first) at ``revision``.
+
+        Rebuilds what the store derives from its records: the pending set,
+        the id index, the retention order of terminal records (by revision,
+        each kept from its metadata.update_time), the byte counts, and the
+        proxies that have not reconnected yet. The history keeps what the
+        bounds allow, newest first.
+        """
+        store = cls(incarnation=incarnation, revision=revision, journal=journal, **options)
+        kept: builtins.list[Event] = []
+        size = 0
+        for event in reversed(builtins.list(history)):
+            cost = len(event.record.data) + _EVENT_OVERHEAD
+            if len(kept) == store._history_size or size + cost > store._history_max_bytes:
+                break
+            kept.append(event)
+            size += cost
+        kept.reverse()
+        store._history.extend(kept)
+        store._history_bytes = size
+        current = store._records
+        terminal: builtins.list[Record] = []
+        for record in records:
+            current[record.id] = record
+            if record.has_pending:
+                store._pending.add(record.id)
+            if record.terminal:
+                terminal.append(record)
+        terminal.sort(key=lambda r: r.revision)
+        for record in terminal:
+            store._terminal[record.id] = record.message().metadata.update_time.ToNanoseconds() / 1e9
+            store._terminal_bytes += len(record.data)
+        store._sorted = sorted(current)
+        store.note_absent_proxies()
+        return store
 
     # -- reads ----------------------------------------------------------------
 
@@ -750,6 +806,10 @@ class Store:
             if not history:
                 break
         self._history_bytes = size
+        if self._journal is not None:
+            # Durable before any watcher sees it or the report is acked; the
+            # saved history is trimmed to what the bounds above left.
+            self._journal.append(events, self.oldest_revision)
         for listener in builtins.list(self._listeners):
             listener(events)
 

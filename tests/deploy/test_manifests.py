@@ -206,6 +206,24 @@ def test_socket_path_agrees_between_sidecar_addon_and_shared_volume(rendered: Re
     assert "emptyDir" in volumes[volume], f"{volume} must be an emptyDir shared by the pod"
 
 
+def test_sidecar_keeps_its_state_on_a_disk_backed_emptydir_of_its_own(
+    rendered: Rendered,
+) -> None:
+    spec = rendered.pod["spec"]
+    sidecar, proxy = rendered.container(SIDECAR), rendered.container(PROXY)
+    state_dir = _flag(sidecar, "--state-dir")
+    assert state_dir, "without --state-dir a container restart loses the store"
+    assert posixpath.isabs(state_dir)
+    # The root filesystem is read-only: the directory must be a volume, one
+    # that lives as long as the pod (an emptyDir outlives container restarts).
+    volume = _mounts(sidecar).get(state_dir)
+    assert volume, f"the sidecar does not mount a volume at {state_dir}"
+    empty_dir = {v["name"]: v for v in spec["volumes"]}[volume].get("emptyDir")
+    assert empty_dir is not None, f"{volume} must be an emptyDir"
+    assert empty_dir.get("medium", "") != "Memory", "a tmpfs would count against the memory limit"
+    assert volume not in _mounts(proxy).values(), "only the sidecar writes its state"
+
+
 def test_proxy_runs_as_the_sidecar_user_so_it_can_open_the_0600_socket(
     rendered: Rendered,
 ) -> None:
