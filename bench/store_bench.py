@@ -12,15 +12,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime
 import gc
 import random
 import sys
+import tempfile
 import time
 import tracemalloc
 import uuid
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 from connmeta._rawview import RawReportRequest
+from connmeta.state_file import open_store
 from connmeta.store import Filter, Store
 from connmeta.v1 import connection_pb2 as pb
 from connmeta.v1 import report_service_pb2 as rs
@@ -122,6 +127,56 @@ def bench_apply(n: int) -> None:
     _rate("MODIFIED with 10 idle watchers subscribed", n, time.perf_counter() - t0)
 
 
+def bench_state_dir(n: int, history: int = 20_000) -> None:
+    """Ingest with --state-dir beside the in-memory store, batch by batch.
+
+    Both stores get each batch in turn (alternating which goes first), so
+    the machine's noise falls on both alike. The history is smaller than the
+    ingest, so the saved history is trimmed as in steady state.
+    """
+    print(
+        f"apply() with --state-dir vs in memory, {n:,} servers in batches of {BATCH}, "
+        f"history {history:,}, interleaved batch by batch"
+    )
+    snaps = snapshots(n, seed=4)
+    added = [
+        rs.ReportRequest(batch=rs.ReportBatch(snapshots=snaps[i : i + BATCH])).SerializeToString()
+        for i in range(0, n, BATCH)
+    ]
+    for s in snaps:
+        s.hook = pb.HOOK_SERVER_DISCONNECTED
+        s.server.connection.state = pb.CONNECTION_STATE_CLOSED
+    modified = [
+        rs.ReportRequest(batch=rs.ReportBatch(snapshots=snaps[i : i + BATCH])).SerializeToString()
+        for i in range(0, n, BATCH)
+    ]
+    with tempfile.TemporaryDirectory() as directory:
+        options: dict[str, Any] = {"history_size": history, "closed_retention_seconds": 1e9}
+        memory = Store(**options)
+        saved, state = open_store(directory, **options)
+        for label, requests in (
+            ("new connections (ADDED)", added),
+            ("changed connections (MODIFIED)", modified),
+        ):
+            spent = {id(memory): 0.0, id(saved): 0.0}
+            for i, data in enumerate(requests):
+                for store in (memory, saved) if i % 2 else (saved, memory):
+                    t0 = time.perf_counter()
+                    store.apply(
+                        rs.ReportRequest.FromString(data).batch.snapshots,
+                        RawReportRequest.FromString(data).batch.snapshots,
+                    )
+                    spent[id(store)] += time.perf_counter() - t0
+            mem, sta = spent[id(memory)], spent[id(saved)]
+            print(
+                f"  {label:<32} in memory {n / mem:>9,.0f}/s   --state-dir {n / sta:>9,.0f}/s"
+                f"   ratio {mem / sta:.2f}   (+{(sta - mem) * 1e6 / n:.1f} µs each)"
+            )
+        state.close()
+        size = sum(f.stat().st_size for f in Path(directory).iterdir())
+    print(f"  state file after {2 * n:,} changes: {size / 1e6:.1f} MB (history {history:,})")
+
+
 def bench_fanout(watchers: int, events: int) -> None:
     """Store apply + hub broadcast + every watcher taking and encoding its batches."""
     snaps = snapshots(events, seed=2)
@@ -177,6 +232,74 @@ def bench_memory(n: int) -> None:
     )
 
 
+def _chain(length: int = 4) -> list[bytes]:
+    """A certificate chain of ``length`` DER certificates, leaf first (RSA 2048)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    now = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
+    ders = []
+    for i in range(length):
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, f"level-{i}.example")])
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(key.public_key())
+            .serial_number(1000 + i)
+            .not_valid_before(now)
+            .not_valid_after(now + datetime.timedelta(days=90))
+            .add_extension(
+                x509.SubjectAlternativeName([x509.DNSName(f"*.site{i}.example")]), critical=False
+            )
+            .sign(key, hashes.SHA256())
+        )
+        ders.append(cert.public_bytes(Encoding.DER))
+    return ders
+
+
+def bench_tls_memory(connections: int) -> None:
+    """A TLS-heavy churn (4-certificate chains, every connection opened and
+    closed): what the store holds at the default bounds, beside the same
+    store bounded by count only (history 100k events, 10k closed), as before
+    --history-bytes and --closed-retention-bytes."""
+    chain = _chain()
+    snaps = snapshots(connections, seed=5)
+    for snap in snaps:
+        snap.server.connection.certificate_list.extend(pb.Certificate(der=d) for d in chain)
+    for label, store in (
+        ("bounded by count only", Store(history_bytes=1 << 40, closed_retention_bytes=1 << 40)),
+        ("default byte bounds", Store()),
+    ):
+        gc.collect()
+        tracemalloc.start()
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(0, connections, BATCH):
+            batch = snaps[i : i + BATCH]
+            store.apply(batch)
+            for snap in batch:
+                snap.hook = pb.HOOK_SERVER_DISCONNECTED
+                snap.server.connection.state = pb.CONNECTION_STATE_CLOSED
+            store.apply(batch)
+            for snap in batch:
+                snap.hook = pb.HOOK_TLS_ESTABLISHED_SERVER
+                snap.server.connection.state = pb.CONNECTION_STATE_OPEN
+            store.expire()
+        gc.collect()
+        after = tracemalloc.get_traced_memory()[0]
+        tracemalloc.stop()
+        print(
+            f"TLS churn, {connections:,} connections, {label}: store holds "
+            f"{(after - before) / 2**20:,.0f} MiB ({len(store):,} records, history from "
+            f"{store.revision - store.oldest_revision:,} events)"
+        )
+        del store
+        gc.collect()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="100k connections only")
@@ -185,9 +308,11 @@ def main(argv: list[str] | None = None) -> None:
     print(f"python {sys.version.split()[0]}")
     steps: list[Callable[[], None]] = [
         lambda: bench_apply(100_000),
+        lambda: bench_state_dir(50_000),
         lambda: bench_fanout(10, 50_000),
         lambda: bench_fanout(100, 10_000),
         *[(lambda n=n: bench_memory(n)) for n in sizes],
+        lambda: bench_tls_memory(60_000),
     ]
     for step in steps:
         step()

@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import json
+import os
+import signal
 import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -146,3 +153,306 @@ def test_via_text_must_name_a_lower_case_scheme() -> None:
     for text in ("HTTP://p:1", "socks5://p:1", "p:1"):
         with pytest.raises(ValueError, match="SCHEME://HOST:PORT"):
             parse_via(text)
+
+
+# --- watch across ends and restarts ----------------------------------------------------------
+
+Line = dict[str, Any]
+
+
+async def spawn_watch(target: str, *args: str, stdout: Any = asyncio.subprocess.PIPE) -> Any:
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "connmeta",
+        "watch",
+        *args,
+        "--target",
+        target,
+        stdout=stdout,
+        stderr=asyncio.subprocess.PIPE,
+    )
+
+
+async def read_line(process: Any) -> Line:
+    raw = await asyncio.wait_for(process.stdout.readline(), 20)
+    assert raw, "watch ended its output"
+    line: Line = json.loads(raw)
+    return line
+
+
+async def read_until(process: Any, kind: str) -> list[Line]:
+    """Lines up to and including the first of type ``kind``, bookmarks left out."""
+    lines = []
+    while True:
+        line = await read_line(process)
+        if line["type"] != "BOOKMARK":
+            lines.append(line)
+        if line["type"] == kind:
+            return lines
+
+
+async def stopped(process: Any) -> None:
+    if process.returncode is None:
+        process.kill()
+    await process.wait()
+
+
+def conn_id(connection: Line) -> str:
+    kind = connection.get("server") or connection["client"]
+    return str(kind["connection"]["id"])
+
+
+def apply(lines: list[Line], state: dict[str, int]) -> None:
+    """What a consumer of -o ndjson does: keep id -> revision of each record."""
+    for line in lines:
+        if line["type"] in ("ADDED", "MODIFIED"):
+            state[conn_id(line["connection"])] = int(line["connection"]["metadata"]["revision"])
+        elif line["type"] == "DELETED":
+            del state[conn_id(line["connection"])]
+
+
+def store_state(sidecar: Sidecar) -> dict[str, int]:
+    records, _ = sidecar.store.snapshot()
+    return {r.id: r.revision for r in records}
+
+
+@pytest.fixture(params=["unix", "tcp"])
+async def restartable(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Any]:
+    """A sidecar and a way to replace it by a new one (a new store) on the same
+    Unix socket or TCP port: what a container restart looks like to a client."""
+    sidecars: list[Sidecar] = []
+    config = Config(listen="127.0.0.1:0", unix_socket=str(tmp_path / "c.sock"))
+    if request.param == "tcp":
+        config = dataclasses.replace(config, unix_socket="")
+
+    async def start(*snapshots: Any) -> tuple[Sidecar, str]:
+        nonlocal config
+        sidecar = Sidecar(config)
+        # Present before the first call is served, so the watch relists them.
+        assert not sidecar.store.apply(list(snapshots))
+        await sidecar.start()
+        sidecars.append(sidecar)
+        if sidecar.tcp_address:
+            config = dataclasses.replace(config, listen=sidecar.tcp_address)
+        target = f"unix://{sidecar.unix_socket}" if sidecar.unix_socket else sidecar.tcp_address
+        return sidecar, target
+
+    yield start
+    for sidecar in sidecars:
+        await sidecar.stop(grace=0)
+
+
+async def test_watch_relists_after_a_restart_and_ends_with_the_new_stores_state(
+    restartable: Any,
+) -> None:
+    kept, changed, gone = factories.server(), factories.server(), factories.client()
+    old, target = await restartable(kept, changed, gone)
+    watch = await spawn_watch(target, "-o", "ndjson")
+    try:
+        lines = await read_until(watch, "INITIAL_EVENTS_END")
+        async with grpc.aio.insecure_channel(target) as ch:
+            changed.server.connection.state = factories.CLOSED
+            await Reporter(ch).report(changed)
+        lines += await read_until(watch, "MODIFIED")
+        await old.stop(grace=0)
+
+        new_one = factories.client()
+        new, _ = await restartable(factories.server(kept.server.connection.id), new_one)
+        relisted = await read_until(watch, "RELISTED")
+        marker = relisted[-1]
+        diff = [await read_line(watch) for _ in range(4)]
+        async with grpc.aio.insecure_channel(target) as ch:
+            later = factories.server()
+            await Reporter(ch).report(later)
+        after = await read_until(watch, "ADDED")
+    finally:
+        await stopped(watch)
+    assert marker["reason"] == "restarted"
+    assert marker["incarnation"] == new.store.incarnation
+    assert (marker["deleted"], marker["added"], marker["modified"]) == (2, 1, 1)
+    assert [(d["type"], conn_id(d["connection"])) for d in diff] == [
+        *sorted(
+            [("DELETED", changed.server.connection.id), ("DELETED", gone.client.connection.id)]
+        ),
+        ("ADDED", new_one.client.connection.id),
+        ("MODIFIED", kept.server.connection.id),
+    ]
+    assert {d["revision"] for d in diff} == {marker["revision"]}
+    assert conn_id(after[-1]["connection"]) == later.server.connection.id
+    state: dict[str, int] = {}
+    apply(lines + relisted + diff + after, state)
+    assert state == store_state(new)
+
+
+async def test_watch_table_says_it_relisted(restartable: Any) -> None:
+    old, target = await restartable(factories.server())
+    watch = await spawn_watch(target)
+    assert watch.stdout is not None
+    try:
+        header = await asyncio.wait_for(watch.stdout.readline(), 20)
+        assert header.split()[:2] == [b"EVENT", b"KIND"]
+        assert b"ADDED" in await asyncio.wait_for(watch.stdout.readline(), 20)
+        await old.stop(grace=0)
+        await restartable()
+        line = await asyncio.wait_for(watch.stdout.readline(), 20)
+        deleted = await asyncio.wait_for(watch.stdout.readline(), 20)
+    finally:
+        await stopped(watch)
+    assert line.startswith(b"-- relisted at revision ")
+    assert b"the sidecar restarted" in line
+    assert b"1 deleted, 0 added, 0 modified" in line
+    assert deleted.startswith(b"DELETED")
+
+
+async def test_watch_since_a_revision_of_another_incarnation_relists(restartable: Any) -> None:
+    old, target = await restartable(factories.server())
+    old_revision = old.store.revision
+    await old.stop(grace=0)
+    present = factories.server()
+    new, _ = await restartable(present)
+    watch = await spawn_watch(target, "-o", "ndjson", "--since", str(old_revision))
+    try:
+        relisted = await read_until(watch, "RELISTED")
+        added = await read_line(watch)
+    finally:
+        await stopped(watch)
+    (marker,) = relisted
+    assert marker["reason"] == "compacted"
+    assert marker["incarnation"] == new.store.incarnation
+    assert marker["revision"] == new.store.revision
+    assert added["type"] == "ADDED"
+    assert conn_id(added["connection"]) == present.server.connection.id
+
+
+class Cutter:
+    """A TCP forwarder whose connections the test can cut: a network blip
+    that ends the watch without ending the sidecar (same incarnation)."""
+
+    def __init__(self, upstream: str) -> None:
+        self.host, port = upstream.rsplit(":", 1)
+        self.port = int(port)
+        self.writers: list[asyncio.StreamWriter] = []
+        self.address = ""
+
+    async def start(self) -> asyncio.Server:
+        server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.address = f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        return server
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(self.host, self.port)
+        self.writers += [writer, up_writer]
+
+        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(OSError):
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            dst.close()
+
+        await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
+
+    def cut(self) -> None:
+        for writer in self.writers:
+            writer.transport.abort()
+        self.writers.clear()
+
+
+async def test_watch_ndjson_prints_every_change_once_across_reconnects(
+    sidecar: Sidecar,
+) -> None:
+    cutter = Cutter(sidecar.tcp_address)
+    forwarder = await cutter.start()
+    watch = await spawn_watch(cutter.address, "-o", "ndjson", "--max-backoff", "0.2")
+    try:
+        (end,) = await read_until(watch, "INITIAL_EVENTS_END")
+        printed: list[int] = []
+
+        async def catch_up() -> None:
+            while not printed or printed[-1] < sidecar.store.revision:
+                line = await read_line(watch)
+                assert line["type"] != "RELISTED", "a resume in one incarnation needs no relist"
+                if line["type"] != "BOOKMARK":
+                    printed.append(line["revision"])
+
+        async with grpc.aio.insecure_channel(sidecar.tcp_address) as ch:
+            reporter = Reporter(ch)
+            for _ in range(3):
+                for _ in range(20):
+                    await reporter.report(factories.server())
+                await catch_up()
+                cutter.cut()
+                # Changes while the watch is away: it must catch up on them.
+                for _ in range(5):
+                    await reporter.report(factories.client())
+            await catch_up()
+    finally:
+        await stopped(watch)
+        forwarder.close()
+    assert printed == [e.revision for e in sidecar.store.events_after(end["revision"])]
+    assert len(printed) == 75
+    assert watch.stderr is not None
+    notes = (await watch.stderr.read()).decode()
+    assert notes.count("reconnecting") == 3, notes
+
+
+async def test_watch_piped_into_head_exits_quietly(tmp_path: Path) -> None:
+    sidecar = Sidecar(Config(listen="127.0.0.1:0", unix_socket="", bookmark_interval=0.1))
+    sidecar.store.apply([factories.server() for _ in range(5)])
+    await sidecar.start()
+    read_end, write_end = os.pipe()
+    try:
+        watch = await spawn_watch(sidecar.tcp_address, "-o", "ndjson", stdout=write_end)
+        head = await asyncio.create_subprocess_exec(
+            "head", "-n", "3", stdin=read_end, stdout=asyncio.subprocess.PIPE
+        )
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+    try:
+        out, _ = await asyncio.wait_for(head.communicate(), 20)
+        _, err = await asyncio.wait_for(watch.communicate(), 20)
+    finally:
+        await stopped(watch)
+        await sidecar.stop(grace=0)
+    assert len(out.splitlines()) == 3
+    assert watch.returncode == 0
+    assert err == b""
+
+
+async def test_watch_once_exits_non_zero_when_the_sidecar_dies() -> None:
+    server = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "connmeta",
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--unix-socket",
+        "",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    assert server.stdout is not None
+    try:
+        ready = await asyncio.wait_for(server.stdout.readline(), 20)
+        (target,) = [p.removeprefix("tcp=") for p in ready.decode().split() if "tcp=" in p]
+        watch = await spawn_watch(target, "-o", "ndjson", "--once")
+        await read_until(watch, "INITIAL_EVENTS_END")
+        server.send_signal(signal.SIGKILL)
+        _, err = await asyncio.wait_for(watch.communicate(), 20)
+    finally:
+        await stopped(server)
+    assert watch.returncode == 1
+    (line,) = err.decode().splitlines()
+    assert line.startswith("connmeta: UNAVAILABLE")
+
+
+async def test_watch_once_exits_zero_when_the_sidecar_ends_it_cleanly(sidecar: Sidecar) -> None:
+    watch = await spawn_watch(sidecar.tcp_address, "-o", "ndjson", "--once")
+    await read_until(watch, "INITIAL_EVENTS_END")
+    await sidecar.stop(grace=5)
+    out, err = await asyncio.wait_for(watch.communicate(), 20)
+    assert watch.returncode == 0, err
+    assert json.loads(out.splitlines()[-1])["type"] == "BOOKMARK", "the final bookmark"

@@ -843,3 +843,89 @@ def test_pinned_pages_show_a_record_deleted_after_the_first_page_once() -> None:
         seen.extend(page)
     assert _ids(seen) == ids
     assert seen[10].state == CLOSED  # as it was at the pinned revision
+
+
+# -- memory bounds and vanished proxies ---------------------------------------------
+
+
+def _big_server(id: str, size: int) -> object:
+    snap = server(id)
+    snap.server.connection.error = "x" * size  # stands for a certificate chain's bytes
+    return snap
+
+
+def test_history_is_bounded_by_bytes_as_well_as_count() -> None:
+    store = Store(history_size=1_000_000, history_bytes=100_000)
+    first = store.revision
+    store.apply([_big_server(next_id(), 10_000) for _ in range(50)])  # type: ignore[misc]
+    assert store.oldest_revision > first, "the oldest events left the history"
+    kept = store.revision - store.oldest_revision
+    assert 5 <= kept <= 10, kept
+    with pytest.raises(Compacted):
+        store.events_after(first)
+    assert len(store.events_after(store.oldest_revision)) == kept
+
+
+def test_closed_connections_are_bounded_by_bytes_oldest_first() -> None:
+    clock = FakeClock()
+    store = Store(clock=clock, closed_retention_bytes=50_000, closed_retention_seconds=3600)
+    ids = [next_id() for _ in range(20)]
+    for id in ids:
+        snap = _big_server(id, 10_000)
+        snap.server.connection.state = CLOSED  # type: ignore[attr-defined]
+        store.apply([snap])  # type: ignore[list-item]
+        clock.now += 1
+    store.expire()
+    kept = [id for id in ids if store.get(id) is not None]
+    assert kept == ids[-len(kept) :], "the oldest go first"
+    assert 3 <= len(kept) <= 5, kept
+
+
+def test_open_connections_of_a_proxy_gone_too_long_are_closed() -> None:
+    clock = FakeClock()
+    store = Store(clock=clock)
+    mine, other = next_id(), next_id()
+    store.attach_proxy("p")
+    store.attach_proxy("q")
+    store.apply([client(mine)], proxy="p")
+    store.apply([client(other)], proxy="q")
+    store.detach_proxy("p")
+    clock.now += 299
+    assert store.close_gone_proxies(300) == 0
+    clock.now += 2
+    assert store.close_gone_proxies(300) == 1
+    record = store.get(mine)
+    assert record is not None
+    assert (record.state, record.last_hook) == (CLOSED, pb.HOOK_PROXY_GONE)
+    other_record = store.get(other)
+    assert other_record is not None
+    assert other_record.state == OPEN, "a live proxy's connections stay"
+
+
+def test_a_proxy_that_reconnects_in_time_keeps_its_connections() -> None:
+    clock = FakeClock()
+    store = Store(clock=clock)
+    id = next_id()
+    store.attach_proxy("p")
+    store.apply([client(id)], proxy="p")
+    store.detach_proxy("p")
+    clock.now += 200
+    store.attach_proxy("p")
+    clock.now += 200
+    assert store.close_gone_proxies(300) == 0
+    record = store.get(id)
+    assert record is not None
+    assert record.state == OPEN
+
+
+def test_retained_bytes_follow_every_new_version_of_a_closed_record() -> None:
+    store = Store(closed_retention_bytes=1 << 30)
+    ids = [next_id() for _ in range(3)]
+    store.apply([server(id, state=CLOSED, hook=pb.HOOK_SERVER_DISCONNECTED) for id in ids])
+    update(store, ids[0], address=address(("new.example", 443)))  # a new, larger version
+    store.end_resync(store.begin_resync())  # settles the pending change: NOT_APPLIED
+    held = sum(len(r.data) for r in (store.get(id) for id in ids) if r is not None)
+    assert store._terminal_bytes == held
+    store._retention_count = 0
+    store.expire()
+    assert (len(store), store._terminal_bytes) == (0, 0)

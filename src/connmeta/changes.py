@@ -22,7 +22,7 @@ from connmeta.guard import address_value, via_value
 from connmeta.v1 import connection_pb2 as pb
 from connmeta.v1 import report_service_pb2 as rs
 
-__all__ = ["NOT_HELD", "desired_values", "observed_value", "requested", "settled"]
+__all__ = ["NOT_HELD", "desired_values", "not_applied", "observed_value", "requested", "settled"]
 
 NOT_HELD: Final = "the proxy no longer holds this server (it was not in the proxy's resync)"
 
@@ -148,10 +148,10 @@ def settled(
     return result
 
 
-def not_held(pending: pb.Change) -> pb.Change:
-    """``pending`` settled as NOT_APPLIED because the proxy no longer holds the server."""
+def not_applied(pending: pb.Change, detail: str) -> pb.Change:
+    """``pending`` settled as NOT_APPLIED, ``detail`` saying why."""
     result = pb.Change()
     result.CopyFrom(pending)
     result.status = pb.CHANGE_STATUS_NOT_APPLIED
-    result.status_detail = NOT_HELD
+    result.status_detail = detail
     return result

@@ -4,7 +4,10 @@ people (``get``, ``list``, ``watch``, ``update-server``).
 Every flag of ``serve`` can also come from the environment as
 ``CONNMETA_<FLAG>`` (``--watch-max-lag`` -> ``CONNMETA_WATCH_MAX_LAG``); a flag
 on the command line wins. Client errors print the status and its details on
-one line and exit 1.
+one line and exit 1. A reader that goes away (``connmeta watch | head``) ends
+a client command quietly with status 0, like ``cat``.
+
+``connmeta watch`` survives sidecar restarts: see ``Watch``.
 """
 
 from __future__ import annotations
@@ -14,7 +17,9 @@ import asyncio
 import json
 import logging
 import os
+import random
 import sys
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import fields
 from typing import Any, TypeVar
@@ -28,6 +33,7 @@ from grpc_status import rpc_status
 from connmeta import __version__
 from connmeta.addresses import SCHEME_VALUES, format_address, parse_address
 from connmeta.server import Config, ListenError, default_unix_socket, serve
+from connmeta.state_file import StateError
 from connmeta.v1 import connection_pb2 as pb
 from connmeta.v1 import connection_service_pb2 as cs
 from connmeta.v1 import connection_service_pb2_grpc as cs_grpc
@@ -39,8 +45,12 @@ _HELP = {
     "unix_socket": "gRPC API over a Unix socket (mode 0600); empty disables",
     "health_listen": "grpc.health.v1 only, HOST:PORT, for kubelet probes; empty disables",
     "history_size": "events kept for resuming watches and paging",
+    "history_bytes": "bytes of record versions the history keeps at most (oldest dropped first)",
     "closed_retention": "seconds a closed connection stays before it is deleted",
     "closed_retention_count": "closed connections kept at most (oldest deleted first)",
+    "closed_retention_bytes": "bytes of closed connections kept at most (oldest deleted first)",
+    "proxy_gone_after": "seconds a proxy may have no report stream before its open"
+    " connections are set CLOSED (HOOK_PROXY_GONE)",
     "watch_max_lag": "events a watcher may fall behind before it is ended (RESOURCE_EXHAUSTED)",
     "watch_write_timeout": "seconds a watch response may wait on a client that stopped reading"
     " before the watch is ended (RESOURCE_EXHAUSTED)",
@@ -48,6 +58,7 @@ _HELP = {
     "shutdown_grace": "seconds in-flight calls get after SIGTERM",
     "max_message_bytes": "largest gRPC message sent or received",
     "keepalive_min_ping_interval": "seconds: clients may ping this often without a GOAWAY",
+    "state_dir": "directory that keeps the store across restarts (SQLite); empty: in memory",
 }
 
 
@@ -81,8 +92,13 @@ def _add_serve(sub: Any) -> None:
 def _add_client(sub: Any) -> None:
     target = _env("target", "unix://" + default_unix_socket(), str)
 
-    def client(name: str, help_text: str) -> argparse.ArgumentParser:
-        p: argparse.ArgumentParser = sub.add_parser(name, help=help_text)
+    def client(name: str, help_text: str, epilog: str | None = None) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = sub.add_parser(
+            name,
+            help=help_text,
+            epilog=epilog,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         p.add_argument("--target", default=target, help="sidecar address (env CONNMETA_TARGET)")
         p.add_argument("--timeout", type=float, default=10.0, help="deadline in seconds")
         return p
@@ -96,11 +112,33 @@ def _add_client(sub: Any) -> None:
     ls.add_argument("--output", "-o", choices=("table", "ndjson"), default="table")
     _add_filter_flags(ls)
 
-    watch = client("watch", "follow changes live (like kubectl get -w)")
+    watch = client(
+        "watch",
+        "follow changes live (like kubectl get -w); survives sidecar restarts",
+        epilog=WATCH_EPILOG,
+    )
     watch.add_argument("--output", "-o", choices=("table", "ndjson"), default="table")
-    watch.add_argument("--since", type=int, default=0, help="resume after this revision")
+    watch.add_argument(
+        "--since",
+        type=int,
+        default=0,
+        help="resume after this revision; one the sidecar no longer has (compacted, or"
+        " from before a restart) relists instead",
+    )
     watch.add_argument(
         "--no-initial", action="store_true", help="only changes, not the current objects first"
+    )
+    watch.add_argument(
+        "--once",
+        action="store_true",
+        help="exit when the watch ends instead of reconnecting (status 1 if it ended with"
+        " an error, 0 if the sidecar ended it cleanly)",
+    )
+    watch.add_argument(
+        "--max-backoff",
+        type=float,
+        default=MAX_BACKOFF,
+        help="longest wait between reconnect attempts, in seconds (default: %(default)s)",
     )
     _add_filter_flags(watch)
 
@@ -253,31 +291,314 @@ def _run_client(args: argparse.Namespace, out: Callable[[str], None]) -> None:
         for record in _pages(args):
             out(table_row(record) if args.output == "table" else json.dumps(_json(record)))
     elif args.command == "watch":
-        _watch(args, out)
+        Watch(args, out, lambda text: print(text, file=sys.stderr, flush=True)).run()
     elif args.command == "update-server":
         _update(args, out)
 
 
-def _watch(args: argparse.Namespace, out: Callable[[str], None]) -> None:
-    request = cs.WatchConnectionsRequest(
-        start_after_revision=args.since,
-        send_initial_events=not args.no_initial and args.since == 0,
-        allow_bookmarks=True,
-        filter=_filter(args),
-        view=_view(args),
-    )
-    if args.output == "table":
-        out(WATCH_HEADER)
-    for response in _stub(args).WatchConnections(request):
-        for event in response.events:
-            name = EVENT_NAMES.get(event.type, str(event.type))
-            if args.output == "ndjson":
-                line: dict[str, Any] = {"type": name, "revision": event.revision}
-                if event.HasField("connection"):
-                    line["connection"] = _json(event.connection)
-                out(json.dumps(line))
-            elif event.HasField("connection"):
-                out(table_row(event.connection, name))
+MAX_BACKOFF = 10.0
+FIRST_BACKOFF = 0.25
+
+WATCH_EPILOG = """\
+Restarts and reconnects:
+  When the watch ends (the sidecar stopped, restarted, or ended a slow
+  watcher) connmeta watch reconnects with capped, jittered exponential
+  backoff and resumes after the last revision it printed: -o ndjson never
+  repeats or skips a change. If the sidecar cannot resume from there (it
+  restarted: another incarnation, or the revision was compacted) the watch
+  lists again and prints the difference to what it has shown as events:
+  records that vanished as DELETED (their last known version), new ones as
+  ADDED, changed ones as MODIFIED, all at the listing's revision, and then
+  follows changes after it.
+
+  The difference is announced first: in table output by a line starting
+  with "-- relisted", in -o ndjson by one record
+    {"type": "RELISTED", "revision": R, "incarnation": "...",
+     "reason": "restarted" | "compacted" | "interrupted",
+     "deleted": D, "added": A, "modified": M}
+  followed by exactly D + A + M events with revision R.
+  With --since R, what it has shown is the changes after R, so a relist
+  reports records it never printed as ADDED.
+
+Other -o ndjson records: {"type": "ADDED" | "MODIFIED" | "DELETED",
+  "revision": R, "connection": {...}}, {"type": "INITIAL_EVENTS_END",
+  "revision": R} and {"type": "BOOKMARK", "revision": R} (R repeats the last
+  change's revision: a position, not a change).
+"""
+
+
+class _OtherHistory(Exception):
+    """A watch response from another incarnation than the one being followed."""
+
+
+class Backoff:
+    """Exponential, capped, with jitter: restarted sidecars are not met by every
+    watcher at the same instant, and a long outage costs one attempt per cap."""
+
+    def __init__(self, cap: float, first: float = FIRST_BACKOFF) -> None:
+        self.cap = max(cap, 0.0)
+        self.first = min(first, self.cap)
+        self.attempt = 0
+
+    def next(self) -> float:
+        delay = min(self.cap, self.first * 2.0**self.attempt)
+        self.attempt = min(self.attempt + 1, 32)
+        # "Equal jitter": at least half the delay, so retries never hammer.
+        return delay / 2 + random.uniform(0, delay / 2)
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+# Errors no reconnect can fix: the request itself or the caller is wrong.
+_FINAL = frozenset(
+    {
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.UNAUTHENTICATED,
+        grpc.StatusCode.UNIMPLEMENTED,
+    }
+)
+
+
+def record_id(record: pb.ConnectionRecord) -> str:
+    kind = record.server if record.HasField("server") else record.client
+    return kind.connection.id
+
+
+class Watch:
+    """``connmeta watch``: follow changes, across reconnects and sidecar restarts.
+
+    It keeps what it has shown (``known``, by id) and the revision it has
+    printed up to (``resume``). A reconnect resumes after ``resume`` under the
+    incarnation it follows, so the sidecar itself refuses a resume into
+    another history (OUT_OF_RANGE REVISION_COMPACTED); then, or when a
+    response names another incarnation, it lists again and prints the
+    difference to ``known``. ``resume`` is None while there is no position to
+    resume from (before the initial snapshot completed).
+    """
+
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        out: Callable[[str], None],
+        note: Callable[[str], None],
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.args = args
+        self.out = out
+        self.note = note
+        self.sleep = sleep
+        self.known: dict[str, pb.ConnectionRecord] = {}
+        self.resume: int | None = args.since or None
+        self.incarnation = ""
+        self.backoff = Backoff(args.max_backoff)
+        self.noted = False  # the current outage has been reported on stderr
+
+    def run(self) -> None:
+        """Until interrupted; with --once until the first end (raises its error)."""
+        args = self.args
+        if args.output == "table":
+            self.out(WATCH_HEADER)
+        # The first connect sends the snapshot as initial events; --no-initial
+        # lists silently instead, so a later relist knows what existed.
+        initial_events = self.resume is None and not args.no_initial
+        announce = not args.no_initial
+        compactions = 0
+        # Why the next relist happens; only a snapshot cut short leaves no
+        # resume point without saying so.
+        reason = "interrupted"
+        while True:
+            try:
+                with grpc.insecure_channel(args.target) as channel:
+                    stub = cs_grpc.ConnectionServiceStub(channel)
+                    if self.resume is None and not initial_events:
+                        self._relist(stub, reason, announce)
+                        announce = True
+                    first, initial_events = initial_events, False
+                    self._stream(stub, first)
+                error: grpc.RpcError | None = None
+            except _OtherHistory:
+                reason = "restarted"
+                self.resume = None
+                continue
+            except grpc.RpcError as failure:
+                call: Any = failure
+                if call.code() == grpc.StatusCode.OUT_OF_RANGE:
+                    # Not an end: the resume point is not in this store's
+                    # history (compacted, or the sidecar restarted). A second
+                    # one in a row means the store churns faster than we list.
+                    reason = "compacted"
+                    self.resume = None
+                    compactions += 1
+                    if compactions > 1:
+                        self.sleep(self.backoff.next())
+                    continue
+                if args.once or call.code() in _FINAL:
+                    raise
+                error = failure
+            compactions = 0
+            if args.once:
+                return
+            if not self.noted:  # one line per outage, not one per attempt
+                why = describe_error(error) if error is not None else "ended by the sidecar"
+                self.note(f"connmeta: watch ended ({why}); reconnecting")
+                self.noted = True
+            self.sleep(self.backoff.next())
+
+    def _request(self, initial_events: bool) -> cs.WatchConnectionsRequest:
+        args = self.args
+        return cs.WatchConnectionsRequest(
+            start_after_revision=self.resume or 0,
+            send_initial_events=initial_events,
+            allow_bookmarks=True,
+            filter=_filter(args),
+            view=_view(args),
+            incarnation=self.incarnation if self.resume else "",
+        )
+
+    def _stream(self, stub: cs_grpc.ConnectionServiceStub, initial_events: bool) -> None:
+        call = stub.WatchConnections(self._request(initial_events))
+        try:
+            for response in call:
+                self.backoff.reset()
+                self.noted = False
+                incarnation = response.header.incarnation
+                if self.incarnation and incarnation and incarnation != self.incarnation:
+                    raise _OtherHistory
+                self.incarnation = incarnation or self.incarnation
+                for event in response.events:
+                    self._event(event)
+        finally:
+            call.cancel()
+
+    def _event(self, event: cs.WatchEvent) -> None:
+        if event.type in (cs.WATCH_EVENT_TYPE_INITIAL_EVENTS_END, cs.WATCH_EVENT_TYPE_BOOKMARK):
+            if self.resume is None and event.type == cs.WATCH_EVENT_TYPE_BOOKMARK:
+                return  # not sent before the snapshot ends; no position to take
+            self.resume = max(self.resume or 0, event.revision)
+            self._emit(event.type, event.revision, None)
+            return
+        if self.resume is not None and event.revision <= self.resume:
+            return  # already printed: a resume never repeats a change
+        key = record_id(event.connection)
+        if event.type == cs.WATCH_EVENT_TYPE_DELETED:
+            self.known.pop(key, None)
+        else:
+            self.known[key] = event.connection
+        if self.resume is not None:
+            self.resume = event.revision
+        self._emit(event.type, event.revision, event.connection)
+
+    def _list(self, stub: cs_grpc.ConnectionServiceStub) -> cs.ListConnectionsResponse:
+        """Every page of one listing, in one response; restarted if the store
+        restarts in between (the page token is then refused)."""
+        args = self.args
+        while True:
+            token, whole = "", cs.ListConnectionsResponse()
+            try:
+                while True:
+                    page = stub.ListConnections(
+                        cs.ListConnectionsRequest(
+                            page_token=token, filter=_filter(args), view=_view(args)
+                        ),
+                        timeout=args.timeout,
+                    )
+                    if not token:
+                        whole.revision, whole.header.incarnation = (
+                            page.revision,
+                            page.header.incarnation,
+                        )
+                    elif page.header.incarnation != whole.header.incarnation:
+                        break
+                    whole.connections.extend(page.connections)
+                    token = page.next_page_token
+                    if not token:
+                        return whole
+            except grpc.RpcError as error:
+                code = error.code()
+                if not token or code not in (
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    grpc.StatusCode.OUT_OF_RANGE,
+                ):
+                    raise
+
+    def _relist(self, stub: cs_grpc.ConnectionServiceStub, reason: str, announce: bool) -> None:
+        listing = self._list(stub)
+        listed = {record_id(r): r for r in listing.connections}
+        if announce:
+            if self.incarnation and listing.header.incarnation != self.incarnation:
+                reason = "restarted"
+            deleted = [self.known[k] for k in sorted(self.known.keys() - listed.keys())]
+            added = [listed[k] for k in sorted(listed.keys() - self.known.keys())]
+            modified = [
+                listed[k]
+                for k in sorted(listed.keys() & self.known.keys())
+                if listed[k] != self.known[k]
+            ]
+            self._announce(listing, reason, len(deleted), len(added), len(modified))
+            for kind, records in (
+                (cs.WATCH_EVENT_TYPE_DELETED, deleted),
+                (cs.WATCH_EVENT_TYPE_ADDED, added),
+                (cs.WATCH_EVENT_TYPE_MODIFIED, modified),
+            ):
+                for record in records:
+                    self._emit(kind, listing.revision, record)
+        self.known = listed
+        self.resume = listing.revision
+        self.incarnation = listing.header.incarnation
+
+    def _announce(
+        self,
+        listing: cs.ListConnectionsResponse,
+        reason: str,
+        deleted: int,
+        added: int,
+        modified: int,
+    ) -> None:
+        if self.args.output == "ndjson":
+            self.out(
+                json.dumps(
+                    {
+                        "type": "RELISTED",
+                        "revision": listing.revision,
+                        "incarnation": listing.header.incarnation,
+                        "reason": reason,
+                        "deleted": deleted,
+                        "added": added,
+                        "modified": modified,
+                    }
+                )
+            )
+        else:
+            self.out(
+                f"-- relisted at revision {listing.revision} ({_REASONS[reason]}): "
+                f"{deleted} deleted, {added} added, {modified} modified"
+            )
+
+    def _emit(
+        self,
+        kind: cs.WatchEventType.ValueType,
+        revision: int,
+        record: pb.ConnectionRecord | None,
+    ) -> None:
+        name = EVENT_NAMES.get(kind, str(kind))
+        if self.args.output == "ndjson":
+            line: dict[str, Any] = {"type": name, "revision": revision}
+            if record is not None:
+                line["connection"] = _json(record)
+            self.out(json.dumps(line))
+        elif record is not None:
+            self.out(table_row(record, name))
+
+
+_REASONS = {
+    "restarted": "the sidecar restarted",
+    "compacted": "the resume revision is not in the sidecar's history",
+    "interrupted": "the watch ended before its snapshot was complete",
+}
 
 
 def _update(args: argparse.Namespace, out: Callable[[str], None]) -> None:
@@ -313,7 +634,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = Config(**{f.name: getattr(args, f.name) for f in fields(Config)})
         try:
             asyncio.run(serve(config))
-        except ListenError as error:
+        except (ListenError, StateError) as error:
             print(f"connmeta: {error}", file=sys.stderr)
             return 1
         return 0
@@ -332,4 +653,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (``| head``): done, like cat. Point stdout at
+        # /dev/null so the interpreter's final flush cannot fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 0
     return 0

@@ -51,9 +51,11 @@ class PageTokens:
     and a fingerprint of the request's other fields (AIP-158: they must not
     change between pages).
 
-    A token is signed with a key of this process, so one this server did not
+    A token is signed with a key of this store, so one this server did not
     issue (forged, edited, or from before a restart) is refused instead of
-    parsed: a listing never continues from somebody else's position.
+    parsed: a listing never continues from somebody else's position. The key
+    lives as long as the store: a process's, or the state file's with
+    ``--state-dir`` (``key``), so tokens outlive a restart on the same state.
     """
 
     def __init__(self, key: bytes | None = None) -> None:
@@ -211,9 +213,11 @@ async def _end_watch(context: Context, status: grpc.Status) -> None:
         pass
 
 
-def handler(store: Store, hub: WatchHub) -> grpc.GenericRpcHandler:
+def handler(
+    store: Store, hub: WatchHub, tokens: PageTokens | None = None
+) -> grpc.GenericRpcHandler:
     """ConnectionService's handlers, each behind the transport's error boundary."""
-    servicer = ConnectionServicer(store, hub)
+    servicer = ConnectionServicer(store, hub, tokens)
     return grpc.method_handlers_generic_handler(
         CONNECTION_SERVICE,
         {

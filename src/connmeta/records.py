@@ -298,6 +298,10 @@ _HAS_LAST_CHANGE: Final = 1 << 6
 _HOOK_SHIFT: Final = 7
 _HAS_PENDING: Final = 1 << 11
 _KINDS: Final = (None, Kind.CLIENT, Kind.SERVER, None)
+TERMINAL_HOOKS: Final = frozenset(
+    (pb.HOOK_CLIENT_DISCONNECTED, pb.HOOK_SERVER_DISCONNECTED, pb.HOOK_SERVER_CONNECT_ERROR)
+)
+"""Hooks after which a connection is done (the store's ``_TERMINAL_HOOKS``)."""
 _SHARED_INTS: Final = tuple(range(1 << 12))  # one object per _bits value
 
 
@@ -390,6 +394,47 @@ class Record:
         self._bits = bits
         self.data = data
         self.proxy = proxy
+
+    @classmethod
+    def from_data(cls, data: bytes) -> Record:
+        """The version a store wrote as ``data`` (a saved state's), its indexed fields derived.
+
+        The inverse of how the store packs them: terminal is a terminal hook
+        or CLOSED (the store never keeps one without the other), the proxy is
+        metadata.proxy_id, a client's client_id its own id. Decodes once, so
+        it is for loading, not for the ingest path.
+        """
+        msg = pb.ConnectionRecord.FromString(data)
+        meta = msg.metadata
+        if msg.HasField("server"):
+            kind, conn = Kind.SERVER, msg.server.connection
+            client_id = meta.client_id
+            has_certs = bool(conn.certificate_list)
+        elif msg.HasField("client"):
+            kind, conn = Kind.CLIENT, msg.client.connection
+            client_id = conn.id
+            has_certs = bool(conn.certificate_list) or msg.client.HasField("mitmcert")
+        else:
+            raise ValueError("record data holds neither a client nor a server")
+        state, hook = conn.state, meta.last_hook
+        return cls(
+            conn.id,
+            client_id,
+            None,
+            None,
+            None,
+            pack_bits(
+                kind,
+                state,
+                hook in TERMINAL_HOOKS or state == pb.CONNECTION_STATE_CLOSED,
+                has_certs,
+                meta.HasField("last_change"),
+                hook,
+                meta.HasField("pending_change"),
+            ),
+            data,
+            _shared(meta.proxy_id),
+        )
 
     @property
     def host(self) -> str:

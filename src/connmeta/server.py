@@ -12,6 +12,7 @@ import os
 import socket
 import stat
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -21,6 +22,7 @@ from grpc_reflection.v1alpha import reflection
 from connmeta import __version__, connection_service, report_service, router_service
 from connmeta.routing import RouterHub
 from connmeta.service import IdentityInterceptor
+from connmeta.state_file import StateFile, open_store
 from connmeta.store import Store
 from connmeta.watch import WatchHub
 
@@ -49,14 +51,18 @@ class Config:
     unix_socket: str = field(default_factory=default_unix_socket)
     health_listen: str = ""
     history_size: int = 100_000
+    history_bytes: int = 64 * MiB
     closed_retention: float = 300.0
     closed_retention_count: int = 10_000
+    closed_retention_bytes: int = 32 * MiB
+    proxy_gone_after: float = 300.0
     watch_max_lag: int = 10_000
     watch_write_timeout: float = 30.0
     bookmark_interval: float = 5.0
     shutdown_grace: float = 5.0
     max_message_bytes: int = 16 * MiB
     keepalive_min_ping_interval: float = 5.0
+    state_dir: str = ""
 
 
 def channel_options(config: Config) -> list[tuple[str, int]]:
@@ -120,11 +126,22 @@ class Sidecar:
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.store = Store(
-            history_size=config.history_size,
-            closed_retention_seconds=config.closed_retention,
-            closed_retention_count=config.closed_retention_count,
-        )
+        options: dict[str, Any] = {
+            "history_size": config.history_size,
+            "history_bytes": config.history_bytes,
+            "closed_retention_seconds": config.closed_retention,
+            "closed_retention_count": config.closed_retention_count,
+            "closed_retention_bytes": config.closed_retention_bytes,
+        }
+        self.state: StateFile | None = None
+        tokens = connection_service.PageTokens()
+        if config.state_dir:
+            # StateError (a message naming the file) if it is not ours to use.
+            self.store, self.state = open_store(config.state_dir, **options)
+            tokens = connection_service.PageTokens(self.state.token_key)
+        else:
+            self.store = Store(**options)
+        self._tokens = tokens
         self.hub = WatchHub(
             self.store,
             max_lag=config.watch_max_lag,
@@ -150,7 +167,7 @@ class Sidecar:
         # One servicer per service, each behind the transport's error boundary.
         server.add_generic_rpc_handlers(
             (
-                connection_service.handler(self.store, self.hub),
+                connection_service.handler(self.store, self.hub, self._tokens),
                 report_service.handler(self.store, self.routers),
                 router_service.handler(self.routers),
             )
@@ -207,6 +224,7 @@ class Sidecar:
     async def _expire_loop(self) -> None:
         while True:
             await asyncio.sleep(1.0)
+            self.store.close_gone_proxies(self.config.proxy_gone_after)
             self.store.expire()
 
     def describe(self) -> str:
@@ -240,6 +258,8 @@ class Sidecar:
                 await task
         grace = self.config.shutdown_grace if grace is None else grace
         await asyncio.gather(*(s.stop(grace) for s in self._servers))
+        if self.state is not None:
+            self.state.close()
         if self.unix_socket:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.unix_socket)

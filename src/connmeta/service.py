@@ -150,8 +150,15 @@ class IdentityInterceptor(grpc.aio.ServerInterceptor):
 
             async def stream(request: Any, context: Context) -> AsyncIterator[Any]:
                 await context.send_initial_metadata(metadata)
-                async for response in behavior(request, context):
-                    yield response
+                responses = behavior(request, context)
+                try:
+                    async for response in responses:
+                        yield response
+                finally:
+                    # At once, also when the call is cancelled: left to the
+                    # garbage collector, the handler's cleanup (its tasks)
+                    # would run late or not at all.
+                    await responses.aclose()
 
             return stream
 

@@ -34,6 +34,7 @@ from connmeta import certs, changes, validation
 from connmeta.filters import Filter
 from connmeta.guard import address_value, guard_refuses, via_value
 from connmeta.records import (
+    TERMINAL_HOOKS,
     Compacted,
     ConnectionOpen,
     EtagMismatch,
@@ -63,6 +64,7 @@ __all__ = [
     "EventType",
     "Filter",
     "InvalidArgument",
+    "Journal",
     "Kind",
     "NotFound",
     "Record",
@@ -78,12 +80,14 @@ Listener = Callable[[Sequence[Event]], None]
 
 _OPEN: Final = pb.CONNECTION_STATE_OPEN
 _CLOSED: Final = pb.CONNECTION_STATE_CLOSED
-_TERMINAL_HOOKS: Final = frozenset(
-    (pb.HOOK_CLIENT_DISCONNECTED, pb.HOOK_SERVER_DISCONNECTED, pb.HOOK_SERVER_CONNECT_ERROR)
-)
+_TERMINAL_HOOKS: Final = TERMINAL_HOOKS
 _CONNECT_HOOKS: Final = frozenset((pb.HOOK_SERVER_CONNECTED, pb.HOOK_SERVER_CONNECT_ERROR))
 _HOOKS: Final = frozenset(pb.Hook.values())
 _OVERLAY_CACHE: Final = 4
+# What an event holds besides its record's bytes: the Event and Record objects
+# (about 200 B with their slots), counted towards --history-bytes.
+_EVENT_OVERHEAD: Final = 200
+_PROXY_GONE: Final = "the proxy that held this server stopped reporting"
 _INTERN_MAX: Final = 1 << 16
 # pack_bits for every combination, indexed without a call (a call costs more
 # than the lookup on the ingest path): kind, state, hook (< 16), terminal,
@@ -116,6 +120,13 @@ class EncodedSnapshot(Protocol):
     def server(self) -> bytes: ...
 
 
+class Journal(Protocol):
+    """Where a durable store writes each change before anyone sees it (``connmeta.state_file``)."""
+
+    def append(self, events: Sequence[Event], oldest_revision: int) -> None:
+        """Make ``events`` (one change) durable; keep history after ``oldest_revision``."""
+
+
 class Store:
     """All connection records, their revisions and the recent history of changes."""
 
@@ -123,11 +134,14 @@ class Store:
         self,
         *,
         history_size: int = 100_000,
+        history_bytes: int = 64 << 20,
         closed_retention_seconds: float = 300.0,
         closed_retention_count: int = 10_000,
+        closed_retention_bytes: int = 32 << 20,
         clock: Callable[[], float] = time.time,
         incarnation: str = "",
         revision: int = 0,
+        journal: Journal | None = None,
     ) -> None:
         if history_size < 1:
             raise ValueError(f"history_size must be at least 1, got {history_size}")
@@ -141,17 +155,27 @@ class Store:
         # names a revision a watch can resume after (0 means "from now").
         self._revision = revision or max(1, int(clock() * 1_000_000))
         self._records: dict[str, Record] = {}
-        self._history: deque[Event] = deque(maxlen=history_size)
+        # Bounded by count and by bytes (trimmed in _commit): TLS records with
+        # certificate chains are ten times the size of plain ones.
+        self._history: deque[Event] = deque()
+        self._history_size = history_size
+        self._history_max_bytes = history_bytes
+        self._history_bytes = 0
         self._retention_seconds = closed_retention_seconds
         self._retention_count = closed_retention_count
         self._clock = clock
-        # id -> when it last changed while terminal; oldest first.
+        # id -> when it last changed while terminal; oldest first. Their
+        # records' bytes are counted for the retention byte bound.
         self._terminal: OrderedDict[str, float] = OrderedDict()
+        self._terminal_bytes = 0
+        self._retention_bytes = closed_retention_bytes
         self._listeners: list[Listener] = []
         # proxy -> the seen-sets of its resyncs in progress (one per stream).
         self._resyncs: dict[str, list[set[str]]] = {}
         # proxy -> how many of its report streams are open.
         self._live: dict[str, int] = {}
+        # proxy -> since when it has had no stream open (see close_gone_proxies).
+        self._gone: dict[str, float] = {}
         # Ids whose record has a pending change: what a proxy is sent on attach.
         self._pending: set[str] = set()
         self._proxy_fields: dict[str, bytes] = {}
@@ -163,6 +187,54 @@ class Store:
         self._overlays: dict[int, tuple[int, dict[str, Record | None]]] = {}
         # Hosts, SNIs and ports repeat across connections; share one object each.
         self._interned: dict[Any, Any] = {}
+        self._journal = journal
+
+    @classmethod
+    def restored(
+        cls,
+        records: Iterable[Record],
+        history: Iterable[Event],
+        *,
+        incarnation: str,
+        revision: int,
+        journal: Journal | None = None,
+        **options: Any,
+    ) -> Store:
+        """A store holding saved ``records`` and ``history`` (oldest first) at ``revision``.
+
+        Rebuilds what the store derives from its records: the pending set,
+        the id index, the retention order of terminal records (by revision,
+        each kept from its metadata.update_time), the byte counts, and the
+        proxies that have not reconnected yet. The history keeps what the
+        bounds allow, newest first.
+        """
+        store = cls(incarnation=incarnation, revision=revision, journal=journal, **options)
+        kept: builtins.list[Event] = []
+        size = 0
+        for event in reversed(builtins.list(history)):
+            cost = len(event.record.data) + _EVENT_OVERHEAD
+            if len(kept) == store._history_size or size + cost > store._history_max_bytes:
+                break
+            kept.append(event)
+            size += cost
+        kept.reverse()
+        store._history.extend(kept)
+        store._history_bytes = size
+        current = store._records
+        terminal: builtins.list[Record] = []
+        for record in records:
+            current[record.id] = record
+            if record.has_pending:
+                store._pending.add(record.id)
+            if record.terminal:
+                terminal.append(record)
+        terminal.sort(key=lambda r: r.revision)
+        for record in terminal:
+            store._terminal[record.id] = record.message().metadata.update_time.ToNanoseconds() / 1e9
+            store._terminal_bytes += len(record.data)
+        store._sorted = sorted(current)
+        store.note_absent_proxies()
+        return store
 
     # -- reads ----------------------------------------------------------------
 
@@ -255,14 +327,16 @@ class Store:
     def attach_proxy(self, proxy: str) -> None:
         """A report stream of ``proxy`` opened; while one is open the proxy is live."""
         self._live[proxy] = self._live.get(proxy, 0) + 1
+        self._gone.pop(proxy, None)
 
     def detach_proxy(self, proxy: str) -> None:
-        """A report stream of ``proxy`` ended."""
+        """A report stream of ``proxy`` ended; with its last one, it counts as gone."""
         count = self._live.get(proxy, 0) - 1
         if count > 0:
             self._live[proxy] = count
         else:
             self._live.pop(proxy, None)
+            self._gone[proxy] = self._clock()
 
     def is_live(self, proxy: str) -> bool:
         """Whether ``proxy`` has a report stream open."""
@@ -319,6 +393,7 @@ class Store:
             )
         records = self._records
         terminal = self._terminal
+        terminal_bytes = self._terminal_bytes
         seen_sets = self._resyncs.get(proxy, ())
         live = self._live
         pending_ids = self._pending
@@ -474,9 +549,14 @@ class Store:
                 if is_terminal:
                     terminal.pop(id, None)
                     terminal[id] = now
+                    terminal_bytes += len(record.data)
+                    if prev is not None and prev.terminal:
+                        terminal_bytes -= len(prev.data)
                 elif prev is not None and prev.terminal:
                     terminal.pop(id, None)
+                    terminal_bytes -= len(prev.data)
         finally:
+            self._terminal_bytes = terminal_bytes
             self._commit(events)
         return rejected
 
@@ -530,6 +610,42 @@ class Store:
             for r in self._records.values()
             if r.proxy == proxy and (r.state != _CLOSED or r.has_pending) and r.id not in seen
         ]
+        return self._close(stale, pb.HOOK_RESYNC, changes.NOT_HELD)
+
+    def close_gone_proxies(self, after: float) -> int:
+        """Close what proxies without a report stream for ``after`` seconds still hold.
+
+        A proxy that crashed or was removed without a resync would leave its
+        connections OPEN for ever. Once it has had no stream open for
+        ``after`` seconds, each of its records that is not CLOSED gets a new
+        version, CLOSED with last_hook PROXY_GONE, and a pending change
+        becomes NOT_APPLIED. Returns how many were closed.
+        """
+        deadline = self._clock() - after
+        gone = [proxy for proxy, since in self._gone.items() if since <= deadline]
+        closed = 0
+        for proxy in gone:
+            del self._gone[proxy]
+            stale = [
+                r
+                for r in self._records.values()
+                if r.proxy == proxy and (r.state != _CLOSED or r.has_pending)
+            ]
+            closed += self._close(stale, pb.HOOK_PROXY_GONE, _PROXY_GONE)
+        return closed
+
+    def note_absent_proxies(self) -> None:
+        """Count every proxy that holds an open record but has no stream as gone
+        from now on: after a restart from saved state none has reconnected yet."""
+        now = self._clock()
+        for record in self._records.values():
+            proxy = record.proxy
+            if record.state != _CLOSED and proxy not in self._live:
+                self._gone.setdefault(proxy, now)
+
+    def _close(self, stale: builtins.list[Record], hook: int, not_applied: str) -> int:
+        """New versions of ``stale``: CLOSED with last_hook ``hook``, a pending
+        change NOT_APPLIED for ``not_applied``; returns how many were not CLOSED."""
         now = self._clock()
         events: builtins.list[Event] = []
         closed = 0
@@ -538,18 +654,18 @@ class Store:
                 msg = prev.message()
                 meta = msg.metadata
                 if meta.HasField("pending_change"):
-                    meta.last_change.CopyFrom(changes.not_held(meta.pending_change))
+                    meta.last_change.CopyFrom(changes.not_applied(meta.pending_change, not_applied))
                     meta.ClearField("pending_change")
-                state, hook = prev.state, prev.last_hook
+                state, last_hook = prev.state, prev.last_hook
                 if state != _CLOSED:
                     side = msg.server if msg.HasField("server") else msg.client
                     side.connection.state = state = _CLOSED
-                    meta.last_hook = hook = pb.HOOK_RESYNC
+                    meta.last_hook = hook  # type: ignore[assignment]  # a Hook value
+                    last_hook = hook
                     closed += 1
-                record = self._new_version(prev, msg, now, state=state, hook=hook)
+                record = self._new_version(prev, msg, now, state=state, hook=last_hook)
                 events.append(Event(record.revision, EventType.MODIFIED, record, prev))
-                self._terminal.pop(prev.id, None)
-                self._terminal[prev.id] = now
+                self._retain(prev, record, now)
         finally:
             self._commit(events)
         return closed
@@ -623,6 +739,7 @@ class Store:
         else:
             meta.pending_change.CopyFrom(pending)
         record = self._new_version(current, msg, now)
+        self._retain(current, record, now)
         self._commit([Event(record.revision, EventType.MODIFIED, record, current)])
         return record
 
@@ -630,7 +747,8 @@ class Store:
         """Delete terminal records past their retention; returns how many (DELETED events).
 
         A terminal record is kept ``closed_retention_seconds`` after its last
-        change, and at most ``closed_retention_count`` of them, oldest first.
+        change, and at most ``closed_retention_count`` of them holding at most
+        ``closed_retention_bytes``, oldest first.
         """
         terminal = self._terminal
         deadline = self._clock() - self._retention_seconds
@@ -638,10 +756,15 @@ class Store:
         try:
             while terminal:
                 id, since = next(iter(terminal.items()))
-                if since > deadline and len(terminal) <= self._retention_count:
+                if (
+                    since > deadline
+                    and len(terminal) <= self._retention_count
+                    and self._terminal_bytes <= self._retention_bytes
+                ):
                     break
                 terminal.popitem(last=False)
                 record = self._records.pop(id)
+                self._terminal_bytes -= len(record.data)
                 self._deleted.add(id)
                 self._pending.discard(id)
                 self._revision += 1
@@ -661,10 +784,32 @@ class Store:
             shared = interned[value] = value
         return shared
 
+    def _retain(self, prev: Record, record: Record, now: float) -> None:
+        """Retention bookkeeping for a new version of a record: a terminal one
+        is kept (and counted) from its last change."""
+        terminal = self._terminal
+        if terminal.pop(prev.id, None) is not None:
+            self._terminal_bytes -= len(prev.data)
+        if record.terminal:
+            terminal[record.id] = now
+            self._terminal_bytes += len(record.data)
+
     def _commit(self, events: builtins.list[Event]) -> None:
         if not events:
             return
-        self._history.extend(events)
+        history = self._history
+        history.extend(events)
+        size = self._history_bytes + sum(len(e.record.data) for e in events)
+        size += _EVENT_OVERHEAD * len(events)
+        while len(history) > self._history_size or size > self._history_max_bytes:
+            size -= len(history.popleft().record.data) + _EVENT_OVERHEAD
+            if not history:
+                break
+        self._history_bytes = size
+        if self._journal is not None:
+            # Durable before any watcher sees it or the report is acked; the
+            # saved history is trimmed to what the bounds above left.
+            self._journal.append(events, self.oldest_revision)
         for listener in builtins.list(self._listeners):
             listener(events)
 

@@ -26,6 +26,8 @@ from typing import Any
 
 import pytest
 
+from connmeta.server import Config
+
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 TOOLS = ROOT / ".tools"
@@ -204,6 +206,24 @@ def test_socket_path_agrees_between_sidecar_addon_and_shared_volume(rendered: Re
     assert "emptyDir" in volumes[volume], f"{volume} must be an emptyDir shared by the pod"
 
 
+def test_sidecar_keeps_its_state_on_a_disk_backed_emptydir_of_its_own(
+    rendered: Rendered,
+) -> None:
+    spec = rendered.pod["spec"]
+    sidecar, proxy = rendered.container(SIDECAR), rendered.container(PROXY)
+    state_dir = _flag(sidecar, "--state-dir")
+    assert state_dir, "without --state-dir a container restart loses the store"
+    assert posixpath.isabs(state_dir)
+    # The root filesystem is read-only: the directory must be a volume, one
+    # that lives as long as the pod (an emptyDir outlives container restarts).
+    volume = _mounts(sidecar).get(state_dir)
+    assert volume, f"the sidecar does not mount a volume at {state_dir}"
+    empty_dir = {v["name"]: v for v in spec["volumes"]}[volume].get("emptyDir")
+    assert empty_dir is not None, f"{volume} must be an emptyDir"
+    assert empty_dir.get("medium", "") != "Memory", "a tmpfs would count against the memory limit"
+    assert volume not in _mounts(proxy).values(), "only the sidecar writes its state"
+
+
 def test_proxy_runs_as_the_sidecar_user_so_it_can_open_the_0600_socket(
     rendered: Rendered,
 ) -> None:
@@ -220,7 +240,7 @@ def test_sidecar_probes_use_the_port_it_serves_health_on(rendered: Rendered) -> 
     port = _port_of(health)
     assert port in _container_ports(sidecar).values()
     assert port != _port_of(_flag(sidecar, "--listen") or ":0")
-    for kind in ("startupProbe", "livenessProbe", "readinessProbe"):
+    for kind in ("startupProbe", "livenessProbe"):
         probe = sidecar.get(kind)
         assert probe, f"the sidecar has no {kind}"
         assert probe["grpc"]["port"] == port, f"{kind} probes {probe['grpc']['port']}, not {port}"
@@ -278,10 +298,70 @@ def test_every_container_has_resource_requests_and_limits(rendered: Rendered) ->
             )
 
 
-def test_termination_grace_outlasts_the_sidecar_shutdown_grace(rendered: Rendered) -> None:
+_MEMORY_UNITS = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30}
+# What the sidecar holds besides its bounded history and closed connections:
+# the interpreter, grpcio and the protobuf runtime (53 MiB resident
+# when idle) and the open connections a busy proxy keeps (about 600 B each,
+# 100k of them ~60 MiB).
+_PROCESS_AND_LIVE_RECORDS = 128 << 20
+
+
+def _memory(quantity: str) -> int:
+    for suffix, factor in _MEMORY_UNITS.items():
+        if quantity.endswith(suffix):
+            return int(float(quantity.removesuffix(suffix)) * factor)
+    return int(quantity)
+
+
+def test_sidecar_memory_limit_holds_the_byte_bounds_with_headroom(rendered: Rendered) -> None:
+    # The history and the closed connections are bounded by bytes so that a
+    # TLS-heavy load cannot push the sidecar past its limit (an OOM kill loses
+    # the whole store); bench/store_bench.py measures the bounds holding.
+    sidecar = rendered.container(SIDECAR)
+    defaults = Config()
+    history = int(_flag(sidecar, "--history-bytes") or defaults.history_bytes)
+    closed = int(_flag(sidecar, "--closed-retention-bytes") or defaults.closed_retention_bytes)
+    limit = _memory(sidecar["resources"]["limits"]["memory"])
+    assert history + closed + _PROCESS_AND_LIVE_RECORDS <= limit, (
+        f"{rendered.name}: {limit >> 20} MiB does not hold the {history >> 20} MiB history, "
+        f"{closed >> 20} MiB of closed connections and {_PROCESS_AND_LIVE_RECORDS >> 20} MiB more"
+    )
+
+
+def test_sidecar_does_not_gate_the_pods_readiness(rendered: Rendered) -> None:
+    # A native sidecar's readiness is the pod's: a readinessProbe on it would
+    # take the proxy out of its Service whenever the sidecar is slow or
+    # restarting, though the addon proxies on without it (deploy/README.md).
+    sidecar = rendered.container(SIDECAR)
+    assert "readinessProbe" not in sidecar, "the sidecar must not decide the proxy's readiness"
+    assert "readinessProbe" in rendered.container(PROXY), "the proxy's own readiness gates it"
+
+
+def _prestop_seconds(container: Obj) -> float:
+    """The delay a preStop hook gives before the container gets SIGTERM."""
+    hook = container.get("lifecycle", {}).get("preStop")
+    assert hook, f"container {container['name']} has no preStop hook"
+    if "sleep" in hook:
+        return float(hook["sleep"]["seconds"])
+    command = hook["exec"]["command"]
+    assert len(command) == 2, f"expected [sleep, SECONDS], got {command}"
+    assert posixpath.basename(command[0]) == "sleep", command
+    return float(command[1])
+
+
+def test_proxy_waits_in_pre_stop_for_endpoint_removal_to_propagate(rendered: Rendered) -> None:
+    assert _prestop_seconds(rendered.container(PROXY)) >= 5, "kube-proxy needs seconds"
+
+
+def test_termination_grace_outlasts_pre_stop_and_the_sidecar_shutdown_grace(
+    rendered: Rendered,
+) -> None:
+    # The proxy's preStop, then its exit, then the sidecar's graceful stop
+    # (native sidecars stop after the main containers): one budget for all.
     spec = rendered.pod["spec"]
     grace = float(_flag(rendered.container(SIDECAR), "--shutdown-grace") or "nan")
-    assert spec["terminationGracePeriodSeconds"] > grace
+    pre_stop = _prestop_seconds(rendered.container(PROXY))
+    assert spec["terminationGracePeriodSeconds"] > pre_stop + grace
 
 
 def test_images_are_pinned_to_a_tag_or_digest(rendered: Rendered) -> None:

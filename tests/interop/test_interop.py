@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +45,9 @@ DEFAULT_FLAGS = {
     "--bookmark-interval": "1",
 }
 KEEPALIVE_ENV = "CONNMETA_INTEROP_KEEPALIVE_SECONDS"
+# A program prints this line to have its server killed (-9) and started again on the same
+# TCP address and Unix socket; it reads "restarted" on stdin once the server serves again.
+RESTART_REQUEST = "connmeta-interop: restart-server"
 BUILD_TIMEOUT = 1800  # seconds; a cold Rust build on a 2-core runner takes ~2 minutes
 CASE_TIMEOUT = 120  # seconds, on top of the keepalive duration
 
@@ -53,6 +57,9 @@ class Case:
     id: str
     proves: str
     flags: tuple[str, ...]
+    # The case has a server of its own, which it asks the harness to restart (kill -9):
+    # cases.md says "restarts it" in the server flags column.
+    restarts: bool = False
 
 
 def _parse_cases() -> list[Case]:
@@ -65,7 +72,8 @@ def _parse_cases() -> list[Case]:
         flags = dict(DEFAULT_FLAGS)
         for name, value in re.findall(r"`(--[\w-]+) (\S+)`", flags_cell):
             flags[name] = value
-        cases.append(Case(case_id, proves, tuple(x for kv in sorted(flags.items()) for x in kv)))
+        argv = tuple(x for kv in sorted(flags.items()) for x in kv)
+        cases.append(Case(case_id, proves, argv, restarts="restarts it" in flags_cell))
     assert cases, f"no case rows found in {CASES_MD}"
     return cases
 
@@ -145,6 +153,7 @@ class Server:
     unix: str
     log: Path
     directory: Path
+    flags: tuple[str, ...]
     _drain: threading.Thread = field(repr=False)
 
     def log_tail(self, lines: int = 40) -> str:
@@ -152,6 +161,22 @@ class Server:
             return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
         except OSError as error:
             return f"(no server log: {error})"
+
+    def restart(self) -> None:
+        """kill -9, then serve again on the same TCP address and Unix socket: a new store."""
+        self.process.kill()
+        self.process.wait()
+        self._close_pipe()
+        tcp, unix = self.tcp, self.unix
+        self.process, self._drain, self.tcp, self.unix = _launch(
+            _serve_argv(tcp, unix, self.flags), self.log, self.directory
+        )
+        assert (self.tcp, self.unix) == (tcp, unix), "the restarted server moved"
+
+    def _close_pipe(self) -> None:
+        self._drain.join(timeout=5)
+        assert self.process.stdout is not None
+        self.process.stdout.close()
 
     def stop(self) -> None:
         """SIGTERM, as the contract says; kill only if it ignores that."""
@@ -165,9 +190,7 @@ class Server:
                 raise AssertionError(
                     f"connmeta serve did not stop within 15 s of SIGTERM\n{self.log_tail()}"
                 ) from None
-        self._drain.join(timeout=5)
-        assert self.process.stdout is not None
-        self.process.stdout.close()
+        self._close_pipe()
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
@@ -189,20 +212,15 @@ def _drain(stream: IO[str], first_line: queue.Queue[str], log: Path) -> None:
             out.write(line)
 
 
-def start_server(flags: tuple[str, ...]) -> Server:
-    # Short directory: a Unix socket path must fit in sun_path (108 bytes).
-    directory = Path(tempfile.mkdtemp(prefix="cm-"))
-    log = directory / "server.log"
-    argv = [
-        _connmeta_executable(),
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--unix-socket",
-        str(directory / "connmeta.sock"),
-        *flags,
-    ]
-    with log.open("w", encoding="utf-8") as stderr:
+def _serve_argv(tcp: str, unix: str, flags: tuple[str, ...]) -> list[str]:
+    return [_connmeta_executable(), "serve", "--listen", tcp, "--unix-socket", unix, *flags]
+
+
+def _launch(
+    argv: list[str], log: Path, directory: Path
+) -> tuple[subprocess.Popen[str], threading.Thread, str, str]:
+    """Start the server; return it, its stdout drain, and the addresses of its ready line."""
+    with log.open("a", encoding="utf-8") as stderr:
         process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=stderr, text=True)
     assert process.stdout is not None
     first: queue.Queue[str] = queue.Queue()
@@ -225,19 +243,31 @@ def start_server(flags: tuple[str, ...]) -> Server:
             f"{' '.join(argv)} did not print 'connmeta <version> serving tcp=... unix=...' "
             f"within 30 s; first line {line!r}\n{tail}"
         )
-    return Server(process, tcp.group(1), unix.group(1), log, directory, drain)
+    return process, drain, tcp.group(1), unix.group(1)
+
+
+def start_server(flags: tuple[str, ...]) -> Server:
+    # Short directory: a Unix socket path must fit in sun_path (108 bytes).
+    directory = Path(tempfile.mkdtemp(prefix="cm-"))
+    log = directory / "server.log"
+    log.write_text("")
+    argv = _serve_argv("127.0.0.1:0", str(directory / "connmeta.sock"), flags)
+    process, drain, tcp, unix = _launch(argv, log, directory)
+    return Server(process, tcp, unix, log, directory, flags, drain)
 
 
 class Servers:
-    """One server per distinct flag set, started on first use, stopped at session end."""
+    """One server per distinct flag set (and one per case that restarts its server), started
+    on first use, stopped at session end."""
 
     def __init__(self) -> None:
         self._running: dict[tuple[str, ...], Server] = {}
 
-    def get(self, flags: tuple[str, ...]) -> Server:
-        server = self._running.get(flags)
+    def get(self, flags: tuple[str, ...], own: str = "") -> Server:
+        key = (*flags, own)
+        server = self._running.get(key)
         if server is None or server.process.poll() is not None:
-            server = self._running[flags] = start_server(flags)
+            server = self._running[key] = start_server(flags)
         return server
 
     def stop_all(self) -> None:
@@ -279,7 +309,7 @@ def test_interop(language: str, case: Case, programs: Programs, servers: Servers
         env[KEEPALIVE_ENV] = seconds
         timeout += int(seconds)
     program = programs.get(language)
-    server = servers.get(case.flags)
+    server = servers.get(case.flags, own=case.id if case.restarts else "")
     argv = [
         str(program),
         "--target",
@@ -289,17 +319,74 @@ def test_interop(language: str, case: Case, programs: Programs, servers: Servers
         "--case",
         case.id,
     ]
-    try:
-        done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired as expired:
-        pytest.fail(f"{language} {case.id} ran longer than {timeout} s\n{expired.stdout!r}")
+    returncode, output = run_case(argv, env, timeout, server)
+    if returncode is None:
+        pytest.fail(f"{language} {case.id} ran longer than {timeout} s\n{output}")
     crashed = server.process.poll() is not None
-    if done.returncode != 0 or crashed:
+    if returncode != 0 or crashed:
         pytest.fail(
-            f"{language} {case.id} exited {done.returncode}"
+            f"{language} {case.id} exited {returncode}"
             f"{' and the server died' if crashed else ''}\n"
-            f"{done.stdout}{done.stderr}\n--- server log (tail) ---\n{server.log_tail()}"
+            f"{output}\n--- server log (tail) ---\n{server.log_tail()}"
         )
+
+
+def _pump(stream: IO[str], lines: queue.Queue[str | None]) -> None:
+    for line in stream:
+        lines.put(line)
+    lines.put(None)
+
+
+def run_case(
+    argv: list[str], env: dict[str, str], timeout: float, server: Server
+) -> tuple[int | None, str]:
+    """Run one interop program, restarting the server whenever it asks (RESTART_REQUEST).
+
+    Returns its exit status (None if it ran out of time and was killed) and its output,
+    stdout and stderr interleaved.
+    """
+    deadline = time.monotonic() + timeout
+    lines: queue.Queue[str | None] = queue.Queue()
+    output: list[str] = []
+    with subprocess.Popen(
+        argv,
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    ) as process:
+        assert process.stdin is not None
+        assert process.stdout is not None
+        reader = threading.Thread(target=_pump, args=(process.stdout, lines), daemon=True)
+        reader.start()
+        while True:
+            try:
+                line = lines.get(timeout=max(deadline - time.monotonic(), 0))
+            except queue.Empty:
+                process.kill()
+                process.wait()
+                reader.join(timeout=5)
+                return None, "".join(output)
+            if line is None:  # the program closed its output: it is ending
+                break
+            output.append(line)
+            if line.rstrip("\n") == RESTART_REQUEST:
+                server.restart()
+                output.append("(harness: the server was killed with SIGKILL and restarted)\n")
+                try:
+                    process.stdin.write("restarted\n")
+                    process.stdin.flush()
+                except BrokenPipeError:
+                    pass  # it ended meanwhile; its exit status says why
+        try:
+            returncode = process.wait(timeout=max(deadline - time.monotonic(), 1))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+            return None, "".join(output)
+        reader.join(timeout=5)
+        return returncode, "".join(output)
 
 
 @pytest.mark.parametrize("language", LANGUAGES)
@@ -364,4 +451,4 @@ def test_readme_examples_against_the_server(
         text=True,
         timeout=60,
     )
-    assert (done.returncode, done.stdout) == (0, "listed 0 servers\nstopped\n"), done.stderr
+    assert (done.returncode, done.stdout) == (0, "listed 0 servers (Start)\nstopped\n"), done.stderr

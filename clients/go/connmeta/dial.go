@@ -5,6 +5,7 @@ import (
 	"time"
 
 	"google.golang.org/grpc"
+	grpcbackoff "google.golang.org/grpc/backoff"
 	"google.golang.org/grpc/credentials/insecure"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/keepalive"
@@ -77,6 +78,19 @@ func Dial(target string, opts ...Option) (*Client, error) {
 			// with gRPC's default policy would GOAWAY pings on an idle
 			// connection.
 			PermitWithoutStream: false,
+		}),
+		// The sidecar is local and restarts in seconds (crash, OOM,
+		// upgrade): reconnect soon after it is back. gRPC's default
+		// backoff (1 s growing to 120 s) would leave watches down for
+		// minutes after a restart that took ten seconds.
+		grpc.WithConnectParams(grpc.ConnectParams{
+			Backoff: grpcbackoff.Config{
+				BaseDelay:  100 * time.Millisecond,
+				Multiplier: 1.6,
+				Jitter:     0.2,
+				MaxDelay:   5 * time.Second,
+			},
+			MinConnectTimeout: 5 * time.Second,
 		}),
 	}
 	dialOpts = append(dialOpts, cfg.extra...)

@@ -7,8 +7,9 @@
 //   - [Dial] connects over TCP ("host:port") or a Unix socket
 //     ("unix:///path/to/connmeta.sock") with keepalive suited to long watches.
 //   - [Client.Watch] follows changes and survives disconnects, slow-consumer
-//     evictions (WATCHER_TOO_SLOW) and compaction (REVISION_COMPACTED)
-//     without losing or repeating a revision.
+//     evictions (WATCHER_TOO_SLOW), compaction (REVISION_COMPACTED) and, as
+//     an informer, sidecar restarts, without losing or repeating a revision
+//     and without delivering another incarnation's events.
 //   - [Client.Pages] and [Client.ListAll] page through a listing pinned at
 //     one revision.
 //   - [Client.UpdateServer] and [Client.RetargetServer] ask for a change of

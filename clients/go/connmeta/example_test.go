@@ -54,9 +54,12 @@ func Example() {
 	// Output: no such connection
 }
 
-// An informer: list once, then follow every change. Watch resumes by itself
-// after disconnects and slow-consumer evictions, and lists again if it ever
-// falls out of the server's history.
+// An informer: follow every change of the matching servers. Watch lists
+// first (every record arrives as ADDED), resumes by itself after
+// disconnects and slow-consumer evictions, and lists again when it falls
+// out of the sidecar's history or the sidecar restarts: Relist says so, and
+// the events that follow bring the map to the new listing (DELETED for
+// what vanished).
 func ExampleClient_Watch() {
 	client, err := connmeta.Dial(target)
 	if err != nil {
@@ -71,12 +74,8 @@ func ExampleClient_Watch() {
 	err = client.Watch(ctx, connmeta.WatchOptions{
 		Filter:    &connmetav1.ConnectionFilter{Kind: connmetav1.ConnectionKind_CONNECTION_KIND_SERVER, Host: "*.example.invalid"},
 		Bookmarks: true,
-		Relist: func(_ context.Context, records []*connmetav1.ConnectionRecord, _ int64) error {
-			clear(servers)
-			for _, r := range records {
-				servers[r.GetServer().GetConnection().GetId()] = r
-			}
-			fmt.Printf("listed %d servers\n", len(servers))
+		Relist: func(_ context.Context, l connmeta.Listing) error {
+			fmt.Printf("listed %d servers (%s)\n", len(l.Records), l.Cause)
 			return nil
 		},
 	}, func(ev *connmetav1.WatchEvent) error {
@@ -90,7 +89,7 @@ func ExampleClient_Watch() {
 	})
 	fmt.Println("stopped:", err)
 	// Output:
-	// listed 0 servers
+	// listed 0 servers (start)
 	// stopped: context deadline exceeded
 }
 

@@ -1,6 +1,7 @@
 package connmeta
 
 import (
+	"cmp"
 	"context"
 	"fmt"
 	"net"
@@ -24,11 +25,15 @@ import (
 type fakeServer struct {
 	connmetav1.UnimplementedConnectionServiceServer
 
-	mu       sync.Mutex
-	records  []*connmetav1.ConnectionRecord // in id order
-	revision int64
-	watches  []watchScript // consumed one per WatchConnections call
-	requests []*connmetav1.WatchConnectionsRequest
+	mu          sync.Mutex
+	records     []*connmetav1.ConnectionRecord // in id order
+	revision    int64
+	incarnation string        // sent in every response header
+	watches     []watchScript // consumed one per WatchConnections call
+	requests    []*connmetav1.WatchConnectionsRequest
+	listErrors  []error // consumed one per ListConnections call; nil answers
+	listings    []*connmetav1.ListConnectionsRequest
+	pageSize    int // default page size (100 when 0)
 }
 
 // watchScript plays one WatchConnections call.
@@ -57,6 +62,14 @@ func (f *fakeServer) GetConnection(_ context.Context, req *connmetav1.GetConnect
 func (f *fakeServer) ListConnections(_ context.Context, req *connmetav1.ListConnectionsRequest) (*connmetav1.ListConnectionsResponse, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	f.listings = append(f.listings, req)
+	if len(f.listErrors) > 0 {
+		err := f.listErrors[0]
+		f.listErrors = f.listErrors[1:]
+		if err != nil {
+			return nil, err
+		}
+	}
 	start := 0
 	if req.GetPageToken() != "" {
 		if _, err := fmt.Sscan(req.GetPageToken(), &start); err != nil {
@@ -65,10 +78,12 @@ func (f *fakeServer) ListConnections(_ context.Context, req *connmetav1.ListConn
 	}
 	size := int(req.GetPageSize())
 	if size == 0 {
-		size = 100
+		size = cmp.Or(f.pageSize, 100)
 	}
 	end := min(start+size, len(f.records))
-	resp := &connmetav1.ListConnectionsResponse{Connections: f.records[start:end], Revision: f.revision}
+	resp := &connmetav1.ListConnectionsResponse{
+		Connections: f.records[start:end], Revision: f.revision, Header: f.header(),
+	}
 	if end < len(f.records) {
 		resp.NextPageToken = fmt.Sprint(end)
 	}
@@ -78,6 +93,7 @@ func (f *fakeServer) ListConnections(_ context.Context, req *connmetav1.ListConn
 func (f *fakeServer) WatchConnections(req *connmetav1.WatchConnectionsRequest, stream grpc.ServerStreamingServer[connmetav1.WatchConnectionsResponse]) error {
 	f.mu.Lock()
 	f.requests = append(f.requests, req)
+	header := f.header()
 	var script watchScript
 	if len(f.watches) > 0 {
 		script, f.watches = f.watches[0], f.watches[1:]
@@ -88,8 +104,19 @@ func (f *fakeServer) WatchConnections(req *connmetav1.WatchConnectionsRequest, s
 		return stream.Context().Err()
 	}
 	return script(req, func(evs ...*connmetav1.WatchEvent) error {
-		return stream.Send(&connmetav1.WatchConnectionsResponse{Events: evs})
+		return stream.Send(&connmetav1.WatchConnectionsResponse{Events: evs, Header: header})
 	})
+}
+
+func (f *fakeServer) header() *connmetav1.ResponseHeader {
+	return &connmetav1.ResponseHeader{Incarnation: f.incarnation}
+}
+
+// restart turns f into a new incarnation holding records at revision.
+func (f *fakeServer) restart(incarnation string, revision int64, records ...*connmetav1.ConnectionRecord) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.incarnation, f.revision, f.records = incarnation, revision, records
 }
 
 // startFake serves f on a Unix socket (exercising Dial's unix: targets)
@@ -112,7 +139,7 @@ func startFake(f *fakeServer) (target string, stop func(), err error) {
 
 func newFake(t *testing.T) (*fakeServer, *Client) {
 	t.Helper()
-	f := &fakeServer{revision: 100}
+	f := &fakeServer{revision: 100, incarnation: "inc-1"}
 	target, stop, err := startFake(f)
 	if err != nil {
 		t.Fatal(err)
@@ -135,7 +162,19 @@ func bookmark(rev int64) *connmetav1.WatchEvent {
 }
 
 func server(id string) *connmetav1.ConnectionRecord {
-	return &connmetav1.ConnectionRecord{Kind: &connmetav1.ConnectionRecord_Server{Server: &connmetav1.Server{
-		Connection: &connmetav1.Connection{Id: id},
-	}}}
+	return serverAt(id, 0)
+}
+
+// serverAt is a server record last changed at revision.
+func serverAt(id string, revision int64) *connmetav1.ConnectionRecord {
+	return &connmetav1.ConnectionRecord{
+		Kind: &connmetav1.ConnectionRecord_Server{Server: &connmetav1.Server{
+			Connection: &connmetav1.Connection{Id: id},
+		}},
+		Metadata: &connmetav1.RecordMetadata{Revision: revision},
+	}
+}
+
+func event(t connmetav1.WatchEventType, rev int64, r *connmetav1.ConnectionRecord) *connmetav1.WatchEvent {
+	return &connmetav1.WatchEvent{Type: t, Revision: rev, Connection: r}
 }

@@ -15,7 +15,8 @@ import (
 // watching with StartAfterRevision = that revision follows it gap-free.
 // Iteration stops at the first error, which is yielded with a nil page. A
 // token that outlived the server's history fails with OUT_OF_RANGE
-// (REVISION_COMPACTED): list again from the first page.
+// (REVISION_COMPACTED), one from before a sidecar restart with
+// INVALID_ARGUMENT: list again from the first page.
 func (c *Client) Pages(ctx context.Context, req *connmetav1.ListConnectionsRequest) iter.Seq2[*connmetav1.ListConnectionsResponse, error] {
 	return func(yield func(*connmetav1.ListConnectionsResponse, error) bool) {
 		// Copy: the page token changes per page and the caller's request

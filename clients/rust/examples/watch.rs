@@ -1,6 +1,9 @@
-//! An informer: list once, then follow every change to servers matching a
-//! host. The Watcher resumes by itself after disconnects and slow-consumer
-//! evictions, and lists again if it ever falls out of the server's history.
+//! An informer: follow every change to servers matching a host. The Watcher
+//! lists first (every record arrives as ADDED), resumes by itself after
+//! disconnects and slow-consumer evictions, and lists again when it falls out
+//! of the sidecar's history or the sidecar restarts: it says so
+//! (`Relisted`), and the events that follow bring the map to the new listing
+//! (DELETED for what vanished).
 //!
 //! ```text
 //! cargo run --example watch -- 127.0.0.1:50051 '*.example.com' [SECONDS]
@@ -28,11 +31,10 @@ async fn follow(
 ) -> Result<(), tonic::Status> {
     loop {
         match watcher.next().await? {
-            WatchItem::Relisted { records, .. } => {
-                // The listing replaces everything known; the watcher
-                // continues after its revision by itself.
-                *servers = records.into_iter().map(|r| (id_of(&r), r)).collect();
-                println!("listed {} servers", servers.len());
+            WatchItem::Relisted { records, cause, .. } => {
+                // The events that follow apply the listing; the watcher
+                // then continues after its revision by itself.
+                println!("listed {} servers ({cause:?})", records.len());
             }
             WatchItem::Event(ev) => {
                 let Some(record) = ev.connection else {

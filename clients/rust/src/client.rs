@@ -193,7 +193,8 @@ pub struct Pages {
 
 impl Pages {
     /// The next page, or `None` after the last. A token that outlived the
-    /// server's history fails OUT_OF_RANGE: list again from the start.
+    /// server's history fails OUT_OF_RANGE, one from before a sidecar
+    /// restart INVALID_ARGUMENT: list again from the start.
     pub async fn next(&mut self) -> Result<Option<ListConnectionsResponse>, Status> {
         if self.done {
             return Ok(None);

@@ -7,8 +7,9 @@
 //! - [`connect`] dials TCP (`host:port`) or a Unix socket (`unix:///path`),
 //!   with keepalive suited to long watches.
 //! - [`Watcher`] follows changes and survives disconnects, slow-consumer
-//!   evictions (`WATCHER_TOO_SLOW`) and compaction (`REVISION_COMPACTED`)
-//!   without losing or repeating a revision.
+//!   evictions (`WATCHER_TOO_SLOW`), compaction (`REVISION_COMPACTED`) and,
+//!   with `relist`, sidecar restarts, without losing or repeating a revision
+//!   and without returning another incarnation's events.
 //! - [`Client::pages`] and [`Client::list_all`] page through a listing
 //!   pinned at one revision.
 //! - [`Client::update_server`] and [`Client::retarget_server`] ask for a
@@ -54,4 +55,4 @@ pub use errors::{
     BadRequest, DOMAIN, ErrorDetails, ErrorInfo, FieldViolation, PreconditionFailure,
     PreconditionViolation, is_reason, meta, reason,
 };
-pub use watch::{WatchItem, WatchOptions, Watcher};
+pub use watch::{RelistCause, WatchItem, WatchOptions, Watcher, record_id};

@@ -221,9 +221,10 @@ class ResponseHeader(_message.Message):
     without --state-dir starts a new history under a new incarnation (and
     with higher revisions); one that restarts on the same --state-dir keeps
     its incarnation and its revisions. Revisions, etags and page tokens of
-    another incarnation are never taken as this one's: a watch resumed or a
-    page token continued from one fails OUT_OF_RANGE with ErrorInfo
-    REVISION_COMPACTED, so a client lists again, and an etag fails ABORTED.
+    another incarnation are never taken as this one's: a watch resumed from
+    one fails OUT_OF_RANGE with ErrorInfo REVISION_COMPACTED, so a client
+    lists again; a page token from before a restart fails INVALID_ARGUMENT
+    (list again without one), and an etag fails ABORTED.
     """
     def __init__(
         self,

@@ -34,6 +34,7 @@ var cases = []interopCase{
 	{"watch_resume_no_gap", "a watch cut mid-stream and resumed from its last revision sees every concurrent write exactly once, in order", caseWatchResumeNoGap},
 	{"watch_compacted", "watching from a revision older than the history fails OUT_OF_RANGE with ErrorInfo REVISION_COMPACTED and oldest_revision; relist then watch recovers", caseWatchCompacted},
 	{"watch_slow_consumer", "a watcher that stops reading is ended RESOURCE_EXHAUSTED with ErrorInfo WATCHER_TOO_SLOW and last_revision; resuming from it loses nothing", caseWatchSlowConsumer},
+	{"watch_survives_sidecar_restart", "after a kill -9 and restart of the server (no --state-dir), a watch and a page token of the old incarnation fail OUT_OF_RANGE REVISION_COMPACTED and INVALID_ARGUMENT, never OK; the helper's informer relists by itself, says so, delivers the vanished records as DELETED and ends with exactly the new store's records", caseWatchSurvivesSidecarRestart},
 	{"keepalive", "keepalive pings every 10 s on an idle watch do not get the connection closed (too_many_pings); the watch still delivers afterwards", caseKeepalive},
 	{"health", "grpc.health.v1 Check reports SERVING for \"\" and connmeta.v1.ConnectionService", caseHealth},
 	{"report_rejects_bad_snapshot", "a batch whose middle snapshot has transport_protocol UNSPECIFIED is acked with that one rejected (index 1, INVALID_SNAPSHOT, a violation naming its field path) and the other two stored; the stream goes on: a further batch with port 70000 at index 0 is acked the same way", caseReportRejectsBadSnapshot},
@@ -576,8 +577,7 @@ func caseWatchCompacted(ctx context.Context, e *env) error {
 
 	// The helper recovers: relist, then watch from the listing's revision.
 	var (
-		relists  int
-		listRev  int64
+		relists  []connmeta.Listing
 		listPort uint32
 		extraRev = make(chan int64, 1)
 	)
@@ -585,14 +585,8 @@ func caseWatchCompacted(ctx context.Context, e *env) error {
 		StartAfterRevision: start,
 		Filter:             filter,
 		Bookmarks:          true,
-		Relist: func(ctx context.Context, records []*connmetav1.ConnectionRecord, revision int64) error {
-			relists++
-			listRev = revision
-			for _, r := range records {
-				if connID(r) == serverID {
-					listPort = r.GetServer().GetAddress().GetPort()
-				}
-			}
+		Relist: func(ctx context.Context, l connmeta.Listing) error {
+			relists = append(relists, l)
 			// One more write, which the resumed watch must deliver.
 			rev, err := e.proxy.report(serverSnapshot(serverID, clientID, closed, "after-relist.example", 443))
 			if err != nil {
@@ -605,6 +599,17 @@ func caseWatchCompacted(ctx context.Context, e *env) error {
 		if !isChange(ev) {
 			return nil
 		}
+		if len(relists) == 1 && ev.GetRevision() == relists[0].Revision {
+			// The listing's difference to what this watch delivered
+			// (nothing): every record as ADDED.
+			if ev.GetType() != connmetav1.WatchEventType_WATCH_EVENT_TYPE_ADDED {
+				return fmt.Errorf("relist delivered %v, want only ADDED", ev)
+			}
+			if connID(ev.GetConnection()) == serverID {
+				listPort = ev.GetConnection().GetServer().GetAddress().GetPort()
+			}
+			return nil
+		}
 		want := <-extraRev
 		if ev.GetRevision() != want || ev.GetConnection().GetServer().GetAddress().GetHost() != "after-relist.example" {
 			return fmt.Errorf("first event after relist: revision %d %v, want the write at %d", ev.GetRevision(), ev.GetConnection(), want)
@@ -614,8 +619,8 @@ func caseWatchCompacted(ctx context.Context, e *env) error {
 	if !errors.Is(err, errStop) {
 		return fmt.Errorf("watch with relist: %w", err)
 	}
-	if relists != 1 || listRev < last || listPort != 3063 {
-		return fmt.Errorf("relist: %d listings, revision %d (last write %d), server port %d (want 3063)", relists, listRev, last, listPort)
+	if len(relists) != 1 || relists[0].Revision < last || relists[0].Cause != connmeta.RelistCompacted || listPort != 3063 {
+		return fmt.Errorf("relist: %d listings (%v), last write %d, server port %d as ADDED (want one listing, cause compacted, port 3063)", len(relists), relists, last, listPort)
 	}
 	return nil
 }

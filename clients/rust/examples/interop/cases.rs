@@ -15,7 +15,8 @@ use connmeta::v1::{
     WatchEvent, WatchEventType, connection_record, connection_snapshot,
 };
 use connmeta::{
-    ConnectOptions, ErrorDetails, ServerUpdate, WatchItem, WatchOptions, Watcher, meta, reason,
+    ConnectOptions, ErrorDetails, RelistCause, ServerUpdate, WatchItem, WatchOptions, Watcher,
+    meta, reason,
 };
 use tonic::{Code, Status};
 
@@ -24,6 +25,7 @@ use crate::keepalive::{PingCounter, counting_channel};
 use crate::proxy::{
     Proxy, addr, applied_at, client_snapshot, new_id, padded, resync_client, server_snapshot,
 };
+use crate::restart::watch_survives_sidecar_restart;
 use crate::router::{
     router_retargets_connect, router_silent_fails_open, router_standby_takes_over,
 };
@@ -99,6 +101,11 @@ pub static CASES: &[Case] = &[
         watch_slow_consumer
     ),
     case!(
+        "watch_survives_sidecar_restart",
+        "after a kill -9 and restart of the server (no --state-dir), a watch and a page token of the old incarnation fail OUT_OF_RANGE REVISION_COMPACTED and INVALID_ARGUMENT, never OK; the helper's informer relists by itself, says so, delivers the vanished records as DELETED and ends with exactly the new store's records",
+        watch_survives_sidecar_restart
+    ),
+    case!(
         "keepalive",
         "keepalive pings every 10 s on an idle watch do not get the connection closed (too_many_pings); the watch still delivers afterwards",
         keepalive
@@ -146,7 +153,7 @@ const CLOSED: ConnectionState = ConnectionState::Closed;
 
 /// Checks that `result` failed with this code and ErrorInfo reason (domain
 /// connmeta.v1); returns the decoded details.
-fn expect_error<T: std::fmt::Debug>(
+pub fn expect_error<T: std::fmt::Debug>(
     what: &str,
     result: Result<T, Status>,
     code: Code,
@@ -215,7 +222,7 @@ fn meta_of(rec: &ConnectionRecord) -> connmeta::v1::RecordMetadata {
     rec.metadata.clone().unwrap_or_default()
 }
 
-fn is_change(ev: &WatchEvent) -> bool {
+pub fn is_change(ev: &WatchEvent) -> bool {
     [
         WatchEventType::Added,
         WatchEventType::Modified,
@@ -952,8 +959,13 @@ async fn watch_compacted(e: &mut Env) -> R {
         ..Default::default()
     };
     let mut watcher = Watcher::new(e.client.clone(), opts);
-    let (records, list_rev) = match watcher.next().await.map_err(ctx("watch with relist"))? {
-        WatchItem::Relisted { records, revision } => (records, revision),
+    let (records, list_rev, cause) = match watcher.next().await.map_err(ctx("watch with relist"))? {
+        WatchItem::Relisted {
+            records,
+            revision,
+            cause,
+            ..
+        } => (records, revision, cause),
         WatchItem::Event(ev) => {
             return Err(format!(
                 "watch from a compacted revision delivered {ev:?} instead of relisting"
@@ -965,9 +977,9 @@ async fn watch_compacted(e: &mut Env) -> R {
         .find(|r| conn_id(r) == server_id)
         .and_then(|r| server_of(r).address)
         .map(|a| a.port);
-    if list_rev < last || port != Some(3063) {
+    if list_rev < last || port != Some(3063) || cause != RelistCause::Compacted {
         return Err(format!(
-            "relist: revision {list_rev} (last write {last}), server port {port:?} (want 3063)"
+            "relist: revision {list_rev} (last write {last}), server port {port:?} (want 3063), cause {cause:?} (want Compacted)"
         ));
     }
     let extra = e
@@ -980,14 +992,29 @@ async fn watch_compacted(e: &mut Env) -> R {
             443,
         )])
         .await?;
+    let mut added = 0;
     loop {
         match watcher.next().await.map_err(ctx("watch after relist"))? {
+            // The listing's difference to what this watcher returned
+            // (nothing): every record as ADDED.
+            WatchItem::Event(ev) if ev.revision == list_rev && is_change(&ev) => {
+                if ev.r#type != WatchEventType::Added as i32 {
+                    return Err(format!("relist returned {ev:?}, want only ADDED"));
+                }
+                added += 1;
+            }
             WatchItem::Event(ev) if is_change(&ev) => {
                 let host = ev.connection.as_ref().map(host_of).unwrap_or_default();
                 if ev.revision != extra || host != "after-relist.example" {
                     return Err(format!(
                         "first event after relist: revision {} host {host}, want the write at {extra}",
                         ev.revision
+                    ));
+                }
+                if added != records.len() {
+                    return Err(format!(
+                        "relist of {} records returned {added} as ADDED",
+                        records.len()
                     ));
                 }
                 return Ok(());

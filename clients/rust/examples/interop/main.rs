@@ -14,6 +14,7 @@
 mod cases;
 mod keepalive;
 mod proxy;
+mod restart;
 mod router;
 
 use std::process::ExitCode;
