@@ -387,3 +387,25 @@ async def test_router_that_cancels_its_stream_leaves_no_task_behind(
     gc.collect()
     await asyncio.sleep(0)
     assert "Task was destroyed but it is pending" not in caplog.text
+
+
+async def test_a_connect_its_batch_already_reports_done_is_not_asked(
+    channel: grpc.aio.Channel,
+) -> None:
+    # A replay after an outage carries server_connect and server_connected of
+    # the same server in one batch: nobody waits for a decision any more.
+    router = Router(channel)
+    await router.subscribe("r1")
+    proxy = Proxy(channel)
+    await proxy.resync()
+    done = waiting_server()
+    connected = rs.ConnectionSnapshot()
+    connected.CopyFrom(done)
+    connected.hook = pb.HOOK_SERVER_CONNECTED
+    connected.server.connection.state = pb.CONNECTION_STATE_OPEN
+    waiting = waiting_server()
+    await proxy.report(done, connected, waiting)
+    query = (await router.read()).query
+    assert query.server.server.connection.id == waiting.server.connection.id
+    await proxy.close()
+    await router.leave()

@@ -299,7 +299,11 @@ class ReportServicer:
                 continue
             server_id = snap.server.connection.id
             record = self._store.get(server_id)
-            if routing or (record is not None and record.has_pending):
+            # A connect the same batch already reports as done (a replay after
+            # an outage) is over: nobody waits for its decision.
+            if record is None or record.last_hook != pb.HOOK_SERVER_CONNECT:
+                continue
+            if routing or record.has_pending:
                 out.append((server_id, snap.client_id))
         return out
 

@@ -38,7 +38,10 @@ type ReportServiceClient interface {
 	// Report is one long-lived stream per proxy. The proxy names itself in
 	// proxy_id on the first message, sends batches of snapshots (and, after
 	// every (re)connect, one resync); the sidecar acknowledges each message
-	// with the revision it reached.
+	// with the revision it reached. After an outage the proxy first replays
+	// the snapshots it kept while the sidecar was unreachable, in hook order,
+	// then resyncs, so connections that opened and closed meanwhile are
+	// recorded with their real timestamps.
 	//
 	// A snapshot that breaks the contract of connection.proto, changes the
 	// kind of a known id, or names a connection another live proxy holds is
@@ -88,7 +91,10 @@ type ReportServiceServer interface {
 	// Report is one long-lived stream per proxy. The proxy names itself in
 	// proxy_id on the first message, sends batches of snapshots (and, after
 	// every (re)connect, one resync); the sidecar acknowledges each message
-	// with the revision it reached.
+	// with the revision it reached. After an outage the proxy first replays
+	// the snapshots it kept while the sidecar was unreachable, in hook order,
+	// then resyncs, so connections that opened and closed meanwhile are
+	// recorded with their real timestamps.
 	//
 	// A snapshot that breaks the contract of connection.proto, changes the
 	// kind of a known id, or names a connection another live proxy holds is

@@ -223,8 +223,9 @@ class ResponseHeader(_message.Message):
     its incarnation and its revisions. Revisions, etags and page tokens of
     another incarnation are never taken as this one's: a watch resumed from
     one fails OUT_OF_RANGE with ErrorInfo REVISION_COMPACTED, so a client
-    lists again; a page token from before a restart fails INVALID_ARGUMENT
-    (list again without one), and an etag fails ABORTED.
+    lists again; a page token from before a restart without --state-dir
+    fails INVALID_ARGUMENT (list again without one), and an etag fails
+    ABORTED.
     """
     def __init__(
         self,
