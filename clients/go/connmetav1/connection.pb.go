@@ -1316,7 +1316,13 @@ type Change struct {
 	StatusDetail string `protobuf:"bytes,8,opt,name=status_detail,json=statusDetail,proto3" json:"status_detail,omitempty"`
 	// query_id is the route query whose answer asked for the change; empty
 	// for a change made with UpdateServerConnection.
-	QueryId       string `protobuf:"bytes,9,opt,name=query_id,json=queryId,proto3" json:"query_id,omitempty"`
+	QueryId string `protobuf:"bytes,9,opt,name=query_id,json=queryId,proto3" json:"query_id,omitempty"`
+	// principal is who the sidecar authenticated as asking for the change,
+	// set by the sidecar and never by the caller: the client certificate's
+	// SPIFFE URI SAN, else its DNS SANs, else its subject (gRFC A43), for an
+	// mTLS caller; "unix" for a caller on the Unix socket; empty for a
+	// plaintext TCP caller. actor is the caller's own annotation.
+	Principal     string `protobuf:"bytes,10,opt,name=principal,proto3" json:"principal,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1410,6 +1416,13 @@ func (x *Change) GetStatusDetail() string {
 func (x *Change) GetQueryId() string {
 	if x != nil {
 		return x.QueryId
+	}
+	return ""
+}
+
+func (x *Change) GetPrincipal() string {
+	if x != nil {
+		return x.Principal
 	}
 	return ""
 }
@@ -1736,7 +1749,7 @@ const file_connmeta_v1_connection_proto_rawDesc = "" +
 	"connection\x12.\n" +
 	"\aaddress\x18\x02 \x01(\v2\x14.connmeta.v1.AddressR\aaddress\x12J\n" +
 	"\x13timestamp_tcp_setup\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\x11timestampTcpSetup\x12)\n" +
-	"\x03via\x18\x04 \x01(\v2\x17.connmeta.v1.ServerSpecR\x03via\"\xd0\x02\n" +
+	"\x03via\x18\x04 \x01(\v2\x17.connmeta.v1.ServerSpecR\x03via\"\xee\x02\n" +
 	"\x06Change\x12\x14\n" +
 	"\x05actor\x18\x01 \x01(\tR\x05actor\x12.\n" +
 	"\x04time\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\x04time\x12\x16\n" +
@@ -1746,7 +1759,9 @@ const file_connmeta_v1_connection_proto_rawDesc = "" +
 	"\x03via\x18\x06 \x01(\v2\x17.connmeta.v1.ServerSpecR\x03via\x121\n" +
 	"\x06status\x18\a \x01(\x0e2\x19.connmeta.v1.ChangeStatusR\x06status\x12#\n" +
 	"\rstatus_detail\x18\b \x01(\tR\fstatusDetail\x12\x19\n" +
-	"\bquery_id\x18\t \x01(\tR\aqueryId\"\x80\x03\n" +
+	"\bquery_id\x18\t \x01(\tR\aqueryId\x12\x1c\n" +
+	"\tprincipal\x18\n" +
+	" \x01(\tR\tprincipal\"\x80\x03\n" +
 	"\x0eRecordMetadata\x12\x1a\n" +
 	"\brevision\x18\x01 \x01(\x03R\brevision\x12'\n" +
 	"\x0fcreate_revision\x18\x02 \x01(\x03R\x0ecreateRevision\x12\x12\n" +

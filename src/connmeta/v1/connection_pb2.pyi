@@ -877,6 +877,7 @@ class Change(_message.Message):
     STATUS_FIELD_NUMBER: _builtins.int
     STATUS_DETAIL_FIELD_NUMBER: _builtins.int
     QUERY_ID_FIELD_NUMBER: _builtins.int
+    PRINCIPAL_FIELD_NUMBER: _builtins.int
     actor: _builtins.str
     """actor names who asked for the change: the actor given in the update
     request, or the router's name. At most 256 bytes of printable ASCII.
@@ -890,6 +891,13 @@ class Change(_message.Message):
     query_id: _builtins.str
     """query_id is the route query whose answer asked for the change; empty
     for a change made with UpdateServerConnection.
+    """
+    principal: _builtins.str
+    """principal is who the sidecar authenticated as asking for the change,
+    set by the sidecar and never by the caller: the client certificate's
+    SPIFFE URI SAN, else its DNS SANs, else its subject (gRFC A43), for an
+    mTLS caller; "unix" for a caller on the Unix socket; empty for a
+    plaintext TCP caller. actor is the caller's own annotation.
     """
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp:
@@ -921,10 +929,11 @@ class Change(_message.Message):
         status: Global___ChangeStatus.ValueType = ...,
         status_detail: _builtins.str = ...,
         query_id: _builtins.str = ...,
+        principal: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "time", b"time", "via", b"via"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "address", b"address", "fields", b"fields", "query_id", b"query_id", "revision", b"revision", "status", b"status", "status_detail", b"status_detail", "time", b"time", "via", b"via"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "address", b"address", "fields", b"fields", "principal", b"principal", "query_id", b"query_id", "revision", b"revision", "status", b"status", "status_detail", b"status_detail", "time", b"time", "via", b"via"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
