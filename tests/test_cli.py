@@ -463,3 +463,29 @@ async def test_watch_once_exits_zero_when_the_sidecar_ends_it_cleanly(sidecar: S
     out, err = await asyncio.wait_for(watch.communicate(), 20)
     assert watch.returncode == 0, err
     assert json.loads(out.splitlines()[-1])["type"] == "BOOKMARK", "the final bookmark"
+
+
+def test_certs_init_writes_private_keys_role_certificates_and_a_valid_policy(
+    tmp_path: Path,
+) -> None:
+    from cryptography import x509
+
+    from connmeta.cli import main
+    from connmeta.policy import Policy
+
+    target = tmp_path / "certs"
+    assert main(["certs", "init", "--dir", str(target), "--dns", "connmeta.example.svc"]) == 0
+    assert (target.stat().st_mode & 0o777) == 0o700
+    for role in ("reader", "writer", "router", "reporter"):
+        assert ((target / f"{role}.key").stat().st_mode & 0o777) == 0o600
+        cert = x509.load_pem_x509_certificate((target / f"{role}.pem").read_bytes())
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        assert san.get_values_for_type(x509.UniformResourceIdentifier) == [
+            f"spiffe://connmeta.local/{role}"
+        ]
+    server = x509.load_pem_x509_certificate((target / "server.pem").read_bytes())
+    san = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["localhost", "connmeta.example.svc"]
+    assert [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] == ["127.0.0.1", "::1"]
+    assert ((target / "ca.key").stat().st_mode & 0o777) == 0o600
+    assert Policy.parse((target / "policy.json").read_text()).name == "connmeta-example"

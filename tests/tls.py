@@ -28,7 +28,7 @@ def certs() -> Path:
     return directory / "certs"
 
 
-def server_config(directory: Path | None = None) -> dict[str, str]:
+def server_config(directory: Path | None = None) -> dict[str, Any]:
     """Config overrides that make every TCP listener require mTLS."""
     d = directory or certs()
     return {

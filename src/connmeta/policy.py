@@ -191,7 +191,9 @@ def _object(
 def _string(
     value: Any, where: str, fail: Callable[[str, str], PolicyError], *, required: bool = False
 ) -> str:
-    if value is None and not required:
+    if value is None:
+        if required:
+            raise fail(where, "is required")
         return ""
     if not isinstance(value, str):
         raise fail(where, "must be a string")
