@@ -489,3 +489,21 @@ def test_certs_init_writes_private_keys_role_certificates_and_a_valid_policy(
     assert [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] == ["127.0.0.1", "::1"]
     assert ((target / "ca.key").stat().st_mode & 0o777) == 0o600
     assert Policy.parse((target / "policy.json").read_text()).name == "connmeta-example"
+
+
+async def test_health_exits_zero_while_serving_over_the_socket_and_over_mtls(
+    tmp_path: Path,
+) -> None:
+    sidecar = Sidecar(Config(listen="127.0.0.1:0", unix_socket=str(tmp_path / "h.sock"), **MTLS))
+    await sidecar.start()
+    try:
+        for target in (f"unix://{sidecar.unix_socket}", sidecar.tcp_address):
+            code, out, err = await run(
+                target, "health", "--service", "connmeta.v1.ConnectionService"
+            )
+            assert (code, out.strip()) == (0, "SERVING"), err
+        code, _, err = await run(sidecar.tcp_address, "health", "--service", "no.such.Service")
+        assert code == 1
+        assert "NOT_FOUND" in err
+    finally:
+        await sidecar.stop(grace=0)

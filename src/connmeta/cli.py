@@ -28,6 +28,7 @@ import grpc
 from google.protobuf import field_mask_pb2, json_format
 from google.protobuf.message import Message
 from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
 from connmeta import __version__
@@ -190,6 +191,13 @@ def _add_client(sub: Any) -> None:
         help="longest wait between reconnect attempts, in seconds (default: %(default)s)",
     )
     _add_filter_flags(watch)
+
+    health = client(
+        "health",
+        "check grpc.health.v1 and exit 0 if SERVING (for exec probes: the kubelet's own"
+        " grpc probes cannot use mTLS)",
+    )
+    health.add_argument("--service", default="", help='service name; "" is the whole sidecar')
 
     update = client("update-server", "change a server connection's address and/or via")
     update.add_argument("id")
@@ -380,6 +388,14 @@ def _run_client(args: argparse.Namespace, out: Callable[[str], None]) -> None:
         Watch(args, out, lambda text: print(text, file=sys.stderr, flush=True)).run()
     elif args.command == "update-server":
         _update(args, out)
+    elif args.command == "health":
+        stub: Any = health_pb2_grpc.HealthStub(channel(args))
+        status = stub.Check(
+            health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
+        ).status
+        out(health_pb2.HealthCheckResponse.ServingStatus.Name(status))
+        if status != health_pb2.HealthCheckResponse.SERVING:
+            raise SystemExit(1)
 
 
 MAX_BACKOFF = 10.0
