@@ -929,3 +929,58 @@ def test_retained_bytes_follow_every_new_version_of_a_closed_record() -> None:
     store._retention_count = 0
     store.expire()
     assert (len(store), store._terminal_bytes) == (0, 0)
+
+
+# -- census (what /metrics reads) ------------------------------------------------------
+
+
+def _recount(store: Store) -> dict[tuple[Kind, int], int]:
+    counts = {(kind, state): 0 for kind in Kind for state in range(4)}
+    for record in store.snapshot()[0]:
+        counts[record.kind, record.state] += 1
+    return counts
+
+
+def test_census_follows_every_kind_of_change() -> None:
+    """Reports, updates, resync closes, proxy-gone closes and retention deletes
+    each keep the per-(kind, state) counts equal to a count of the records."""
+    clock = FakeClock()
+    store = Store(clock=clock, closed_retention_seconds=10)
+    rng = random.Random(7)
+    states = [OPEN, CLOSED, pb.CONNECTION_STATE_CAN_READ, pb.CONNECTION_STATE_CAN_WRITE]
+    ids = [next_id("census") for _ in range(40)]
+    for round in range(30):
+        batch = []
+        for id in rng.sample(ids, 8):
+            known = store.get(id)
+            if known is not None and known.kind is Kind.CLIENT:
+                batch.append(client(id, state=rng.choice(states)))
+            elif known is None and rng.random() < 0.3:
+                batch.append(client(id, state=rng.choice(states)))
+            else:
+                state = rng.choice(states)
+                hook = pb.HOOK_SERVER_CONNECT if state == CLOSED else pb.HOOK_SERVER_CONNECTED
+                batch.append(server(id, state=state, hook=hook))
+        store.apply(batch, proxy="p1")
+        closed_servers = [
+            r for r in store.snapshot()[0] if r.kind is Kind.SERVER and r.state == CLOSED
+        ]
+        if closed_servers:
+            update(store, closed_servers[0].id, address=address(("b.example", 443)))
+        if round % 7 == 3:
+            store.end_resync(store.begin_resync("p1"))
+        if round % 5 == 4:
+            clock.now += 11
+            store.expire()
+        assert store.census() == _recount(store), f"round {round}"
+    store.attach_proxy("p1")
+    store.apply([server(next_id("census"))], proxy="p1")
+    store.detach_proxy("p1")
+    clock.now += 1000
+    assert store.close_gone_proxies(10) >= 1
+    assert store.census() == _recount(store)
+    restored = Store.restored(
+        store.snapshot()[0], [], incarnation=store.incarnation, revision=store.revision
+    )
+    assert restored.census() == _recount(store)
+    assert sum(store.census().values()) == len(store) > 0

@@ -188,6 +188,11 @@ class Store:
         # Hosts, SNIs and ports repeat across connections; share one object each.
         self._interned: dict[Any, Any] = {}
         self._journal = journal
+        # Current records by ``kind | state << 2`` (the low bits of
+        # Record._bits), kept as records change: a metrics scrape reads it
+        # instead of walking every record (135 ms at a million, stalling the
+        # event loop and every held connect with it).
+        self._census = [0] * 16
 
     @classmethod
     def restored(
@@ -222,8 +227,10 @@ class Store:
         store._history_bytes = size
         current = store._records
         terminal: builtins.list[Record] = []
+        census = store._census
         for record in records:
             current[record.id] = record
+            census[record._bits & 15] += 1
             if record.has_pending:
                 store._pending.add(record.id)
             if record.terminal:
@@ -255,6 +262,16 @@ class Store:
     def get(self, id: str) -> Record | None:
         """The current version of connection ``id``, or None."""
         return self._records.get(id)
+
+    @property
+    def history_length(self) -> int:
+        """Events the history holds now."""
+        return len(self._history)
+
+    def census(self) -> dict[tuple[Kind, int], int]:
+        """How many current records there are of each (kind, state); every pair present."""
+        census = self._census
+        return {(kind, state): census[kind | state << 2] for kind in Kind for state in range(4)}
 
     def snapshot(self) -> tuple[builtins.list[Record], int]:
         """Every current record (no order) and the revision they reflect."""
@@ -403,6 +420,7 @@ class Store:
         if len(interned) >= _INTERN_MAX:
             interned.clear()
         intern = interned.setdefault
+        census = self._census
         pairs: Iterable[tuple[rs.ConnectionSnapshot, EncodedSnapshot | None]] = (
             zip(snapshots, encoded, strict=True)
             if encoded is not None
@@ -534,6 +552,9 @@ class Store:
                 )
                 self._revision = revision
                 records[id] = record
+                census[kind | state << 2] += 1
+                if prev is not None:
+                    census[prev._bits & 15] -= 1
                 if pending:
                     pending_ids.add(id)
                 elif prev is not None and prev.has_pending:
@@ -766,6 +787,7 @@ class Store:
                     break
                 terminal.popitem(last=False)
                 record = self._records.pop(id)
+                self._census[record._bits & 15] -= 1
                 self._terminal_bytes -= len(record.data)
                 self._deleted.add(id)
                 self._pending.discard(id)
@@ -858,6 +880,9 @@ class Store:
         )
         self._revision = revision
         self._records[prev.id] = record
+        census = self._census
+        census[prev._bits & 15] -= 1
+        census[record._bits & 15] += 1
         if has_pending:
             self._pending.add(prev.id)
         else:
