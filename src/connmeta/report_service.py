@@ -31,6 +31,7 @@ from connmeta.errors import abort, internal, status_for
 from connmeta.records import InvalidArgument, Rejection, StoreError
 from connmeta.routing import Decision, ProxyFeed, RouterHub
 from connmeta.service import Context, Undecodable, cancel
+from connmeta.stats import ReportStats
 from connmeta.store import EncodedSnapshot, Resync, Store
 from connmeta.v1 import connection_pb2 as pb
 from connmeta.v1 import report_service_pb2 as rs
@@ -145,9 +146,10 @@ class _Stream:
 class ReportServicer:
     """connmeta.v1.ReportService over the store and the router hub."""
 
-    def __init__(self, store: Store, routers: RouterHub) -> None:
+    def __init__(self, store: Store, routers: RouterHub, stats: ReportStats | None = None) -> None:
         self._store = store
         self._routers = routers
+        self._stats = stats or ReportStats()
 
     async def Report(
         self, requests: AsyncIterator[DecodedReport | Undecodable], context: Context
@@ -253,9 +255,12 @@ class ReportServicer:
         store = self._store
         ack = rs.ReportAck(sequence=request.sequence)
         connects: list[tuple[str, str]] = []
+        if request.HasField("proxy_stats"):
+            self._stats.proxy_stats(stream.proxy, request.proxy_stats)
         kind = request.WhichOneof("message")
         if kind == "batch":
             snapshots = request.batch.snapshots
+            self._stats.batch(stream.proxy, len(snapshots))
             rejected = store.apply(snapshots, encoded, proxy=stream.proxy, path="batch.snapshots")
             if rejected:
                 ack.rejected.extend(_rejection_message(r) for r in rejected)
@@ -274,6 +279,7 @@ class ReportServicer:
             if stream.resync is not None:
                 store.abandon_resync(stream.resync)
             stream.resync = store.begin_resync(stream.proxy)
+            self._stats.resyncs += 1
             auth.audit(stream.principal, REPORT_METHOD, "resync start", proxy=stream.proxy)
         elif kind == "resync_end":
             if stream.resync is None:
@@ -366,21 +372,24 @@ class ReportServicer:
         Any failure still answers "no change": the proxy must not wait out
         its deadline for a bug of ours.
         """
+        started = time.monotonic()
         query_id = self._routers.new_query_id()
         try:
-            decision = await self._decide(stream, server_id, client_id, query_id)
+            decision, outcome = await self._decide(stream, server_id, client_id, query_id)
         except Exception:
             log.exception("routing server %s failed; the proxy connects unchanged", server_id)
-            decision = Decision(server_id, query_id=query_id)
+            decision, outcome = Decision(server_id, query_id=query_id), "error"
+        self._routers.decided(outcome, time.monotonic() - started)
         send(_decision_message(decision))
 
     async def _decide(
         self, stream: _Stream, server_id: str, client_id: str, query_id: str
-    ) -> Decision:
+    ) -> tuple[Decision, str]:
+        """The decision and its outcome (``routing.DECISION_OUTCOMES``)."""
         store = self._store
         server = store.get(server_id)
         if server is None:
-            return Decision(server_id, query_id=query_id)
+            return Decision(server_id, query_id=query_id), "unrouted"
         if server.has_pending:
             # A change made with UpdateServerConnection wins over a router:
             # it is the more specific instruction, and already recorded.
@@ -392,7 +401,7 @@ class ReportServicer:
                 address=pending.address if pending.HasField("address") else None,
                 via=pending.via if pending.HasField("via") else None,
                 query_id=query_id,
-            )
+            ), "pending_change"
         query = rt.RouteQuery(query_id=query_id)
         query.server.MergeFromString(server.basic())
         client = store.get(client_id) if client_id else None
@@ -416,7 +425,7 @@ class ReportServicer:
             except StoreError as error:
                 # Typically the server is OPEN already: the proxy went ahead.
                 log.warning("route decision for %s not applied: %s", escape(server_id), error)
-                return Decision(server_id, actor=decision.actor, query_id=query_id)
+                return Decision(server_id, actor=decision.actor, query_id=query_id), "not_applied"
             auth.audit(
                 decision.principal,
                 ROUTE_METHOD,
@@ -425,12 +434,19 @@ class ReportServicer:
                 fields=",".join(sorted(decision.fields)),
                 router=decision.actor,
             )
-        return decision
+            return decision, "changed"
+        if decision.timed_out:
+            return decision, "timed_out"
+        # A router's answer carries its name; "no change" without one means
+        # no router was there (none active, or it left while asked).
+        return decision, "no_change" if decision.actor else "unrouted"
 
 
-def handler(store: Store, routers: RouterHub) -> grpc.GenericRpcHandler:
-    """ReportService's handler."""
-    servicer = ReportServicer(store, routers)
+def handler(
+    store: Store, routers: RouterHub, stats: ReportStats | None = None
+) -> grpc.GenericRpcHandler:
+    """ReportService's handler; ``stats`` counts what the streams receive."""
+    servicer = ReportServicer(store, routers, stats)
     return grpc.method_handlers_generic_handler(
         REPORT_SERVICE,
         {

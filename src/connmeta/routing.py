@@ -31,6 +31,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from connmeta.records import Event, Record
+from connmeta.stats import ROUTE_WAIT_BUCKETS, Buckets
 from connmeta.store import Store
 from connmeta.v1 import connection_pb2 as pb
 from connmeta.validation import router_name_problem
@@ -136,6 +137,22 @@ def pending_decision(record: Record) -> Decision | None:
     )
 
 
+DECISION_OUTCOMES = (
+    "changed",
+    "no_change",
+    "timed_out",
+    "pending_change",
+    "not_applied",
+    "unrouted",
+    "error",
+)
+"""What a server connect's decision was: a router changed the server; a router
+answered "no change"; no answer in time; a change pending from
+UpdateServerConnection was sent instead of asking; the router's change could
+not be recorded (the server was OPEN already); no router was there to ask; a
+bug of ours (the proxy goes ahead unchanged)."""
+
+
 class RouterHub:
     """Subscribed routers, open queries and pending decisions."""
 
@@ -153,6 +170,10 @@ class RouterHub:
         if store is not None:
             store.subscribe(self._on_events)
         self.stats = {"queries": 0, "answered": 0, "timed_out": 0, "late": 0, "unrouted": 0}
+        self.decisions: dict[str, int] = dict.fromkeys(DECISION_OUTCOMES, 0)
+        """Decisions sent to proxies for their server connects, by outcome."""
+        self.wait = Buckets(ROUTE_WAIT_BUCKETS)
+        """How long each server connect was held for its decision, in seconds."""
 
     # -- routers ---------------------------------------------------------
 
@@ -248,6 +269,12 @@ class RouterHub:
             )
         )
         return True
+
+    def decided(self, outcome: str, waited: float) -> None:
+        """Count one decision sent to a proxy (``DECISION_OUTCOMES``) and how long
+        its connect was held for it."""
+        self.decisions[outcome] += 1
+        self.wait.observe(waited)
 
     # -- proxies and pending changes -------------------------------------
 

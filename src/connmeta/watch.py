@@ -135,6 +135,7 @@ class Watcher:
         self._interrupted = False
         self._cancelling = 0
         self._closed = False
+        self._taken = 0  # change events in the last take (bookmarks are not counted)
 
     @property
     def last_revision(self) -> int:
@@ -248,6 +249,7 @@ class Watcher:
             self._watchdog = loop.call_at(started + self._hub.write_timeout, self._check_write)
         try:
             await write(response)
+            self._hub.events_sent += self._taken
         except asyncio.CancelledError:
             if self._interrupted and writer.uncancel() <= self._cancelling:
                 raise Evicted(self.last_revision) from None
@@ -270,6 +272,7 @@ class Watcher:
         self._pending.clear()
         self._offset = self._behind = 0
         self._hub._remove(self)
+        self._hub.evictions["write_timeout"] += 1
         self._interrupt()
 
     def _interrupt(self) -> None:
@@ -299,6 +302,7 @@ class Watcher:
         if pending:
             self._behind += len(events)
             if self._behind > self._hub.max_lag:
+                self._hub.evictions["slow_consumer"] += 1
                 self._evicted = True
                 pending.clear()
                 self._offset = self._behind = 0
@@ -328,8 +332,10 @@ class Watcher:
                     out.append(chunk)
                     size += len(chunk)
                     if len(out) >= MAX_BATCH_EVENTS or size >= MAX_BATCH_BYTES:
+                        self._taken = len(out)
                         return out
             self._initial = None
+            self._taken = len(out)
             out.append(encode_watch_event(EventType.INITIAL_EVENTS_END, self._initial_revision))
             return out
         pending = self._pending
@@ -349,6 +355,7 @@ class Watcher:
                         self._behind -= len(pending[0])
                     self._position = events[-1].revision
                     self._response = response
+                    self._taken = len(chunks)
                     return list(chunks)
         while pending and len(out) < MAX_BATCH_EVENTS and size < MAX_BATCH_BYTES:
             events = pending[0]
@@ -374,6 +381,7 @@ class Watcher:
                     self._behind -= len(pending[0])
         self._offset = offset
         self._position = position
+        self._taken = len(out)
         return out
 
 
@@ -412,6 +420,12 @@ class WatchHub:
         self.write_timeout = write_timeout
         self._watchers: dict[Watcher, None] = {}
         self._shutting_down = False
+        self.events_sent = 0
+        """Change events (ADDED, MODIFIED, DELETED, initial ADDED) written to
+        watchers through ``Watcher.send``; bookmarks are not counted."""
+        self.evictions = {"slow_consumer": 0, "write_timeout": 0}
+        """Watchers ended for falling more than max_lag behind, or for a write
+        blocked write_timeout seconds."""
         self._unsubscribe = store.subscribe(self._broadcast)
 
     @property
