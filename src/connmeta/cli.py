@@ -47,6 +47,8 @@ _HELP = {
     "listen": "gRPC API over TCP, HOST:PORT (port 0 picks one); empty disables",
     "unix_socket": "gRPC API over a Unix socket (mode 0600); empty disables",
     "health_listen": "grpc.health.v1 only, HOST:PORT, for kubelet probes; empty disables",
+    "metrics_listen": "Prometheus /metrics over plain HTTP, HOST:PORT (counts only, no"
+    " per-connection data); empty disables",
     "history_size": "events kept for resuming watches and paging",
     "history_bytes": "bytes of record versions the history keeps at most (oldest dropped first)",
     "closed_retention": "seconds a closed connection stays before it is deleted",

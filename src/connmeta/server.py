@@ -22,10 +22,12 @@ from grpc_reflection.v1alpha import reflection
 
 from connmeta import __version__, connection_service, report_service, router_service
 from connmeta.auth import AuthzInterceptor, Limits, ServerTLS
+from connmeta.export.prometheus import MetricsServer, SidecarMetrics
 from connmeta.policy import PolicyFile
 from connmeta.routing import RouterHub
 from connmeta.service import IdentityInterceptor
 from connmeta.state_file import StateFile, open_store
+from connmeta.stats import ReportStats
 from connmeta.store import Store
 from connmeta.watch import WatchHub
 
@@ -53,6 +55,7 @@ class Config:
     listen: str = "127.0.0.1:50051"
     unix_socket: str = field(default_factory=default_unix_socket)
     health_listen: str = ""
+    metrics_listen: str = ""
     history_size: int = 100_000
     history_bytes: int = 64 * MiB
     closed_retention: float = 300.0
@@ -211,6 +214,12 @@ class Sidecar:
             write_timeout=config.watch_write_timeout,
         )
         self.routers = RouterHub(self.store)
+        self.reports = ReportStats()
+        # Always kept (a few ints, one interceptor): what /metrics and the
+        # other exporters read.
+        self.metrics = SidecarMetrics(self.store, self.hub, self.routers, self.reports)
+        self._metrics_server: MetricsServer | None = None
+        self.metrics_address = ""
         self.health = HealthServicer()
         self._servers: list[grpc.aio.Server] = []
         self._tasks: list[asyncio.Task[None]] = []
@@ -224,14 +233,19 @@ class Sidecar:
         config = self.config
         if not config.listen and not config.unix_socket:
             raise ListenError("nothing to serve on: both --listen and --unix-socket are empty")
-        # Identity first, so that refused calls name the store too.
-        identity = [IdentityInterceptor(self.store.incarnation), self.authz]
+        # Metrics outermost, so refused calls are counted with their code;
+        # then identity, so that refused calls name the store too.
+        identity = [
+            self.metrics.interceptor,
+            IdentityInterceptor(self.store.incarnation),
+            self.authz,
+        ]
         server = grpc.aio.server(options=channel_options(config), interceptors=identity)
         # One servicer per service, each behind the transport's error boundary.
         server.add_generic_rpc_handlers(
             (
                 connection_service.handler(self.store, self.hub, self._tokens),
-                report_service.handler(self.store, self.routers),
+                report_service.handler(self.store, self.routers, self.reports),
                 router_service.handler(self.routers),
             )
         )
@@ -267,6 +281,8 @@ class Sidecar:
                 health_server, config.health_listen, "--health-listen"
             )
             self._servers.append(health_server)
+        if config.metrics_listen:
+            self.metrics_address = await self._start_metrics(config.metrics_listen)
         for s in self._servers:
             await s.start()
         for name in ("", *SERVICE_NAMES):
@@ -274,6 +290,16 @@ class Sidecar:
         self._tasks.append(asyncio.create_task(self._expire_loop(), name="connmeta-expire"))
         if self.policy is not None:
             self._tasks.append(asyncio.create_task(self._policy_loop(), name="connmeta-policy"))
+
+    async def _start_metrics(self, address: str) -> str:
+        host, sep, port = address.rpartition(":")
+        if not sep or not port.isdigit() or int(port) > 65535:
+            raise ListenError(f"--metrics-listen {address!r} is not HOST:PORT")
+        self._metrics_server = MetricsServer(self.metrics)
+        try:
+            return await self._metrics_server.start(host.strip("[]"), int(port))
+        except OSError as exc:
+            raise ListenError(f"cannot listen on {address} (--metrics-listen): {exc}") from exc
 
     def _bind_tcp(self, server: grpc.aio.Server, address: str, flag: str) -> str:
         plaintext_api = self.tls is None and flag == "--listen"
@@ -318,6 +344,8 @@ class Sidecar:
             parts.append(f"unix={self.unix_socket}")
         if self.health_address:
             parts.append(f"health={self.health_address}")
+        if self.metrics_address:
+            parts.append(f"metrics={self.metrics_address}")
         if self.tls is not None:
             parts.append("tls=mtls")
         if self.policy is not None:
@@ -344,6 +372,9 @@ class Sidecar:
                 await task
         grace = self.config.shutdown_grace if grace is None else grace
         await asyncio.gather(*(s.stop(grace) for s in self._servers))
+        if self._metrics_server is not None:
+            # Last: a scrape during the grace period still sees the drain.
+            await self._metrics_server.stop()
         if self.state is not None:
             self.state.close()
         if self.unix_socket:
