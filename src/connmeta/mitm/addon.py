@@ -69,6 +69,12 @@ with one hostname) or the port is chosen at random. A snapshot the sidecar
 refuses is listed in its ack: it is counted (``stats["rejected"]``) and
 logged, throttled, and the stream goes on.
 
+The counters in ``stats`` go to the sidecar too (``ReportRequest.proxy_stats``,
+cumulative), so that one scrape of the sidecar's /metrics covers the proxy's
+reporting as well: at most once a second and only when they changed, on a
+request the stream sends anyway, or on an empty batch of their own when the
+stream is idle (an empty batch is a valid request for every sidecar version).
+
 A server reached through an upstream proxy (``via`` set: upstream mode, or a
 via decided by a router) is a "logical" server that mitmproxy never passes
 to ``server_*`` hooks: those report the tunnel to the upstream proxy. The
@@ -133,6 +139,8 @@ _MAX_FINISHED: Final = 4096
 """Finished logical servers remembered, so a flow hook that still holds one
 after its final snapshot does not report it as new."""
 _MAX_PROXY_ID: Final = 256
+_STATS_INTERVAL: Final = 1.0
+"""Seconds between two ProxyStats sent to the sidecar, at least."""
 _SNAPSHOT_OVERHEAD: Final = 800
 """Bytes a kept snapshot costs beyond twice its encoded size (see
 ``_footprint``)."""
@@ -301,6 +309,8 @@ class ConnmetaAddon:
         self._finished: OrderedDict[str, None] = OrderedDict()
         self._proxy_id = ""
         self._contract_errors = 0
+        self._stats_sent: tuple[int, ...] = ()
+        self._stats_sent_at = -_STATS_INTERVAL
         self._throttled = _Throttled()
         self.stats = {
             "sent": 0,
@@ -873,6 +883,9 @@ class ConnmetaAddon:
                 request.sequence = sequence
                 if sequence == 1:  # a stream opens with a replay or a resync
                     request.proxy_id = self._proxy_id
+                stats = self._stats_due()
+                if stats is not None:
+                    request.proxy_stats.CopyFrom(stats)
                 if snaps is not None:  # kept until acknowledged, for a replay
                     # One ByteSize() per batch: the same estimate as
                     # _footprint's, at a fraction of a per-snapshot call.
@@ -907,6 +920,10 @@ class ConnmetaAddon:
                     )
                 if in_flight and time.monotonic() - min(in_flight.values()) > deadline:
                     raise _StreamBroken(f"no acknowledgement within {deadline * 1000:.0f} ms")
+                if self._connected and len(in_flight) < _WINDOW and self._stats_due(peek=True):
+                    idle = rs.ReportRequest()
+                    idle.batch.SetInParent()  # empty: only the stats ride on it
+                    await send(idle)
                 self._wake.clear()
                 self._urgent.clear()
                 with contextlib.suppress(TimeoutError):
@@ -929,6 +946,32 @@ class ConnmetaAddon:
             if call is not None:
                 call.cancel()
             await channel.close(grace=None)
+
+    def proxy_stats(self) -> rs.ProxyStats:
+        """``stats`` as the report stream carries them."""
+        stats = self.stats
+        return rs.ProxyStats(
+            snapshots_sent=stats["sent"],
+            snapshots_dropped=stats["dropped"],
+            snapshots_buffered=stats["buffered"],
+            snapshots_replayed=stats["replayed"],
+            snapshots_rejected=stats["rejected"],
+            reconnects=stats["reconnects"],
+            route_timeouts=stats["route_timeouts"],
+        )
+
+    def _stats_due(self, *, peek: bool = False) -> rs.ProxyStats | None:
+        """The stats to send now, if they changed and the last went out a
+        second ago or more; None otherwise. ``peek``: do not count them as sent."""
+        now = time.monotonic()
+        if now - self._stats_sent_at < _STATS_INTERVAL:
+            return None
+        values = tuple(self.stats.values())
+        if values == self._stats_sent:
+            return None
+        if not peek:
+            self._stats_sent, self._stats_sent_at = values, now
+        return self.proxy_stats()
 
     def _resync_requests(self, deadline: float) -> Iterable[rs.ReportRequest]:
         """ResyncStart, every live connection, ResyncEnd, built at one instant.
