@@ -953,9 +953,8 @@ def test_census_follows_every_kind_of_change() -> None:
         batch = []
         for id in rng.sample(ids, 8):
             known = store.get(id)
-            if known is not None and known.kind is Kind.CLIENT:
-                batch.append(client(id, state=rng.choice(states)))
-            elif known is None and rng.random() < 0.3:
+            a_client = known.kind is Kind.CLIENT if known else rng.random() < 0.3
+            if a_client:
                 batch.append(client(id, state=rng.choice(states)))
             else:
                 state = rng.choice(states)

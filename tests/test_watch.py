@@ -237,6 +237,7 @@ async def test_slow_watcher_is_evicted_and_others_get_everything() -> None:
     # It delivered nothing: its resume point is where it started (not 0, "from now").
     assert info.value.last_revision == base
     assert hub.watcher_count == 1
+    assert hub.evictions == {"slow_consumer": 1, "write_timeout": 0}
     resumed = hub.watch(start_after_revision=info.value.last_revision)
     assert [e.revision for e in await drain(resumed)] == got
 
@@ -419,6 +420,7 @@ async def test_a_write_blocked_for_write_timeout_ends_the_watch() -> None:
     # Its status goes out behind the blocked response: resume after that one.
     assert info.value.last_revision == base + 1
     assert hub.watcher_count == 0
+    assert hub.evictions == {"slow_consumer": 0, "write_timeout": 1}
     store.apply([server(next_id())])
     assert watcher.pending == 0  # dropped: holds nothing any more
 
@@ -448,3 +450,26 @@ async def test_cancelling_a_blocked_write_from_outside_stays_a_cancellation() ->
     with pytest.raises(asyncio.CancelledError):
         await sending
     assert hub.watcher_count == 1  # the caller closes it, as for any ended call
+
+
+async def _written(response: bytes) -> None:
+    await asyncio.sleep(0)
+
+
+async def test_events_sent_counts_change_events_written_not_bookmarks_or_markers() -> None:
+    store = Store()
+    store.apply([server(next_id()) for _ in range(3)])
+    hub = WatchHub(store, bookmark_interval=0.01)
+    watcher = hub.watch(send_initial_events=True, allow_bookmarks=True)
+    await watcher.send(_written, await watcher.next_response())  # 3 ADDED + INITIAL_EVENTS_END
+    assert hub.events_sent == 3
+    store.apply([server(next_id()) for _ in range(2)])
+    await watcher.send(_written, await watcher.next_response())
+    assert hub.events_sent == 5
+    bookmark = await asyncio.wait_for(watcher.next_response(), 1)
+    assert [e.type for e in cs.WatchConnectionsResponse.FromString(bookmark).events] == [BOOKMARK]
+    await watcher.send(_written, bookmark)
+    assert hub.events_sent == 5
+    store.apply([server(next_id())])
+    await watcher.next_response()  # taken but never written: not sent
+    assert hub.events_sent == 5

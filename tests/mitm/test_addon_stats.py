@@ -5,6 +5,7 @@ sidecar (tests/e2e/test_outage.py checks them in /metrics with mitmdump)."""
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -45,22 +46,25 @@ def test_stats_go_out_at_most_once_a_second_and_only_when_changed(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     clock = Clock()
-    monkeypatch.setattr(addon_module.time, "monotonic", clock)
+    monkeypatch.setattr(addon_module, "time", SimpleNamespace(monotonic=clock))
     addon = ConnmetaAddon()
     first = addon._stats_due()
-    assert first is not None and first.snapshots_sent == 0, "the first request carries them"
+    assert first is not None, "the first request carries them"
+    assert first.snapshots_sent == 0
     addon.stats["sent"] += 5
     clock.now += 0.5
     assert addon._stats_due() is None, "changed, but within the second"
     clock.now += 0.5
     assert addon._stats_due(peek=True) is not None
     due = addon._stats_due()
-    assert due is not None and due.snapshots_sent == 5
+    assert due is not None
+    assert due.snapshots_sent == 5
     clock.now += 5
     assert addon._stats_due() is None, "unchanged: nothing to send"
     addon.stats["reconnects"] += 1
     due = addon._stats_due()
-    assert due is not None and due.reconnects == 1
+    assert due is not None
+    assert due.reconnects == 1
 
 
 async def test_an_idle_stream_delivers_changed_stats_to_the_sidecar(tmp_path: Path) -> None:

@@ -158,7 +158,7 @@ class SidecarMetrics:
     ) -> None:
         # No *_created series beside every counter: the text format's
         # Prometheus ignores them, and they double the exposition.
-        disable_created_metrics()
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         # A registry of its own, not the process-wide default: two sidecars in
         # one process (tests) must not share or clash.
         self.registry = CollectorRegistry()
