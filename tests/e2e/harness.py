@@ -78,6 +78,8 @@ class SidecarProcess:
         self.unix_socket = unix_socket
         self.proc: subprocess.Popen[str] | None = None
         self.tcp = ""
+        self.metrics = ""
+        """HOST:PORT of its /metrics (a new port after every start)."""
 
     @property
     def target(self) -> str:
@@ -86,7 +88,7 @@ class SidecarProcess:
     def start(self) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "connmeta", "serve", "--listen", "127.0.0.1:0",
-             "--unix-socket", str(self.unix_socket)],
+             "--unix-socket", str(self.unix_socket), "--metrics-listen", "127.0.0.1:0"],
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             text=True,
@@ -96,6 +98,12 @@ class SidecarProcess:
         assert line.startswith("connmeta "), f"unexpected first line {line!r}"
         parts = dict(p.split("=", 1) for p in line.split() if "=" in p)
         self.tcp = parts["tcp"]
+        self.metrics = parts["metrics"]
+
+    def scrape(self) -> str:
+        """The text exposition of its /metrics."""
+        with urllib.request.urlopen(f"http://{self.metrics}/metrics", timeout=5) as response:
+            return str(response.read().decode())
 
     def kill(self) -> None:
         """SIGKILL: no goodbye to the proxy, like a crash."""

@@ -1,7 +1,8 @@
 """(c) The addon loses nothing it saw within its bound: connections that open
 and close while the sidecar is down reach the restarted sidecar CLOSED, with
 mitmproxy's own timestamps; with a small buffer, what it dropped is counted
-exactly and the sidecar holds exactly the rest.
+exactly and the sidecar holds exactly the rest, and the restarted sidecar's
+/metrics shows the addon's count (ProxyStats on the report stream).
 
 One mitmdump, one sidecar killed and restarted twice on the same socket. The
 probe (loaded after the addon) writes every connection hook in the order the
@@ -20,6 +21,7 @@ from typing import Any
 import grpc
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
+from prometheus_client.parser import text_string_to_metric_families
 
 from connmeta.v1 import connection_pb2 as pb
 from tests.e2e.conftest import proxy_args
@@ -61,6 +63,22 @@ def summaries(proxy: Mitmdump) -> list[tuple[int, int, int]]:
         for line in proxy.log().splitlines()
         if (m := SUMMARY.search(line))
     ]
+
+
+def proxy_metrics(exposition: str) -> tuple[float, float] | None:
+    """connmeta_proxy_snapshots_dropped_total and _reconnects_total of the one proxy."""
+    found = {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(exposition)
+        for sample in family.samples
+        if sample.name.startswith("connmeta_proxy_")
+    }
+    if not found:
+        return None
+    return (
+        found["connmeta_proxy_snapshots_dropped_total"],
+        found["connmeta_proxy_reconnects_total"],
+    )
 
 
 async def requests_during_outage(
@@ -174,6 +192,15 @@ async def test_what_the_outage_saw_reaches_the_restarted_sidecar_and_drops_are_c
             "buffered, replayed, dropped: every snapshot of the outage, the newest KEPT, the rest"
         )
         assert held.keys() == last.keys(), "exactly the connections of the kept snapshots"
+        # One scrape of the sidecar covers the proxy's reporting too.
+        dropped = len(outage) - KEPT
+
+        async def proxy_counters() -> tuple[float, float] | None:
+            found = proxy_metrics(await asyncio.to_thread(sidecar.scrape))
+            return found if found and found[0] == dropped else None
+
+        counters = await async_wait_for(proxy_counters, 5, "the addon's counters in /metrics")
+        assert counters[1] >= 2, "two outages: at least two reconnects"
         for id, entry in last.items():
             # Dropping the oldest keeps each connection's newest snapshot:
             # its close, reported by mitmproxy's hook.
