@@ -299,6 +299,39 @@ def test_cert_manager_example_issues_the_secret_the_sidecar_mounts(rendered: Ren
     assert service in spec["dnsNames"]
 
 
+def test_metrics_port_is_served_declared_and_announced_to_prometheus(rendered: Rendered) -> None:
+    sidecar = rendered.container(SIDECAR)
+    listen = _flag(sidecar, "--metrics-listen")
+    assert listen, "the sidecar serves /metrics"
+    assert _host_of(listen) == "0.0.0.0", "Prometheus scrapes the pod's address"
+    assert _container_ports(sidecar)["metrics"] == _port_of(listen)
+    annotations = rendered.pod["metadata"].get("annotations", {})
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert annotations["prometheus.io/port"] == str(_port_of(listen))
+    assert annotations["prometheus.io/path"] == "/metrics"
+
+
+def test_podmonitor_example_scrapes_the_sidecars_metrics_port(rendered: Rendered) -> None:
+    (monitor,) = json.loads(
+        _run(
+            [_tool("deploy-venv", "bin", "python"), "-c", _YAML_TO_JSON],
+            (DEPLOY / "prometheus" / "podmonitor.yaml").read_text(),
+        )
+    )
+    assert (monitor["apiVersion"], monitor["kind"]) == ("monitoring.coreos.com/v1", "PodMonitor")
+    spec = monitor["spec"]
+    labels = rendered.pod["metadata"]["labels"]
+    assert spec["selector"]["matchLabels"].items() <= labels.items()
+    (endpoint,) = spec["podMetricsEndpoints"]
+    assert endpoint["port"] in _container_ports(rendered.container(SIDECAR))
+    assert _container_ports(rendered.container(SIDECAR))[endpoint["port"]] == _port_of(
+        _flag(rendered.container(SIDECAR), "--metrics-listen") or ":0"
+    )
+    assert endpoint["path"] == "/metrics"
+    # Kept out of every kustomization: it needs the Prometheus Operator's CRDs.
+    assert "PodMonitor" not in {o["kind"] for o in rendered.objects}
+
+
 def test_authz_policy_from_a_configmap_keeps_report_and_route_off_tcp(
     rendered: Rendered,
 ) -> None:
@@ -473,6 +506,7 @@ def test_network_policy_admits_only_consumers_to_the_api(rendered: Rendered) -> 
     sidecar, proxy = rendered.container(SIDECAR), rendered.container(PROXY)
     api = _port_of(_flag(sidecar, "--listen") or ":0")
     proxy_port = _container_ports(proxy)["proxy"]
+    metrics = _port_of(_flag(sidecar, "--metrics-listen") or ":0")
     names = _container_ports(sidecar) | _container_ports(proxy)
 
     admitted: set[int] = set()
@@ -484,8 +518,11 @@ def test_network_policy_admits_only_consumers_to_the_api(rendered: Rendered) -> 
         if api in rule_ports:
             assert rule_ports == {api}, "the API rule must not open other ports"
             assert rule.get("from") == [{"podSelector": {"matchLabels": CONSUMER_LABELS}}]
+        if metrics in rule_ports:
+            assert rule_ports == {metrics}, "the metrics rule must not open other ports"
+            assert rule.get("from"), "/metrics for Prometheus only, not for everyone"
     assert api in admitted
-    assert admitted == {api, proxy_port}, f"unexpected ports admitted: {admitted}"
+    assert admitted == {api, proxy_port, metrics}, f"unexpected ports admitted: {admitted}"
 
 
 # -- the Dockerfile ---------------------------------------------------------------
