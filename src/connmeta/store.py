@@ -524,6 +524,7 @@ class Store:
                 if prev is None:
                     create_revision = revision
                 is_terminal = hook in _TERMINAL_HOOKS or state == _CLOSED
+                low = kind | state << 2  # the record's census slot, and its bits' low four
                 record = Record(
                     id,
                     client_id,
@@ -531,8 +532,7 @@ class Store:
                     None,
                     None,
                     _BITS[
-                        kind
-                        | state << 2
+                        low
                         | hook << 4
                         | is_terminal << 8
                         | has_certs << 9
@@ -552,7 +552,7 @@ class Store:
                 )
                 self._revision = revision
                 records[id] = record
-                census[kind | state << 2] += 1
+                census[low] += 1
                 if prev is not None:
                     census[prev._bits & 15] -= 1
                 if pending:
