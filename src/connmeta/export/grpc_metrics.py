@@ -70,9 +70,9 @@ def _status(context: Context, error: BaseException | None) -> grpc.StatusCode:
     if error is None or isinstance(error, grpc.aio.AbortError):
         # abort() and set_code() record it on the context; None: OK.
         code = context.code()
-        if code is None:
-            return grpc.StatusCode.OK if error is None else grpc.StatusCode.UNKNOWN
-        return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode(code)
+        if isinstance(code, grpc.StatusCode):
+            return code
+        return grpc.StatusCode.OK if error is None else grpc.StatusCode.UNKNOWN
     if isinstance(error, asyncio.CancelledError | GeneratorExit):
         return grpc.StatusCode.CANCELLED  # the client went away, or the server stopped
     return grpc.StatusCode.UNKNOWN  # what grpcio answers for an exception
@@ -81,19 +81,26 @@ def _status(context: Context, error: BaseException | None) -> grpc.StatusCode:
 class _Method:
     """The metric children of one method, looked up once."""
 
-    __slots__ = ("handled", "labels", "seconds", "started", "updates")
+    __slots__ = ("_handled", "_metrics", "labels", "seconds", "started", "updates")
 
     def __init__(self, metrics: GrpcMetricsInterceptor, method: str, kind: str) -> None:
         service, _, name = method.lstrip("/").rpartition("/")
         self.labels = (service, name, _TYPES[kind])
         self.started = metrics.started.labels(*self.labels)
         self.seconds = metrics.seconds.labels(*self.labels)
-        self.handled = metrics.handled
         self.updates = metrics.updates if method == UPDATE_METHOD else None
+        self._metrics = metrics
+        # labels() takes a lock and builds a key: a few microseconds a call.
+        self._handled: dict[grpc.StatusCode, Any] = {}
 
     def done(self, code: grpc.StatusCode, started: float) -> None:
         self.seconds.observe(time.perf_counter() - started)
-        self.handled.labels(*self.labels, _GO_NAMES[code]).inc()
+        handled = self._handled.get(code)
+        if handled is None:
+            handled = self._handled[code] = self._metrics.handled.labels(
+                *self.labels, _GO_NAMES[code]
+            )
+        handled.inc()
         if self.updates is not None:
             self.updates.labels(_UPDATE_OUTCOME.get(code, "error")).inc()
 
