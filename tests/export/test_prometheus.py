@@ -23,7 +23,7 @@ from prometheus_client.openmetrics.parser import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 
-from connmeta.server import Config, Sidecar
+from connmeta.server import Config, ListenError, Sidecar
 from connmeta.v1 import connection_pb2 as pb
 from connmeta.v1 import connection_service_pb2 as cs
 from connmeta.v1 import connection_service_pb2_grpc as cs_grpc
@@ -325,3 +325,15 @@ async def test_only_metrics_is_served(sidecar: Sidecar) -> None:
     caught.value.close()
     assert caught.value.code == 404
     assert "metrics=" + sidecar.metrics_address in sidecar.describe()
+
+
+@pytest.mark.parametrize("address", ["9464", "localhost:http", "127.0.0.1:70000"])
+async def test_a_metrics_address_that_is_not_host_port_stops_serve_naming_it(
+    tmp_path: Path, address: str
+) -> None:
+    sidecar = Sidecar(
+        Config(listen="", unix_socket=str(tmp_path / "s.sock"), metrics_listen=address)
+    )
+    with pytest.raises(ListenError, match="--metrics-listen"):
+        await sidecar.start()
+    await sidecar.stop(grace=0)
