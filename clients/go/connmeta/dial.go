@@ -1,11 +1,14 @@
 package connmeta
 
 import (
+	"crypto/tls"
 	"fmt"
+	"strings"
 	"time"
 
 	"google.golang.org/grpc"
 	grpcbackoff "google.golang.org/grpc/backoff"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/keepalive"
@@ -36,6 +39,8 @@ type Client struct {
 
 type dialConfig struct {
 	keepalive time.Duration
+	tls       *TLSFiles
+	tlsConfig *tls.Config
 	extra     []grpc.DialOption
 }
 
@@ -55,21 +60,65 @@ func WithDialOptions(opts ...grpc.DialOption) Option {
 	return func(c *dialConfig) { c.extra = append(c.extra, opts...) }
 }
 
+// WithTLS makes a TCP target use mutual TLS: the sidecar's certificate is
+// verified against the CA in caFile (PEM), and certFile/keyFile (PEM) are
+// the client certificate the sidecar verifies against its --client-ca and
+// authorizes by (its SPIFFE URI SAN, else DNS SANs, else subject). With
+// certFile and keyFile empty no client certificate is sent, which a
+// sidecar run with --client-ca refuses in the handshake. Unix-socket
+// targets ignore this option: the socket's file permissions are their
+// access control, and they stay plaintext.
+//
+// The files are read once by Dial (a missing or malformed file fails Dial)
+// and the client certificate again at every new connection, so a
+// certificate rotated on disk (cert-manager, `connmeta certs init` rerun)
+// is used from the next reconnect on without a new Dial.
+func WithTLS(caFile, certFile, keyFile string) Option {
+	return func(c *dialConfig) { c.tls = &TLSFiles{CA: caFile, Cert: certFile, Key: keyFile} }
+}
+
+// WithTLSFiles is [WithTLS] with a server name to verify other than the
+// target's host (e.g. dialing an IP whose certificate names only DNS).
+func WithTLSFiles(files TLSFiles) Option {
+	return func(c *dialConfig) { c.tls = &files }
+}
+
+// WithTLSConfig uses cfg as is for TCP targets, for anything [WithTLS]
+// does not cover. It takes precedence over WithTLS.
+func WithTLSConfig(cfg *tls.Config) Option {
+	return func(c *dialConfig) { c.tlsConfig = cfg }
+}
+
 // Dial connects to a sidecar. target is "host:port" (TCP) or
 // "unix:///absolute/path" (Unix socket, the usual way inside a pod); any
 // target grpc-go understands works. The connection is made lazily, on the
 // first call, so Dial fails only on a malformed target.
 //
-// The transport is plaintext: the sidecar listens on loopback or on a Unix
-// socket whose file mode is the access control. Pass TLS credentials with
-// [WithDialOptions] for anything else.
+// Without [WithTLS] the transport is plaintext: fine for the Unix socket
+// (its file mode is the access control) and for reading from a sidecar on
+// loopback; a sidecar without an authorization policy lets plaintext TCP
+// callers only read, and one run with --client-ca accepts TCP callers only
+// with a client certificate.
 func Dial(target string, opts ...Option) (*Client, error) {
 	cfg := dialConfig{keepalive: DefaultKeepalive}
 	for _, o := range opts {
 		o(&cfg)
 	}
+	creds := insecure.NewCredentials()
+	if !isUnix(target) {
+		tlsCfg := cfg.tlsConfig
+		if tlsCfg == nil && cfg.tls != nil {
+			var err error
+			if tlsCfg, err = cfg.tls.Config(); err != nil {
+				return nil, fmt.Errorf("connmeta: dial %q: %w", target, err)
+			}
+		}
+		if tlsCfg != nil {
+			creds = credentials.NewTLS(tlsCfg)
+		}
+	}
 	dialOpts := []grpc.DialOption{
-		grpc.WithTransportCredentials(insecure.NewCredentials()),
+		grpc.WithTransportCredentials(creds),
 		grpc.WithKeepaliveParams(keepalive.ClientParameters{
 			Time:    cfg.keepalive,
 			Timeout: 10 * time.Second,
@@ -111,3 +160,8 @@ func (c *Client) Conn() *grpc.ClientConn { return c.conn }
 
 // Close tears the connection down; calls in flight fail with Canceled.
 func (c *Client) Close() error { return c.conn.Close() }
+
+// isUnix tells the Unix-socket targets of gRPC's naming rules apart.
+func isUnix(target string) bool {
+	return strings.HasPrefix(target, "unix:") || strings.HasPrefix(target, "unix-abstract:")
+}

@@ -18,12 +18,18 @@ const (
 	ReasonRevisionCompacted  = "REVISION_COMPACTED"   // OUT_OF_RANGE
 	ReasonWatcherTooSlow     = "WATCHER_TOO_SLOW"     // RESOURCE_EXHAUSTED
 	ReasonShuttingDown       = "SHUTTING_DOWN"        // UNAVAILABLE
+	// The caller's identity may not call the method (authorization policy,
+	// or a write over plaintext TCP); metadata "method" names it.
+	ReasonPermissionDenied = "PERMISSION_DENIED" // PERMISSION_DENIED
+	// The policy needs an identity and the call had none (plaintext TCP).
+	ReasonUnauthenticated = "UNAUTHENTICATED" // UNAUTHENTICATED
 )
 
 // ErrorInfo metadata keys the watch errors carry.
 const (
 	MetaOldestRevision = "oldest_revision" // REVISION_COMPACTED: oldest revision still retained
 	MetaLastRevision   = "last_revision"   // WATCHER_TOO_SLOW: last revision sent; resume after it
+	MetaMethod         = "method"          // PERMISSION_DENIED, UNAUTHENTICATED: the full method name
 )
 
 // ErrorDetails is a gRPC error with its google.rpc details decoded. Fields

@@ -17,15 +17,37 @@ import (
 // fake that TestMain starts (export_test.go).
 var target = os.Getenv("CONNMETA_TARGET")
 
+// The mTLS example's sidecar and files: CONNMETA_TLS_TARGET (a TCP
+// address) and CONNMETA_TLS_CA, _CERT, _KEY when set, else a fake that
+// requires a client certificate, with files made for it.
+var (
+	tlsTarget = os.Getenv("CONNMETA_TLS_TARGET")
+	tlsCA     = os.Getenv("CONNMETA_TLS_CA")
+	tlsCert   = os.Getenv("CONNMETA_TLS_CERT")
+	tlsKey    = os.Getenv("CONNMETA_TLS_KEY")
+)
+
 func TestMain(m *testing.M) {
+	var stops []func()
 	if target == "" {
 		var stop func()
 		target, stop = connmeta.StartExampleServer()
-		code := m.Run()
-		stop()
-		os.Exit(code)
+		stops = append(stops, stop)
 	}
-	os.Exit(m.Run())
+	if tlsTarget == "" {
+		dir, err := os.MkdirTemp("", "cm-pki")
+		if err != nil {
+			log.Fatal(err)
+		}
+		var stop func()
+		tlsTarget, tlsCA, tlsCert, tlsKey, stop = connmeta.StartExampleTLSServer(dir)
+		stops = append(stops, stop, func() { _ = os.RemoveAll(dir) })
+	}
+	code := m.Run()
+	for _, stop := range stops {
+		stop()
+	}
+	os.Exit(code)
 }
 
 // Reading one connection, and telling "not there" apart from other errors
@@ -50,6 +72,35 @@ func Example() {
 		log.Fatal(err)
 	default:
 		fmt.Println("revision", resp.GetConnection().GetMetadata().GetRevision())
+	}
+	// Output: no such connection
+}
+
+// Mutual TLS over TCP: the sidecar's certificate is checked against the
+// CA, and the client certificate is the caller's identity, which the
+// sidecar's authorization policy decides on (reader may read, writer may
+// also update). Unix-socket targets ignore WithTLS and stay plaintext.
+func ExampleWithTLS() {
+	// The files of `connmeta certs init --dir certs`: tlsCA = "certs/ca.pem",
+	// tlsCert = "certs/reader.pem", tlsKey = "certs/reader.key".
+	client, err := connmeta.Dial(tlsTarget, connmeta.WithTLS(tlsCA, tlsCert, tlsKey))
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer client.Close()
+
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	_, err = client.Connections.GetConnection(ctx, &connmetav1.GetConnectionRequest{
+		Id: "4c9e1a52-8d0f-4f49-a1b4-5c0f4b8f9f00",
+	})
+	switch {
+	case connmeta.IsReason(err, connmeta.ReasonConnectionNotFound):
+		fmt.Println("no such connection")
+	case connmeta.IsReason(err, connmeta.ReasonPermissionDenied):
+		fmt.Println("this certificate may not read")
+	case err != nil:
+		log.Fatal(err)
 	}
 	// Output: no such connection
 }
