@@ -25,14 +25,21 @@ pub mod reason {
     pub const WATCHER_TOO_SLOW: &str = "WATCHER_TOO_SLOW";
     /// UNAVAILABLE.
     pub const SHUTTING_DOWN: &str = "SHUTTING_DOWN";
+    /// PERMISSION_DENIED: the caller's identity may not call the method
+    /// (authorization policy, or a write over plaintext TCP).
+    pub const PERMISSION_DENIED: &str = "PERMISSION_DENIED";
+    /// UNAUTHENTICATED: the policy needs an identity and the call had none.
+    pub const UNAUTHENTICATED: &str = "UNAUTHENTICATED";
 }
 
-/// `ErrorInfo` metadata keys of the watch errors.
+/// `ErrorInfo` metadata keys of the watch and authorization errors.
 pub mod meta {
     /// REVISION_COMPACTED: the oldest revision still retained.
     pub const OLDEST_REVISION: &str = "oldest_revision";
     /// WATCHER_TOO_SLOW: the last revision sent; resume after it.
     pub const LAST_REVISION: &str = "last_revision";
+    /// PERMISSION_DENIED, UNAUTHENTICATED: the full method name.
+    pub const METHOD: &str = "method";
 }
 
 /// A status with its details decoded; absent details are `None`.

@@ -5,7 +5,8 @@
 //! `proto/connmeta/v1` by `build.rs`); the rest is a thin layer over them:
 //!
 //! - [`connect`] dials TCP (`host:port`) or a Unix socket (`unix:///path`),
-//!   with keepalive suited to long watches.
+//!   with keepalive suited to long watches; [`connect_with`] and
+//!   [`TlsConfig`] add mutual TLS for TCP.
 //! - [`Watcher`] follows changes and survives disconnects, slow-consumer
 //!   evictions (`WATCHER_TOO_SLOW`), compaction (`REVISION_COMPACTED`) and,
 //!   with `relist`, sidecar restarts, without losing or repeating a revision
@@ -50,7 +51,10 @@ pub mod health {
 }
 
 pub use client::{Client, Pages, ServerUpdate};
-pub use dial::{ConnectError, ConnectOptions, DEFAULT_KEEPALIVE, Target, connect, connect_with};
+pub use dial::{
+    ConnectError, ConnectOptions, DEFAULT_KEEPALIVE, Target, TlsConfig, connect, connect_channel,
+    connect_with,
+};
 pub use errors::{
     BadRequest, DOMAIN, ErrorDetails, ErrorInfo, FieldViolation, PreconditionFailure,
     PreconditionViolation, is_reason, meta, reason,
