@@ -36,6 +36,7 @@ var cases = []interopCase{
 	{"watch_slow_consumer", "a watcher that stops reading is ended RESOURCE_EXHAUSTED with ErrorInfo WATCHER_TOO_SLOW and last_revision; resuming from it loses nothing", caseWatchSlowConsumer},
 	{"watch_survives_sidecar_restart", "after a kill -9 and restart of the server (no --state-dir), a watch and a page token of the old incarnation fail OUT_OF_RANGE REVISION_COMPACTED and INVALID_ARGUMENT, never OK; the helper's informer relists by itself, says so, delivers the vanished records as DELETED and ends with exactly the new store's records", caseWatchSurvivesSidecarRestart},
 	{"keepalive", "keepalive pings every 10 s on an idle watch do not get the connection closed (too_many_pings); the watch still delivers afterwards", caseKeepalive},
+	{"authz_roles", "with the example policy, each role's certificate may call exactly the methods the policy gives it: the others fail PERMISSION_DENIED with ErrorInfo naming the method; the Unix socket may write; a connection without a client certificate fails the TLS handshake (UNAVAILABLE)", caseAuthzRoles},
 	{"health", "grpc.health.v1 Check reports SERVING for \"\" and connmeta.v1.ConnectionService", caseHealth},
 	{"report_rejects_bad_snapshot", "a batch whose middle snapshot has transport_protocol UNSPECIFIED is acked with that one rejected (index 1, INVALID_SNAPSHOT, a violation naming its field path) and the other two stored; the stream goes on: a further batch with port 70000 at index 0 is acked the same way", caseReportRejectsBadSnapshot},
 	{"two_proxies_resync_independent", "two Report streams with different proxy_id each report an OPEN client; a resync of proxy A, overlapping one of proxy B, closes only A's client (CLOSED, last_hook RESYNC); B's client stays OPEN and B's resync closes nothing", caseTwoProxiesResyncIndependent},
@@ -527,7 +528,7 @@ func caseWatchResumeNoGap(ctx context.Context, e *env) error {
 	cutWhileWriting := !w.finished()
 
 	// Resume on a new connection, as a restarted consumer would.
-	resumed, err := connmeta.Dial(e.target)
+	resumed, err := connmeta.Dial(e.target, e.dial...)
 	if err != nil {
 		return err
 	}
@@ -645,8 +646,8 @@ func caseWatchSlowConsumer(ctx context.Context, e *env) error {
 	// Small, fixed windows: with grpc-go's default dynamic window (BDP
 	// estimation) the client would buffer megabytes on the server's behalf
 	// before any backpressure reached the server.
-	slow, err := connmeta.Dial(e.target, connmeta.WithDialOptions(
-		grpc.WithInitialWindowSize(64<<10), grpc.WithInitialConnWindowSize(64<<10)))
+	slow, err := connmeta.Dial(e.target, append(slices.Clone(e.dial), connmeta.WithDialOptions(
+		grpc.WithInitialWindowSize(64<<10), grpc.WithInitialConnWindowSize(64<<10)))...)
 	if err != nil {
 		return err
 	}
@@ -756,7 +757,11 @@ func caseWatchSlowConsumer(ctx context.Context, e *env) error {
 
 func caseKeepalive(ctx context.Context, e *env) error {
 	counter := &pingCounter{}
-	c, err := connmeta.Dial(e.target, connmeta.WithKeepalive(10*time.Second), connmeta.WithDialOptions(countingDialer(e.target, counter)))
+	counting, err := countingOptions(e, counter)
+	if err != nil {
+		return err
+	}
+	c, err := connmeta.Dial(e.target, append(counting, connmeta.WithKeepalive(10*time.Second))...)
 	if err != nil {
 		return err
 	}
@@ -854,7 +859,7 @@ func caseUnixSocket(ctx context.Context, e *env) error {
 	if err != nil {
 		return err
 	}
-	uds, err := connmeta.Dial(target)
+	uds, err := connmeta.Dial(target, e.dial...)
 	if err != nil {
 		return err
 	}
