@@ -21,6 +21,7 @@ use connmeta::{
 use tonic::{Code, Status};
 
 use crate::Env;
+use crate::authz::authz_roles;
 use crate::keepalive::{PingCounter, counting_channel};
 use crate::proxy::{
     Proxy, addr, applied_at, client_snapshot, new_id, padded, resync_client, server_snapshot,
@@ -109,6 +110,11 @@ pub static CASES: &[Case] = &[
         "keepalive",
         "keepalive pings every 10 s on an idle watch do not get the connection closed (too_many_pings); the watch still delivers afterwards",
         keepalive
+    ),
+    case!(
+        "authz_roles",
+        "with the example policy, each role's certificate may call exactly the methods the policy gives it: the others fail PERMISSION_DENIED with ErrorInfo naming the method; the Unix socket may write; a connection without a client certificate fails the TLS handshake (UNAVAILABLE)",
+        authz_roles
     ),
     case!(
         "health",
@@ -870,9 +876,7 @@ async fn watch_resume_no_gap(e: &mut Env) -> R {
     let cut_while_writing = !writer.finished();
 
     // Resume on a new connection, as a restarted consumer would.
-    let resumed = connmeta::connect(&e.target)
-        .await
-        .map_err(|e| e.to_string())?;
+    let resumed = e.connect(&e.target).await?;
     let opts = WatchOptions {
         start_after_revision: resume_after,
         filter,
@@ -1036,7 +1040,7 @@ async fn watch_slow_consumer(e: &mut Env) -> R {
     let opts = ConnectOptions {
         initial_stream_window: Some(65_535),
         initial_connection_window: Some(65_535),
-        ..Default::default()
+        ..e.opts.clone()
     };
     let mut slow = connmeta::connect_with(&e.target, &opts)
         .await
@@ -1163,7 +1167,7 @@ async fn keepalive(e: &mut Env) -> R {
     let counter = PingCounter::default();
     let opts = ConnectOptions {
         keepalive: Duration::from_secs(10),
-        ..Default::default()
+        ..e.opts.clone()
     };
     let channel = counting_channel(&e.target, &opts, counter.clone()).await?;
     let mut c = connmeta::Client::new(channel);
@@ -1291,9 +1295,7 @@ async fn unix_socket(e: &mut Env) -> R {
     }
     let (_, id) = report_server(e, OPEN, "origin.example", 443).await?;
     let over_tcp = e.client.get(&id).await.map_err(ctx("get"))?;
-    let mut uds = connmeta::connect(&target)
-        .await
-        .map_err(|e| e.to_string())?;
+    let mut uds = e.connect(&target).await?;
     let over_uds = uds
         .get(&id)
         .await

@@ -196,7 +196,7 @@ pub async fn watch_survives_sidecar_restart(e: &mut Env) -> Result<(), String> {
     } else {
         &e.unix_target
     };
-    let consumer = connmeta::connect(target).await.map_err(|e| e.to_string())?;
+    let consumer = e.connect(target).await?;
     let seen = start_informer(consumer, filter.clone());
 
     // One change while it watches, then the resume points of this

@@ -12,7 +12,7 @@ use connmeta::v1::{
     report_request, report_response, route_request, route_response,
     router_service_client::RouterServiceClient,
 };
-use connmeta::{ConnectOptions, Target, WatchItem, WatchOptions, Watcher};
+use connmeta::{WatchItem, WatchOptions, Watcher};
 use tokio::sync::mpsc;
 use tokio::time::timeout;
 use tokio_stream::wrappers::ReceiverStream;
@@ -51,12 +51,8 @@ async fn next_within<T>(s: &mut Streaming<T>, within: Duration, what: &str) -> R
 
 /// A channel of its own for RouterService (the crate's Client has no stub
 /// for it).
-async fn router_channel(target: &str) -> Result<Channel, String> {
-    let target = Target::parse(target).map_err(|e| e.to_string())?;
-    let endpoint = ConnectOptions::default()
-        .endpoint(&target)
-        .map_err(|e| e.to_string())?;
-    match timeout(STEP, endpoint.connect()).await {
+async fn router_channel(e: &Env) -> Result<Channel, String> {
+    match timeout(STEP, connmeta::connect_channel(&e.target, &e.opts)).await {
         Ok(Ok(ch)) => Ok(ch),
         Ok(Err(e)) => Err(format!("connect for RouterService: {e}")),
         Err(_) => Err(format!("connect for RouterService: not within {STEP:?}")),
@@ -428,7 +424,7 @@ pub async fn router_retargets_connect(e: &mut Env) -> R {
     let route_deadline = Duration::from_secs(2);
     let target = addr("origin-b", 8443);
 
-    let ch = router_channel(&e.target).await?;
+    let ch = router_channel(e).await?;
     let mut r = Router::active(&ch, NAME).await?;
     let mut p = RoutingProxy::open(&e.client).await?;
     p.await_router(NAME).await?;
@@ -621,7 +617,7 @@ pub async fn router_silent_fails_open(e: &mut Env) -> R {
     let route_deadline = Duration::from_secs(1);
     let bound = Duration::from_secs(2);
 
-    let ch = router_channel(&e.target).await?;
+    let ch = router_channel(e).await?;
     let mut r = Router::active(&ch, NAME).await?;
     let mut p = RoutingProxy::open(&e.client).await?;
     p.await_router(NAME).await?;
@@ -676,7 +672,7 @@ pub async fn router_silent_fails_open(e: &mut Env) -> R {
 pub async fn router_standby_takes_over(e: &mut Env) -> R {
     const FIRST: &str = "rust-router-a";
     const SECOND: &str = "rust-router-b";
-    let ch = router_channel(&e.target).await?;
+    let ch = router_channel(e).await?;
     let a = Router::active(&ch, FIRST).await?;
     let (mut b, sub) = Router::subscribe(&ch, SECOND)
         .await
