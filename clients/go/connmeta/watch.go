@@ -136,10 +136,10 @@ func (c *Client) Watch(ctx context.Context, opts WatchOptions, handle func(*conn
 	}
 	w.backoff.reset()
 	err := w.run(ctx)
-	if ctx.Err() != nil && !errors.As(err, new(handlerError)) {
+	if cerr := contextDone(ctx); cerr != nil && !errors.As(err, new(handlerError)) {
 		// The caller's deadline, not the server's answer: report it as
 		// such, whatever call it interrupted.
-		return ctx.Err()
+		return cerr
 	}
 	return unwrapHandler(err)
 }
@@ -463,4 +463,17 @@ func (b *backoff) wait(ctx context.Context) error {
 	case <-t.C:
 		return nil
 	}
+}
+
+// contextDone is ctx.Err(), also in the moment after ctx's deadline passed
+// and before its timer fired: grpc-go ends a stream with DeadlineExceeded
+// on a timer of its own, which may fire first.
+func contextDone(ctx context.Context) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	if d, ok := ctx.Deadline(); ok && !time.Now().Before(d) {
+		return context.DeadlineExceeded
+	}
+	return nil
 }
