@@ -4,6 +4,12 @@ Each language's interop program is built once per session; the server is the rea
 ``connmeta serve`` subprocess, one per distinct set of flags (cases.md, "server flags").
 Missing toolchains fail these tests rather than skip them: CI has Go and Rust, and a
 silently skipped interop suite proves nothing.
+
+The TCP listener requires mutual TLS (``--tls-cert/--tls-key/--client-ca``, the files of
+``connmeta certs init``): plaintext TCP callers may only read, and the cases report, route
+and update. The programs get the writer's certificate (without ``--authz-policy`` any
+verified client certificate may call everything) and the certificate directory for
+``authz_roles``, whose server runs with the example policy.
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ from typing import IO
 
 import pytest
 
+from tests.interop.pki import write_dev_pki
+
 pytestmark = pytest.mark.interop
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -45,6 +53,10 @@ DEFAULT_FLAGS = {
     "--bookmark-interval": "1",
 }
 KEEPALIVE_ENV = "CONNMETA_INTEROP_KEEPALIVE_SECONDS"
+# In cases.md's server flags, CERTS/ stands for the directory of `connmeta certs init`.
+CERTS_PLACEHOLDER = "CERTS/"
+# The certificate every case's connections present (the roles are in cases.md).
+CLIENT_ROLE = "writer"
 # A program prints this line to have its server killed (-9) and started again on the same
 # TCP address and Unix socket; it reads "restarted" on stdin once the server serves again.
 RESTART_REQUEST = "connmeta-interop: restart-server"
@@ -144,6 +156,74 @@ class Programs:
         return self.get("rust").with_name(name)
 
 
+def _server_has_tls() -> bool:
+    """Whether ``connmeta serve`` takes --tls-cert: the server side of issue 11.
+
+    Only while that work is not on main; when it is, TLS is unconditional.
+    """
+    done = subprocess.run(
+        [_connmeta_executable(), "serve", "--help"], capture_output=True, text=True, timeout=30
+    )
+    return "--tls-cert" in done.stdout
+
+
+def make_certs(directory: Path) -> Path:
+    """The files of ``connmeta certs init --dir DIR``: the command's own output when the
+    CLI has it, else the same layout written here (tests/interop/pki.py)."""
+    done = subprocess.run(
+        [_connmeta_executable(), "certs", "init", "--dir", str(directory)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    if done.returncode != 0:
+        write_dev_pki(directory)
+    missing = [
+        name
+        for name in ("ca.pem", "server.pem", "server.key", "policy.json", f"{CLIENT_ROLE}.pem")
+        if not (directory / name).is_file()
+    ]
+    assert not missing, f"certificate directory {directory} lacks {missing}"
+    return directory
+
+
+@dataclass(frozen=True)
+class Certs:
+    """Where the certificates are, or None for a server without TLS."""
+
+    directory: Path | None
+
+    def serve_flags(self, flags: tuple[str, ...]) -> list[str]:
+        if self.directory is None:
+            return list(flags)
+        d = self.directory
+        resolved = [f.replace(CERTS_PLACEHOLDER, f"{d}/") for f in flags]
+        return [
+            *resolved,
+            "--tls-cert",
+            str(d / "server.pem"),
+            "--tls-key",
+            str(d / "server.key"),
+            "--client-ca",
+            str(d / "ca.pem"),
+        ]
+
+    def program_flags(self) -> list[str]:
+        if self.directory is None:
+            return []
+        d = self.directory
+        return [
+            "--tls-ca",
+            str(d / "ca.pem"),
+            "--tls-cert",
+            str(d / f"{CLIENT_ROLE}.pem"),
+            "--tls-key",
+            str(d / f"{CLIENT_ROLE}.key"),
+            "--roles-dir",
+            str(d),
+        ]
+
+
 @dataclass
 class Server:
     """One ``connmeta serve`` subprocess."""
@@ -154,6 +234,7 @@ class Server:
     log: Path
     directory: Path
     flags: tuple[str, ...]
+    certs: Certs
     _drain: threading.Thread = field(repr=False)
 
     def log_tail(self, lines: int = 40) -> str:
@@ -169,7 +250,7 @@ class Server:
         self._close_pipe()
         tcp, unix = self.tcp, self.unix
         self.process, self._drain, self.tcp, self.unix = _launch(
-            _serve_argv(tcp, unix, self.flags), self.log, self.directory
+            _serve_argv(tcp, unix, self.certs.serve_flags(self.flags)), self.log, self.directory
         )
         assert (self.tcp, self.unix) == (tcp, unix), "the restarted server moved"
 
@@ -212,7 +293,7 @@ def _drain(stream: IO[str], first_line: queue.Queue[str], log: Path) -> None:
             out.write(line)
 
 
-def _serve_argv(tcp: str, unix: str, flags: tuple[str, ...]) -> list[str]:
+def _serve_argv(tcp: str, unix: str, flags: list[str]) -> list[str]:
     return [_connmeta_executable(), "serve", "--listen", tcp, "--unix-socket", unix, *flags]
 
 
@@ -246,28 +327,29 @@ def _launch(
     return process, drain, tcp.group(1), unix.group(1)
 
 
-def start_server(flags: tuple[str, ...]) -> Server:
+def start_server(flags: tuple[str, ...], certs: Certs) -> Server:
     # Short directory: a Unix socket path must fit in sun_path (108 bytes).
     directory = Path(tempfile.mkdtemp(prefix="cm-"))
     log = directory / "server.log"
     log.write_text("")
-    argv = _serve_argv("127.0.0.1:0", str(directory / "connmeta.sock"), flags)
+    argv = _serve_argv("127.0.0.1:0", str(directory / "connmeta.sock"), certs.serve_flags(flags))
     process, drain, tcp, unix = _launch(argv, log, directory)
-    return Server(process, tcp, unix, log, directory, flags, drain)
+    return Server(process, tcp, unix, log, directory, flags, certs, drain)
 
 
 class Servers:
     """One server per distinct flag set (and one per case that restarts its server), started
     on first use, stopped at session end."""
 
-    def __init__(self) -> None:
+    def __init__(self, certs: Certs) -> None:
+        self.certs = certs
         self._running: dict[tuple[str, ...], Server] = {}
 
     def get(self, flags: tuple[str, ...], own: str = "") -> Server:
         key = (*flags, own)
         server = self._running.get(key)
         if server is None or server.process.poll() is not None:
-            server = self._running[key] = start_server(flags)
+            server = self._running[key] = start_server(flags, self.certs)
         return server
 
     def stop_all(self) -> None:
@@ -286,8 +368,15 @@ def programs(tmp_path_factory: pytest.TempPathFactory) -> Programs:
 
 
 @pytest.fixture(scope="session")
-def servers() -> Iterator[Servers]:
-    pool = Servers()
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
+    if not _server_has_tls():
+        return Certs(None)
+    return Certs(make_certs(tmp_path_factory.mktemp("certs")))
+
+
+@pytest.fixture(scope="session")
+def servers(certs: Certs) -> Iterator[Servers]:
+    pool = Servers(certs)
     yield pool
     pool.stop_all()
 
@@ -308,6 +397,8 @@ def test_interop(language: str, case: Case, programs: Programs, servers: Servers
             )
         env[KEEPALIVE_ENV] = seconds
         timeout += int(seconds)
+    if servers.certs.directory is None and case.id == "authz_roles":
+        pytest.skip("connmeta serve has no --tls-cert/--authz-policy yet (issue 11 server side)")
     program = programs.get(language)
     server = servers.get(case.flags, own=case.id if case.restarts else "")
     argv = [
@@ -316,6 +407,7 @@ def test_interop(language: str, case: Case, programs: Programs, servers: Servers
         server.tcp,
         "--unix-target",
         f"unix://{server.unix}",
+        *servers.certs.program_flags(),
         "--case",
         case.id,
     ]
@@ -425,19 +517,33 @@ def test_readme_examples_against_the_server(
     """The documented examples (Go Example tests, Rust examples/) work as written."""
     programs.get(language)
     server = servers.get(CASES[0].flags)
+    certs = servers.certs.directory
+    unix = f"unix://{server.unix}"
+    # Plaintext TCP is for a server without TLS only; with it, the plaintext examples
+    # use the Unix socket and the mTLS example the TCP listener.
+    plaintext_targets = [unix] if certs else [server.tcp, unix]
     if language == "go":
-        for target in (server.tcp, f"unix://{server.unix}"):
+        tls_env = {}
+        if certs:
+            tls_env = {
+                "CONNMETA_TLS_TARGET": server.tcp,
+                "CONNMETA_TLS_CA": str(certs / "ca.pem"),
+                "CONNMETA_TLS_CERT": str(certs / "reader.pem"),
+                "CONNMETA_TLS_KEY": str(certs / "reader.key"),
+            }
+        for target in plaintext_targets:
             done = subprocess.run(
-                ["go", "test", "-count=1", "-run", "^Example", "./connmeta"],
+                ["go", "test", "-count=1", "-v", "-run", "^Example", "./connmeta"],
                 cwd=GO_DIR,
-                env=dict(os.environ, CONNMETA_TARGET=target),
+                env=dict(os.environ, CONNMETA_TARGET=target, **tls_env),
                 capture_output=True,
                 text=True,
                 timeout=300,
             )
             assert done.returncode == 0, f"Go examples against {target}:\n{done.stdout}"
+            assert "--- PASS: ExampleWithTLS" in done.stdout, done.stdout
         return
-    for target in (server.tcp, f"unix://{server.unix}"):
+    for target in plaintext_targets:
         done = subprocess.run(
             [str(programs.rust_example("get_connection")), target],
             capture_output=True,
@@ -446,9 +552,19 @@ def test_readme_examples_against_the_server(
         )
         assert (done.returncode, done.stdout) == (0, "no such connection\n"), done.stderr
     done = subprocess.run(
-        [str(programs.rust_example("watch")), server.tcp, "*.example.invalid", "1"],
+        [str(programs.rust_example("watch")), plaintext_targets[0], "*.example.invalid", "1"],
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert (done.returncode, done.stdout) == (0, "listed 0 servers (Start)\nstopped\n"), done.stderr
+    if certs is None:
+        return
+    role = [str(certs / "ca.pem"), str(certs / "reader.pem"), str(certs / "reader.key")]
+    done = subprocess.run(
+        [str(programs.rust_example("mtls")), server.tcp, *role],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (done.returncode, done.stdout) == (0, "no such connection\n"), done.stderr
