@@ -568,3 +568,33 @@ def test_readme_examples_against_the_server(
         timeout=60,
     )
     assert (done.returncode, done.stdout) == (0, "no such connection\n"), done.stderr
+
+
+def _code_line(line: str) -> str:
+    """A line without indentation and trailing comment: what must match."""
+    return re.sub(r"\s*//.*$", "", line).strip()
+
+
+@pytest.mark.parametrize(
+    ("readme", "language", "source"),
+    [
+        (GO_DIR / "README.md", "go", GO_DIR / "connmeta" / "example_test.go"),
+        (RUST_DIR / "README.md", "rust", RUST_DIR / "examples" / "mtls.rs"),
+    ],
+    ids=["go", "rust"],
+)
+def test_client_readme_mtls_snippet_is_the_tested_example(
+    readme: Path, language: str, source: Path
+) -> None:
+    """The clients' "Mutual TLS" snippets are code the suite runs (ExampleWithTLS,
+    examples/mtls.rs), line for line and in order, not a copy that drifts."""
+    section = readme.read_text().split("## Mutual TLS\n", 1)[1]
+    block = re.search(rf"```{language}\n(.*?)```", section, re.S)
+    assert block, f"{readme} has no {language} block under Mutual TLS"
+    lines = [c for c in map(_code_line, block.group(1).splitlines()) if c]
+    assert len(lines) >= 4, lines
+    code = [_code_line(line) for line in source.read_text().splitlines()]
+    position = 0
+    for line in lines:
+        assert line in code[position:], f"README line {line!r} is not in {source.name} (in order)"
+        position = code.index(line, position) + 1
