@@ -1,5 +1,9 @@
 """A real sidecar for tests: the grpc.aio server on a Unix socket and on TCP,
-in the test's own event loop, with typed stubs."""
+in the test's own event loop, with typed stubs.
+
+TCP is as a deployment runs it: mTLS with certificates from ``connmeta certs
+init`` (``tests.tls``), the client holding a certificate that, without a
+policy, may call everything."""
 
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ from google.rpc import error_details_pb2, status_pb2
 
 from connmeta.server import Config, Sidecar
 from connmeta.v1 import connection_service_pb2_grpc as cs_grpc
+from tests import tls
 
 StartSidecar = Callable[..., Awaitable[tuple[Sidecar, grpc.aio.Channel]]]
 
@@ -31,13 +36,17 @@ async def start_sidecar(tmp_path: Path, transport: str) -> AsyncIterator[StartSi
 
     async def start(**overrides: Any) -> tuple[Sidecar, grpc.aio.Channel]:
         config = dataclasses.replace(
-            Config(listen="127.0.0.1:0", unix_socket=str(tmp_path / f"s{len(started)}.sock")),
+            Config(
+                listen="127.0.0.1:0",
+                unix_socket=str(tmp_path / f"s{len(started)}.sock"),
+                **tls.server_config(),
+            ),
             **overrides,
         )
         sidecar = Sidecar(config)
         await sidecar.start()
         target = sidecar.tcp_address if transport == "tcp" else f"unix://{sidecar.unix_socket}"
-        channel = grpc.aio.insecure_channel(target)
+        channel = tls.channel(target)
         started.append((sidecar, channel))
         return sidecar, channel
 

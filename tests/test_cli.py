@@ -13,14 +13,17 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import grpc
 import pytest
 
 from connmeta.cli import build_parser, parse_via
 from connmeta.server import Config, Sidecar
 from connmeta.v1 import connection_pb2 as pb
-from tests import factories
+from tests import factories, tls
 from tests.factories import Reporter
+
+# TCP sidecars here serve mTLS (tests.tls); the client commands get their
+# certificate from CONNMETA_TLS_* like a user's shell would give it.
+MTLS = tls.server_config()
 
 
 async def run(target: str, *args: str) -> tuple[int, str, str]:
@@ -33,6 +36,7 @@ async def run(target: str, *args: str) -> tuple[int, str, str]:
         target,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, **tls.cli_env(target)},
     )
     out, err = await asyncio.wait_for(process.communicate(), 30)
     assert process.returncode is not None
@@ -41,7 +45,7 @@ async def run(target: str, *args: str) -> tuple[int, str, str]:
 
 @pytest.fixture
 async def sidecar(tmp_path: object) -> object:
-    sidecar = Sidecar(Config(listen="127.0.0.1:0", unix_socket=""))
+    sidecar = Sidecar(Config(listen="127.0.0.1:0", unix_socket="", **MTLS))
     await sidecar.start()
     yield sidecar
     await sidecar.stop(grace=0)
@@ -49,7 +53,7 @@ async def sidecar(tmp_path: object) -> object:
 
 async def test_list_prints_a_table_with_one_row_per_connection(sidecar: Sidecar) -> None:
     snapshot = factories.server(host="table.example", port=8443)
-    async with grpc.aio.insecure_channel(sidecar.tcp_address) as ch:
+    async with tls.channel(sidecar.tcp_address) as ch:
         await Reporter(ch).report(snapshot, factories.client())
     code, out, _ = await run(sidecar.tcp_address, "list")
     assert code == 0
@@ -74,7 +78,7 @@ async def test_update_server_on_open_connection_prints_the_precondition_failure(
     sidecar: Sidecar,
 ) -> None:
     snapshot = factories.server()
-    async with grpc.aio.insecure_channel(sidecar.tcp_address) as ch:
+    async with tls.channel(sidecar.tcp_address) as ch:
         await Reporter(ch).report(snapshot)
     code, _, err = await run(
         sidecar.tcp_address,
@@ -92,7 +96,7 @@ async def test_update_server_on_open_connection_prints_the_precondition_failure(
 
 async def test_update_server_on_closed_connection_prints_the_new_record(sidecar: Sidecar) -> None:
     snapshot = factories.server(state=factories.CLOSED, hook=pb.HOOK_SERVER_CONNECT)
-    async with grpc.aio.insecure_channel(sidecar.tcp_address) as ch:
+    async with tls.channel(sidecar.tcp_address) as ch:
         await Reporter(ch).report(snapshot)
     code, out, err = await run(
         sidecar.tcp_address,
@@ -112,7 +116,7 @@ async def test_update_server_on_closed_connection_prints_the_new_record(sidecar:
 
 async def test_watch_ndjson_prints_one_json_object_per_event(sidecar: Sidecar) -> None:
     snapshot = factories.server()
-    async with grpc.aio.insecure_channel(sidecar.tcp_address) as ch:
+    async with tls.channel(sidecar.tcp_address) as ch:
         await Reporter(ch).report(snapshot)
     process = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -124,6 +128,7 @@ async def test_watch_ndjson_prints_one_json_object_per_event(sidecar: Sidecar) -
         "--target",
         sidecar.tcp_address,
         stdout=asyncio.subprocess.PIPE,
+        env={**os.environ, **tls.cli_env(sidecar.tcp_address)},
     )
     assert process.stdout is not None
     try:
@@ -171,6 +176,7 @@ async def spawn_watch(target: str, *args: str, stdout: Any = asyncio.subprocess.
         target,
         stdout=stdout,
         stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, **tls.cli_env(target)},
     )
 
 
@@ -222,7 +228,7 @@ async def restartable(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIt
     """A sidecar and a way to replace it by a new one (a new store) on the same
     Unix socket or TCP port: what a container restart looks like to a client."""
     sidecars: list[Sidecar] = []
-    config = Config(listen="127.0.0.1:0", unix_socket=str(tmp_path / "c.sock"))
+    config = Config(listen="127.0.0.1:0", unix_socket=str(tmp_path / "c.sock"), **MTLS)
     if request.param == "tcp":
         config = dataclasses.replace(config, unix_socket="")
 
@@ -251,7 +257,7 @@ async def test_watch_relists_after_a_restart_and_ends_with_the_new_stores_state(
     watch = await spawn_watch(target, "-o", "ndjson")
     try:
         lines = await read_until(watch, "INITIAL_EVENTS_END")
-        async with grpc.aio.insecure_channel(target) as ch:
+        async with tls.channel(target) as ch:
             changed.server.connection.state = factories.CLOSED
             await Reporter(ch).report(changed)
         lines += await read_until(watch, "MODIFIED")
@@ -262,7 +268,7 @@ async def test_watch_relists_after_a_restart_and_ends_with_the_new_stores_state(
         relisted = await read_until(watch, "RELISTED")
         marker = relisted[-1]
         diff = [await read_line(watch) for _ in range(4)]
-        async with grpc.aio.insecure_channel(target) as ch:
+        async with tls.channel(target) as ch:
             later = factories.server()
             await Reporter(ch).report(later)
         after = await read_until(watch, "ADDED")
@@ -376,7 +382,7 @@ async def test_watch_ndjson_prints_every_change_once_across_reconnects(
                 if line["type"] != "BOOKMARK":
                     printed.append(line["revision"])
 
-        async with grpc.aio.insecure_channel(sidecar.tcp_address) as ch:
+        async with tls.channel(sidecar.tcp_address) as ch:
             reporter = Reporter(ch)
             for _ in range(3):
                 for _ in range(20):
@@ -398,7 +404,7 @@ async def test_watch_ndjson_prints_every_change_once_across_reconnects(
 
 
 async def test_watch_piped_into_head_exits_quietly(tmp_path: Path) -> None:
-    sidecar = Sidecar(Config(listen="127.0.0.1:0", unix_socket="", bookmark_interval=0.1))
+    sidecar = Sidecar(Config(listen="127.0.0.1:0", unix_socket="", bookmark_interval=0.1, **MTLS))
     sidecar.store.apply([factories.server() for _ in range(5)])
     await sidecar.start()
     read_end, write_end = os.pipe()
@@ -431,6 +437,7 @@ async def test_watch_once_exits_non_zero_when_the_sidecar_dies() -> None:
         "127.0.0.1:0",
         "--unix-socket",
         "",
+        *(f"--{k.replace('_', '-')}={v}" for k, v in MTLS.items()),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.DEVNULL,
     )
@@ -456,3 +463,47 @@ async def test_watch_once_exits_zero_when_the_sidecar_ends_it_cleanly(sidecar: S
     out, err = await asyncio.wait_for(watch.communicate(), 20)
     assert watch.returncode == 0, err
     assert json.loads(out.splitlines()[-1])["type"] == "BOOKMARK", "the final bookmark"
+
+
+def test_certs_init_writes_private_keys_role_certificates_and_a_valid_policy(
+    tmp_path: Path,
+) -> None:
+    from cryptography import x509
+
+    from connmeta.cli import main
+    from connmeta.policy import Policy
+
+    target = tmp_path / "certs"
+    assert main(["certs", "init", "--dir", str(target), "--dns", "connmeta.example.svc"]) == 0
+    assert (target.stat().st_mode & 0o777) == 0o700
+    for role in ("reader", "writer", "router", "reporter"):
+        assert ((target / f"{role}.key").stat().st_mode & 0o777) == 0o600
+        cert = x509.load_pem_x509_certificate((target / f"{role}.pem").read_bytes())
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        assert san.get_values_for_type(x509.UniformResourceIdentifier) == [
+            f"spiffe://connmeta.local/{role}"
+        ]
+    server = x509.load_pem_x509_certificate((target / "server.pem").read_bytes())
+    san = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["localhost", "connmeta.example.svc"]
+    assert [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] == ["127.0.0.1", "::1"]
+    assert ((target / "ca.key").stat().st_mode & 0o777) == 0o600
+    assert Policy.parse((target / "policy.json").read_text()).name == "connmeta-example"
+
+
+async def test_health_exits_zero_while_serving_over_the_socket_and_over_mtls(
+    tmp_path: Path,
+) -> None:
+    sidecar = Sidecar(Config(listen="127.0.0.1:0", unix_socket=str(tmp_path / "h.sock"), **MTLS))
+    await sidecar.start()
+    try:
+        for target in (f"unix://{sidecar.unix_socket}", sidecar.tcp_address):
+            code, out, err = await run(
+                target, "health", "--service", "connmeta.v1.ConnectionService"
+            )
+            assert (code, out.strip()) == (0, "SERVING"), err
+        code, _, err = await run(sidecar.tcp_address, "health", "--service", "no.such.Service")
+        assert code == 1
+        assert "NOT_FOUND" in err
+    finally:
+        await sidecar.stop(grace=0)

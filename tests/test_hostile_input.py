@@ -51,6 +51,7 @@ from connmeta.v1 import connection_service_pb2 as cs
 from connmeta.v1 import report_service_pb2 as rs
 from connmeta.v1 import router_service_pb2 as rt
 from tests import hostile as h
+from tests import tls
 from tests.sidecar import details, transport
 
 __all__ = ["transport"]  # the fixture, imported for pytest
@@ -302,6 +303,7 @@ class Sut:
             listen="127.0.0.1:0",
             unix_socket=str(self.tmp_path / f"h{next(self._numbers)}.sock"),
             bookmark_interval=0.02,
+            **tls.server_config(),
         )
         self.sidecar = Sidecar(config)
         await self.sidecar.start()
@@ -310,8 +312,8 @@ class Sut:
             if self.transport == "tcp"
             else f"unix://{self.sidecar.unix_socket}"
         )
-        self.channel = grpc.aio.insecure_channel(target)
-        self.big = grpc.aio.insecure_channel(
+        self.channel = tls.channel(target)
+        self.big = tls.channel(
             target, options=[("grpc.max_receive_message_length", RECORDS_CHANNEL_LIMIT)]
         )
         self.health: Any = health_pb2_grpc.HealthStub(self.channel)

@@ -215,7 +215,7 @@ async def test_malformed_answer_ends_the_router_stream_with_invalid_argument(
 
 
 async def test_server_connect_is_asked_and_the_answer_becomes_a_recorded_decision(
-    channel: grpc.aio.Channel,
+    channel: grpc.aio.Channel, transport: str
 ) -> None:
     router = Router(channel)
     await router.subscribe("r1")
@@ -256,6 +256,8 @@ async def test_server_connect_is_asked_and_the_answer_becomes_a_recorded_decisio
         query.query_id,
         ["address"],
     )
+    # Who the transport authenticated on the router's stream, not its name.
+    assert pending.principal == {"unix": "unix", "tcp": "spiffe://connmeta.local/writer"}[transport]
 
     # The proxy applies it in server_connect and says so, as the addon does.
     applied = waiting_server(client_id=client.client.connection.id, port=8443)

@@ -120,7 +120,8 @@ async def test_sigterm_turns_health_off_sends_a_final_bookmark_and_exits_cleanly
     line = (await asyncio.wait_for(process.stdout.readline(), 20)).decode()
     match = re.search(r"tcp=(\S+)", line)
     assert match, line
-    async with grpc.aio.insecure_channel(match.group(1)) as ch:
+    # The Unix socket: a plaintext TCP caller may not report.
+    async with grpc.aio.insecure_channel(f"unix://{tmp_path / 'term.sock'}") as ch:
         revision = await Reporter(ch).report(factories.server())
         stub = cs_grpc.ConnectionServiceStub(ch)
         watch = stub.WatchConnections(

@@ -55,7 +55,9 @@ class Serve:
         self.process = None
 
     def channel(self) -> grpc.aio.Channel:
-        return grpc.aio.insecure_channel(self.tcp)
+        # The Unix socket: this is about state, not transport; a plaintext
+        # TCP caller may not report.
+        return grpc.aio.insecure_channel(f"unix://{self.socket}")
 
 
 @pytest.fixture

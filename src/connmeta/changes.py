@@ -63,6 +63,7 @@ def requested(
     time: Timestamp,
     revision: int,
     query_id: str = "",
+    principal: str = "",
 ) -> tuple[pb.Change | None, bool]:
     """The pending change after a request for ``mask``; and whether it differs.
 
@@ -99,6 +100,7 @@ def requested(
         revision=revision,
         status=pb.CHANGE_STATUS_PENDING,
         query_id=query_id,
+        principal=principal,
     )
     for _, message in wanted.values():
         if isinstance(message, pb.Address):

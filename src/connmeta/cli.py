@@ -28,10 +28,13 @@ import grpc
 from google.protobuf import field_mask_pb2, json_format
 from google.protobuf.message import Message
 from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
 from connmeta import __version__
 from connmeta.addresses import SCHEME_VALUES, format_address, parse_address
+from connmeta.auth import TLSError
+from connmeta.policy import PolicyError
 from connmeta.server import Config, ListenError, default_unix_socket, serve
 from connmeta.state_file import StateError
 from connmeta.v1 import connection_pb2 as pb
@@ -59,7 +62,29 @@ _HELP = {
     "max_message_bytes": "largest gRPC message sent or received",
     "keepalive_min_ping_interval": "seconds: clients may ping this often without a GOAWAY",
     "state_dir": "directory that keeps the store across restarts (SQLite); empty: in memory",
+    "tls_cert": "server certificate chain (PEM) for every TCP listener; with --tls-key and"
+    " --client-ca, TCP requires mTLS. Re-read when it changes",
+    "tls_key": "the server certificate's private key (PEM, unencrypted)",
+    "client_ca": "CA certificates (PEM) that client certificates must chain to",
+    "authz_policy": "gRFC A43 authorization policy (JSON) for TCP callers; re-read when it"
+    " changes (see README, Security)",
+    "insecure_listen": "UNSAFE: allow --listen in plaintext on a non-loopback address; anyone"
+    " who reaches it can read every connection",
+    "max_watchers": "WatchConnections calls open at once, all callers together"
+    " (RESOURCE_EXHAUSTED beyond); 0: no limit",
+    "max_streams_per_principal": "streams (watch, report, route) one principal may hold open"
+    " (RESOURCE_EXHAUSTED beyond); 0: no limit",
 }
+
+
+def _flag_bool(value: str) -> bool:
+    """An environment variable's truth: 1/true/yes/on or 0/false/no/off/empty."""
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("", "0", "false", "no", "off"):
+        return False
+    raise ValueError(value)
 
 
 def _env(name: str, default: T, convert: Callable[[str], T]) -> T:
@@ -77,6 +102,14 @@ def _add_serve(sub: Any) -> None:
     defaults = Config()
     for f in fields(Config):
         default = getattr(defaults, f.name)
+        if isinstance(default, bool):
+            serve_parser.add_argument(
+                "--" + f.name.replace("_", "-"),
+                action="store_true",
+                default=_env(f.name, default, _flag_bool),
+                help=f"{_HELP[f.name]} (env CONNMETA_{f.name.upper()}=1)",
+            )
+            continue
         kind: Callable[[str], Any] = type(default)
         serve_parser.add_argument(
             "--" + f.name.replace("_", "-"),
@@ -101,6 +134,23 @@ def _add_client(sub: Any) -> None:
         )
         p.add_argument("--target", default=target, help="sidecar address (env CONNMETA_TARGET)")
         p.add_argument("--timeout", type=float, default=10.0, help="deadline in seconds")
+        tls = p.add_argument_group("mTLS (for a TCP target served with --tls-cert)")
+        tls.add_argument(
+            "--tls-ca",
+            default=_env("tls_ca", "", str),
+            help="CA certificate (PEM) the server's certificate must chain to"
+            " (env CONNMETA_TLS_CA)",
+        )
+        tls.add_argument(
+            "--tls-cert",
+            default=_env("tls_cert", "", str),
+            help="client certificate (PEM) (env CONNMETA_TLS_CERT)",
+        )
+        tls.add_argument(
+            "--tls-key",
+            default=_env("tls_key", "", str),
+            help="the client certificate's private key (PEM) (env CONNMETA_TLS_KEY)",
+        )
         return p
 
     get = client("get", "show one connection")
@@ -141,6 +191,13 @@ def _add_client(sub: Any) -> None:
         help="longest wait between reconnect attempts, in seconds (default: %(default)s)",
     )
     _add_filter_flags(watch)
+
+    health = client(
+        "health",
+        "check grpc.health.v1 and exit 0 if SERVING (for exec probes: the kubelet's own"
+        " grpc probes cannot use mTLS)",
+    )
+    health.add_argument("--service", default="", help='service name; "" is the whole sidecar')
 
     update = client("update-server", "change a server connection's address and/or via")
     update.add_argument("id")
@@ -184,6 +241,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve(sub)
     _add_client(sub)
     sub.add_parser("addon-path", help="print the path of the mitmproxy addon (mitmdump -s PATH)")
+    certs = sub.add_parser("certs", help="development certificates for mTLS")
+    certs_sub = certs.add_subparsers(dest="certs_command", required=True)
+    init = certs_sub.add_parser(
+        "init",
+        help="write a development CA, a server certificate, one client certificate per"
+        " role (reader, writer, router, reporter) and the example policy.json",
+    )
+    init.add_argument("--dir", required=True, help="directory to write to (created 0700)")
+    init.add_argument(
+        "--dns",
+        action="append",
+        default=[],
+        help="another DNS name for the server certificate (repeatable); it always covers"
+        " localhost, 127.0.0.1 and ::1",
+    )
     return parser
 
 
@@ -258,8 +330,30 @@ def _detail_text(message: Message) -> str:
 # --- client commands ----------------------------------------------------------------------
 
 
+def channel(args: argparse.Namespace) -> grpc.Channel:
+    """A channel to ``--target``: mTLS when any --tls-* flag is given, else plaintext."""
+    if not (args.tls_ca or args.tls_cert or args.tls_key):
+        return grpc.insecure_channel(args.target)
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise ValueError("--tls-cert and --tls-key go together")
+
+    def read(path: str) -> bytes | None:
+        if not path:
+            return None
+        with open(path, "rb") as f:
+            return f.read()
+
+    try:
+        credentials = grpc.ssl_channel_credentials(
+            read(args.tls_ca), read(args.tls_key), read(args.tls_cert)
+        )
+    except OSError as error:
+        raise ValueError(f"cannot read {error.filename}: {error.strerror}") from None
+    return grpc.secure_channel(args.target, credentials)
+
+
 def _stub(args: argparse.Namespace) -> cs_grpc.ConnectionServiceStub:
-    return cs_grpc.ConnectionServiceStub(grpc.insecure_channel(args.target))
+    return cs_grpc.ConnectionServiceStub(channel(args))
 
 
 def _pages(args: argparse.Namespace) -> Iterator[pb.ConnectionRecord]:
@@ -294,6 +388,14 @@ def _run_client(args: argparse.Namespace, out: Callable[[str], None]) -> None:
         Watch(args, out, lambda text: print(text, file=sys.stderr, flush=True)).run()
     elif args.command == "update-server":
         _update(args, out)
+    elif args.command == "health":
+        stub: Any = health_pb2_grpc.HealthStub(channel(args))
+        status = stub.Check(
+            health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
+        ).status
+        out(health_pb2.HealthCheckResponse.ServingStatus.Name(status))
+        if status != health_pb2.HealthCheckResponse.SERVING:
+            raise SystemExit(1)
 
 
 MAX_BACKOFF = 10.0
@@ -412,8 +514,8 @@ class Watch:
         reason = "interrupted"
         while True:
             try:
-                with grpc.insecure_channel(args.target) as channel:
-                    stub = cs_grpc.ConnectionServiceStub(channel)
+                with channel(args) as ch:
+                    stub = cs_grpc.ConnectionServiceStub(ch)
                     if self.resume is None and not initial_events:
                         self._relist(stub, reason, announce)
                         announce = True
@@ -634,9 +736,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = Config(**{f.name: getattr(args, f.name) for f in fields(Config)})
         try:
             asyncio.run(serve(config))
-        except (ListenError, StateError) as error:
+        except (ListenError, StateError, TLSError, PolicyError) as error:
             print(f"connmeta: {error}", file=sys.stderr)
             return 1
+        return 0
+    if args.command == "certs":
+        from connmeta import devcerts
+
+        written = devcerts.init(args.dir, args.dns)
+        print(f"connmeta: wrote {len(written)} files to {args.dir}:")
+        for path in written:
+            print(f"  {path}")
+        d = args.dir
+        print(
+            "serve:  connmeta serve "
+            f"--tls-cert {d}/server.pem --tls-key {d}/server.key --client-ca {d}/ca.pem "
+            f"--authz-policy {d}/policy.json\n"
+            "client: connmeta list --target localhost:50051 "
+            f"--tls-ca {d}/ca.pem --tls-cert {d}/reader.pem --tls-key {d}/reader.key"
+        )
         return 0
     if args.command == "addon-path":
         from connmeta.mitm.paths import addon_path

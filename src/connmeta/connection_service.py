@@ -18,6 +18,7 @@ from typing import Final
 
 import grpc
 
+from connmeta import auth
 from connmeta.errors import abort, status_for
 from connmeta.filters import Filter
 from connmeta.records import Compacted, InvalidArgument, NotFound, encode_field, encode_repeated
@@ -30,6 +31,7 @@ from connmeta.watch import Evicted, WatchHub
 __all__ = ["CONNECTION_SERVICE", "ConnectionServicer", "handler"]
 
 CONNECTION_SERVICE: Final = cs.DESCRIPTOR.services_by_name["ConnectionService"].full_name
+UPDATE_METHOD: Final = f"/{CONNECTION_SERVICE}/UpdateServerConnection"
 
 DEFAULT_PAGE_SIZE: Final = 100
 MAX_PAGE_SIZE: Final = 1000
@@ -186,6 +188,7 @@ class ConnectionServicer:
     async def UpdateServerConnection(
         self, request: cs.UpdateServerConnectionRequest, context: Context
     ) -> bytes:
+        principal = auth.principal()
         record = self._store.update_server(
             request.id,
             address=request.address if request.HasField("address") else None,
@@ -193,6 +196,15 @@ class ConnectionServicer:
             mask=request.update_mask.paths,
             etag=request.etag,
             actor=request.actor or context.peer(),
+            principal=principal,
+        )
+        auth.audit(
+            principal,
+            UPDATE_METHOD,
+            "update accepted",
+            id=request.id,
+            fields=",".join(request.update_mask.paths),
+            actor=request.actor,
         )
         return encode_field(1, record.data)
 

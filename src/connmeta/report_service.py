@@ -25,6 +25,7 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 from grpc._cython import cygrpc  # type: ignore[attr-defined]  # no stubs; BaseError is public there
 
+from connmeta import auth
 from connmeta._rawview import RawReportRequest
 from connmeta.errors import abort, internal, status_for
 from connmeta.records import InvalidArgument, Rejection, StoreError
@@ -41,6 +42,8 @@ __all__ = ["REPORT_SERVICE", "DecodedReport", "ReportServicer", "decode_report",
 log = logging.getLogger("connmeta.report_service")
 
 REPORT_SERVICE: Final = rs.DESCRIPTOR.services_by_name["ReportService"].full_name
+REPORT_METHOD: Final = f"/{REPORT_SERVICE}/Report"
+ROUTE_METHOD: Final = f"/{rt.DESCRIPTOR.services_by_name['RouterService'].full_name}/Route"
 
 # The sidecar answers "no change" this much before the proxy's own route
 # deadline, so the answer arrives while the proxy still waits and the connect
@@ -128,6 +131,8 @@ class _Stream:
 
     feed: ProxyFeed
     timeout: float
+    principal: str = ""
+    """Who the transport authenticated on this stream, for the audit log."""
     proxy: str = ""
     """"" until the first request, and for streams that never name their proxy."""
     identified: bool = False
@@ -148,7 +153,7 @@ class ReportServicer:
         self, requests: AsyncIterator[DecodedReport | Undecodable], context: Context
     ) -> AsyncIterator[rs.ReportResponse]:
         out: asyncio.Queue[rs.ReportResponse | grpc.Status | None] = asyncio.Queue()
-        stream = _Stream(self._routers.attach(), self._routers.timeout)
+        stream = _Stream(self._routers.attach(), self._routers.timeout, auth.principal())
 
         def spawn(coro: Any) -> None:
             task = asyncio.create_task(coro)
@@ -269,6 +274,7 @@ class ReportServicer:
             if stream.resync is not None:
                 store.abandon_resync(stream.resync)
             stream.resync = store.begin_resync(stream.proxy)
+            auth.audit(stream.principal, REPORT_METHOD, "resync start", proxy=stream.proxy)
         elif kind == "resync_end":
             if stream.resync is None:
                 raise InvalidArgument(
@@ -276,6 +282,13 @@ class ReportServicer:
                 )
             ack.closed_by_resync = store.end_resync(stream.resync)
             stream.resync = None
+            auth.audit(
+                stream.principal,
+                REPORT_METHOD,
+                "resync end",
+                proxy=stream.proxy,
+                closed=str(ack.closed_by_resync),
+            )
         else:
             raise InvalidArgument(
                 [("message", "one of batch, resync_start or resync_end is required")]
@@ -398,11 +411,20 @@ class ReportServicer:
                     mask=decision.fields,
                     actor=decision.actor,
                     query_id=query_id,
+                    principal=decision.principal,
                 )
             except StoreError as error:
                 # Typically the server is OPEN already: the proxy went ahead.
                 log.warning("route decision for %s not applied: %s", escape(server_id), error)
                 return Decision(server_id, actor=decision.actor, query_id=query_id)
+            auth.audit(
+                decision.principal,
+                ROUTE_METHOD,
+                "route decision accepted",
+                id=server_id,
+                fields=",".join(sorted(decision.fields)),
+                router=decision.actor,
+            )
         return decision
 
 

@@ -15,6 +15,7 @@ from typing import Any, Final
 
 import grpc
 
+from connmeta import auth
 from connmeta.errors import abort, internal, invalid_argument, rich_status
 from connmeta.routing import AlreadySubscribed, Decision, Router, RouterHub
 from connmeta.service import Context, Undecodable, cancel, decoder
@@ -65,7 +66,7 @@ class RouterServicer:
                 context, invalid_argument([("message", "the first message must be subscribe")])
             )
         try:
-            router = self._routers.subscribe(first.subscribe.name)
+            router = self._routers.subscribe(first.subscribe.name, auth.principal())
         except AlreadySubscribed as error:
             await abort(
                 context,

@@ -72,6 +72,8 @@ class Decision:
     query_id: str = ""
     timed_out: bool = False
     """No answer in time: the proxy connects unchanged and reports it."""
+    principal: str = ""
+    """Who the transport authenticated as the deciding router (``Change.principal``)."""
 
 
 @dataclass(slots=True)
@@ -94,6 +96,8 @@ class Router:
     name: str
     order: int
     queries: asyncio.Queue[Query]
+    principal: str = ""
+    """Who the transport authenticated on the router's stream."""
     open: dict[str, Query] = field(default_factory=dict)
     activated: asyncio.Event = field(default_factory=asyncio.Event)
     """Set once the router receives queries (at once, or when it takes over)."""
@@ -157,14 +161,14 @@ class RouterHub:
         """The router that receives queries, or None."""
         return self._routers[0] if self._routers else None
 
-    def subscribe(self, name: str) -> Router:
+    def subscribe(self, name: str, principal: str = "") -> Router:
         """Add a router; it is active if it is the only one. ValueError for a bad name."""
         problem = router_name_problem(name)
         if problem:
             raise ValueError(problem)
         if any(r.name == name for r in self._routers):
             raise AlreadySubscribed(name)
-        router = Router(name, next(self._order), asyncio.Queue(self._queue_size))
+        router = Router(name, next(self._order), asyncio.Queue(self._queue_size), principal)
         self._routers.append(router)
         if len(self._routers) == 1:
             router.activated.set()
@@ -240,6 +244,7 @@ class RouterHub:
                 address=decision.address,
                 via=decision.via,
                 query_id=query.id,
+                principal=router.principal,
             )
         )
         return True

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import ipaddress
 import logging
 import os
 import socket
@@ -20,6 +21,8 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from connmeta import __version__, connection_service, report_service, router_service
+from connmeta.auth import AuthzInterceptor, Limits, ServerTLS
+from connmeta.policy import PolicyFile
 from connmeta.routing import RouterHub
 from connmeta.service import IdentityInterceptor
 from connmeta.state_file import StateFile, open_store
@@ -63,6 +66,13 @@ class Config:
     max_message_bytes: int = 16 * MiB
     keepalive_min_ping_interval: float = 5.0
     state_dir: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    client_ca: str = ""
+    authz_policy: str = ""
+    insecure_listen: bool = False
+    max_watchers: int = 1024
+    max_streams_per_principal: int = 256
 
 
 def channel_options(config: Config) -> list[tuple[str, int]]:
@@ -90,18 +100,60 @@ def channel_options(config: Config) -> list[tuple[str, int]]:
     ]
 
 
+POLICY_POLL_SECONDS = 1.0
+"""How often --authz-policy is checked for changes (a stat call)."""
+
+
 class ListenError(RuntimeError):
     """A listener could not be set up; the message says which and why."""
 
 
+def is_loopback(address: str) -> bool:
+    """Whether ``HOST:PORT`` binds only the loopback interface."""
+    host = address.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name (or "") may resolve to anything
+
+
+def _safe_socket_directory(directory: str) -> None:
+    """Create the socket's directory 0700, or refuse one others could tamper with.
+
+    Whoever can write to the directory can replace the socket with their
+    own and receive the proxy's reports and every client's calls; so can
+    its owner, if that is someone else.
+    """
+    parent = os.path.dirname(os.path.abspath(directory))
+    os.makedirs(parent, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(directory, 0o700)
+    st = os.stat(directory)
+    if not stat.S_ISDIR(st.st_mode):
+        raise ListenError(f"unix socket directory {directory} is not a directory")
+    if st.st_uid != os.geteuid():
+        raise ListenError(
+            f"unix socket directory {directory} is owned by uid {st.st_uid}, not by this "
+            f"server's user (uid {os.geteuid()}): refusing it, as its owner could replace "
+            "the socket; use a directory of your own (--unix-socket)"
+        )
+    if st.st_mode & 0o022:
+        raise ListenError(
+            f"unix socket directory {directory} is group- or world-writable "
+            f"(mode {stat.S_IMODE(st.st_mode):04o}): refusing it, as others could replace "
+            f"the socket; chmod go-w {directory}, or use a directory of your own"
+        )
+
+
 def _claim_unix_socket(path: str) -> None:
-    """Make ``path`` bindable: create its directory, remove a stale socket.
+    """Make ``path`` bindable: a safe directory, no stale socket.
 
     A socket file nobody listens on is left over from a crash and is
     removed; one that answers belongs to a running sidecar and is an error.
     """
-    directory = os.path.dirname(path) or "."
-    os.makedirs(directory, mode=0o700, exist_ok=True)
+    _safe_socket_directory(os.path.dirname(path) or ".")
     try:
         mode = os.lstat(path).st_mode
     except FileNotFoundError:
@@ -126,6 +178,16 @@ class Sidecar:
 
     def __init__(self, config: Config) -> None:
         self.config = config
+        tls = (config.tls_cert, config.tls_key, config.client_ca)
+        if any(tls) and not all(tls):
+            raise ListenError("--tls-cert, --tls-key and --client-ca go together: give all three")
+        # TLSError / PolicyError: a clear message naming the file; never serve unguarded.
+        self.tls = ServerTLS(*tls) if all(tls) else None
+        self.policy = PolicyFile(config.authz_policy) if config.authz_policy else None
+        self.authz = AuthzInterceptor(
+            self.policy,
+            Limits(config.max_watchers, config.max_streams_per_principal),
+        )
         options: dict[str, Any] = {
             "history_size": config.history_size,
             "history_bytes": config.history_bytes,
@@ -162,7 +224,8 @@ class Sidecar:
         config = self.config
         if not config.listen and not config.unix_socket:
             raise ListenError("nothing to serve on: both --listen and --unix-socket are empty")
-        identity = [IdentityInterceptor(self.store.incarnation)]
+        # Identity first, so that refused calls name the store too.
+        identity = [IdentityInterceptor(self.store.incarnation), self.authz]
         server = grpc.aio.server(options=channel_options(config), interceptors=identity)
         # One servicer per service, each behind the transport's error boundary.
         server.add_generic_rpc_handlers(
@@ -209,17 +272,36 @@ class Sidecar:
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._tasks.append(asyncio.create_task(self._expire_loop(), name="connmeta-expire"))
+        if self.policy is not None:
+            self._tasks.append(asyncio.create_task(self._policy_loop(), name="connmeta-policy"))
 
-    @staticmethod
-    def _bind_tcp(server: grpc.aio.Server, address: str, flag: str) -> str:
+    def _bind_tcp(self, server: grpc.aio.Server, address: str, flag: str) -> str:
+        plaintext_api = self.tls is None and flag == "--listen"
+        if plaintext_api and not self.config.insecure_listen and not is_loopback(address):
+            raise ListenError(
+                f"refusing to serve the API in plaintext on {address} ({flag}), which is "
+                "not a loopback address: anyone who reaches it could read every "
+                "connection. Serve mTLS with --tls-cert, --tls-key and --client-ca "
+                "(connmeta certs init makes a set to try), bind 127.0.0.1, or accept the "
+                "risk with --insecure-listen"
+            )
         try:
-            port = server.add_insecure_port(address)
+            if self.tls is not None:
+                port = server.add_secure_port(address, self.tls.credentials())
+            else:
+                port = server.add_insecure_port(address)
         except RuntimeError as exc:
             raise ListenError(f"cannot listen on {address} ({flag}): {exc}") from exc
         if not port:
             raise ListenError(f"cannot listen on {address} ({flag})")
         host = address.rsplit(":", 1)[0]
         return f"{host}:{port}"
+
+    async def _policy_loop(self) -> None:
+        assert self.policy is not None
+        while True:
+            await asyncio.sleep(POLICY_POLL_SECONDS)
+            self.policy.check()
 
     async def _expire_loop(self) -> None:
         while True:
@@ -236,6 +318,10 @@ class Sidecar:
             parts.append(f"unix={self.unix_socket}")
         if self.health_address:
             parts.append(f"health={self.health_address}")
+        if self.tls is not None:
+            parts.append("tls=mtls")
+        if self.policy is not None:
+            parts.append(f"authz-policy={self.policy.policy.name}")
         return " ".join(parts)
 
     async def stop(self, grace: float | None = None) -> None:

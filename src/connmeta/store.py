@@ -680,6 +680,7 @@ class Store:
         etag: str = "",
         actor: str = "",
         query_id: str = "",
+        principal: str = "",
     ) -> Record:
         """Ask for a change of a server's address and/or via, under mitmproxy's guard.
 
@@ -731,6 +732,7 @@ class Store:
             time=_timestamp(now),
             revision=self._revision + 1,
             query_id=query_id,
+            principal=principal,
         )
         if not changed:
             return current

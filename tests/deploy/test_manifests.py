@@ -198,7 +198,9 @@ def test_socket_path_agrees_between_sidecar_addon_and_shared_volume(rendered: Re
     target = _mitm_options(proxy).get("connmeta_target")
     assert target == f"unix://{socket_path}", f"addon target {target!r} != sidecar socket"
 
-    directory = posixpath.dirname(socket_path)
+    # The sidecar creates the socket's directory 0700 inside the shared volume:
+    # an emptyDir is world-writable, which it refuses as the socket's directory.
+    directory = posixpath.dirname(posixpath.dirname(socket_path))
     volume = _mounts(sidecar).get(directory)
     assert volume, f"the sidecar does not mount a volume at {directory}"
     assert _mounts(proxy).get(directory) == volume, f"the proxy does not share {volume}"
@@ -232,19 +234,88 @@ def test_proxy_runs_as_the_sidecar_user_so_it_can_open_the_0600_socket(
     assert _effective(spec, proxy, "runAsUser") == _effective(spec, sidecar, "runAsUser")
 
 
-def test_sidecar_probes_use_the_port_it_serves_health_on(rendered: Rendered) -> None:
+def test_sidecar_probes_check_health_over_the_unix_socket(rendered: Rendered) -> None:
+    # The kubelet's grpc probes cannot present a client certificate, and every
+    # TCP listener requires one: the probes run `connmeta health` on the socket.
     sidecar = rendered.container(SIDECAR)
-    health = _flag(sidecar, "--health-listen")
-    assert health, "the sidecar must serve grpc.health.v1 for the kubelet"
-    assert _host_of(health) in {"0.0.0.0", "::"}, "the kubelet probes the pod IP, not loopback"
-    port = _port_of(health)
-    assert port in _container_ports(sidecar).values()
-    assert port != _port_of(_flag(sidecar, "--listen") or ":0")
+    assert not _flag(sidecar, "--health-listen"), "a health port would need mTLS too"
+    socket_path = _flag(sidecar, "--unix-socket")
     for kind in ("startupProbe", "livenessProbe"):
         probe = sidecar.get(kind)
         assert probe, f"the sidecar has no {kind}"
-        assert probe["grpc"]["port"] == port, f"{kind} probes {probe['grpc']['port']}, not {port}"
-        assert probe["grpc"].get("service", "") in HEALTH_SERVICES
+        command = probe["exec"]["command"]
+        assert command[:2] == ["connmeta", "health"], command
+        assert _flag({"args": command}, "--target") == f"unix://{socket_path}"
+        assert (_flag({"args": command}, "--service") or "") in HEALTH_SERVICES
+        timeout = float(_flag({"args": command}, "--timeout") or "nan")
+        assert timeout < probe.get("timeoutSeconds", 1), f"{kind}: the call must end first"
+
+
+def _volume_file(rendered: Rendered, container: Obj, path: str) -> tuple[Obj, str]:
+    """The volume that holds ``path`` in ``container``, and the file's key in it."""
+    for mount_path, name in _mounts(container).items():
+        if path.startswith(mount_path.rstrip("/") + "/"):
+            volume: Obj = {v["name"]: v for v in rendered.pod["spec"]["volumes"]}[name]
+            return volume, path[len(mount_path.rstrip("/")) + 1 :]
+    raise AssertionError(f"{path} is on no volume of {container['name']}")
+
+
+def test_tcp_api_requires_mtls_with_certificates_from_a_secret(rendered: Rendered) -> None:
+    sidecar = rendered.container(SIDECAR)
+    assert not _flag(sidecar, "--insecure-listen"), "the API must not be plaintext"
+    secrets = set()
+    for flag, key in (
+        ("--tls-cert", "tls.crt"),
+        ("--tls-key", "tls.key"),
+        ("--client-ca", "ca.crt"),
+    ):
+        path = _flag(sidecar, flag)
+        assert path, f"{flag} is not set: the API on 0.0.0.0 would be refused (plaintext)"
+        volume, file = _volume_file(rendered, sidecar, path)
+        assert file == key, f"{flag}: {file} is not the Secret key {key} cert-manager writes"
+        assert "secret" in volume, f"{flag} must come from a Secret"
+        assert volume["secret"].get("defaultMode", 0o644) & 0o007 == 0, "keys not world-readable"
+        secrets.add(volume["secret"]["secretName"])
+    assert len(secrets) == 1
+    proxy_volumes = set(_mounts(rendered.container(PROXY)).values())
+    assert not proxy_volumes & {
+        v["name"] for v in rendered.pod["spec"]["volumes"] if "secret" in v
+    }, "the proxy does not need the sidecar's key"
+
+
+def test_cert_manager_example_issues_the_secret_the_sidecar_mounts(rendered: Rendered) -> None:
+    (certificate,) = json.loads(
+        _run(
+            [_tool("deploy-venv", "bin", "python"), "-c", _YAML_TO_JSON],
+            (DEPLOY / "cert-manager" / "certificate.yaml").read_text(),
+        )
+    )
+    assert certificate["kind"] == "Certificate"
+    spec = certificate["spec"]
+    mounted = {v["secret"]["secretName"] for v in rendered.pod["spec"]["volumes"] if "secret" in v}
+    assert spec["secretName"] in mounted
+    assert "server auth" in spec["usages"]
+    service = rendered.one("Service", "connmeta")["metadata"]["name"]
+    assert service in spec["dnsNames"]
+
+
+def test_authz_policy_from_a_configmap_keeps_report_and_route_off_tcp(
+    rendered: Rendered,
+) -> None:
+    from connmeta.policy import Peer, Policy
+
+    sidecar = rendered.container(SIDECAR)
+    path = _flag(sidecar, "--authz-policy")
+    assert path, "without a policy every certificate from the CA may call everything"
+    volume, key = _volume_file(rendered, sidecar, path)
+    assert "configMap" in volume, "the policy must come from a ConfigMap"
+    config_map = rendered.one("ConfigMap", volume["configMap"]["name"])
+    policy = Policy.parse(config_map["data"][key], key)
+    writer = Peer(tls=True, names=("spiffe://connmeta.local/writer",))
+    for method in ("/connmeta.v1.ReportService/Report", "/connmeta.v1.RouterService/Route"):
+        assert not policy.decide(writer, method, {}).allowed, f"{method} over TCP"
+    assert policy.decide(writer, "/connmeta.v1.ConnectionService/WatchConnections", {}).allowed
+    assert policy.decide(writer, "/grpc.health.v1.Health/Check", {}).allowed
 
 
 def test_proxy_loads_the_addon_and_listens_on_its_declared_port(rendered: Rendered) -> None:

@@ -462,6 +462,10 @@ type ReportRequest struct {
 	// share one anonymous proxy (records show an empty proxy_id), as before
 	// proxy_id existed: their resyncs close each other's connections.
 	ProxyId string `protobuf:"bytes,5,opt,name=proxy_id,json=proxyId,proto3" json:"proxy_id,omitempty"`
+	// proxy_stats are the proxy's own counters, cumulative since the proxy
+	// started; the sidecar exports them with its own metrics, so one scrape
+	// covers both containers. Optional, on any message; the latest wins.
+	ProxyStats *ProxyStats `protobuf:"bytes,6,opt,name=proxy_stats,json=proxyStats,proto3" json:"proxy_stats,omitempty"`
 	// message is what this request carries.
 	//
 	// Types that are valid to be assigned to Message:
@@ -516,6 +520,13 @@ func (x *ReportRequest) GetProxyId() string {
 		return x.ProxyId
 	}
 	return ""
+}
+
+func (x *ReportRequest) GetProxyStats() *ProxyStats {
+	if x != nil {
+		return x.ProxyStats
+	}
+	return nil
 }
 
 func (x *ReportRequest) GetMessage() isReportRequest_Message {
@@ -577,6 +588,111 @@ func (*ReportRequest_ResyncStart) isReportRequest_Message() {}
 
 func (*ReportRequest_ResyncEnd) isReportRequest_Message() {}
 
+// ProxyStats are a proxy's counters about its reporting, each cumulative
+// since the proxy (its addon) started.
+type ProxyStats struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// snapshots_sent counts snapshots written to the sidecar.
+	SnapshotsSent uint64 `protobuf:"varint,1,opt,name=snapshots_sent,json=snapshotsSent,proto3" json:"snapshots_sent,omitempty"`
+	// snapshots_dropped counts snapshots lost: beyond the buffer's bounds
+	// while the sidecar was unreachable, or while it was too slow.
+	SnapshotsDropped uint64 `protobuf:"varint,2,opt,name=snapshots_dropped,json=snapshotsDropped,proto3" json:"snapshots_dropped,omitempty"`
+	// snapshots_buffered counts snapshots kept while the sidecar was
+	// unreachable.
+	SnapshotsBuffered uint64 `protobuf:"varint,3,opt,name=snapshots_buffered,json=snapshotsBuffered,proto3" json:"snapshots_buffered,omitempty"`
+	// snapshots_replayed counts buffered snapshots sent after reconnecting.
+	SnapshotsReplayed uint64 `protobuf:"varint,4,opt,name=snapshots_replayed,json=snapshotsReplayed,proto3" json:"snapshots_replayed,omitempty"`
+	// snapshots_rejected counts snapshots the sidecar refused
+	// (ReportAck.rejected).
+	SnapshotsRejected uint64 `protobuf:"varint,5,opt,name=snapshots_rejected,json=snapshotsRejected,proto3" json:"snapshots_rejected,omitempty"`
+	// reconnects counts report streams opened after the first.
+	Reconnects uint64 `protobuf:"varint,6,opt,name=reconnects,proto3" json:"reconnects,omitempty"`
+	// route_timeouts counts server connects that waited their whole route
+	// deadline without a decision.
+	RouteTimeouts uint64 `protobuf:"varint,7,opt,name=route_timeouts,json=routeTimeouts,proto3" json:"route_timeouts,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ProxyStats) Reset() {
+	*x = ProxyStats{}
+	mi := &file_connmeta_v1_report_service_proto_msgTypes[6]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ProxyStats) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ProxyStats) ProtoMessage() {}
+
+func (x *ProxyStats) ProtoReflect() protoreflect.Message {
+	mi := &file_connmeta_v1_report_service_proto_msgTypes[6]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ProxyStats.ProtoReflect.Descriptor instead.
+func (*ProxyStats) Descriptor() ([]byte, []int) {
+	return file_connmeta_v1_report_service_proto_rawDescGZIP(), []int{6}
+}
+
+func (x *ProxyStats) GetSnapshotsSent() uint64 {
+	if x != nil {
+		return x.SnapshotsSent
+	}
+	return 0
+}
+
+func (x *ProxyStats) GetSnapshotsDropped() uint64 {
+	if x != nil {
+		return x.SnapshotsDropped
+	}
+	return 0
+}
+
+func (x *ProxyStats) GetSnapshotsBuffered() uint64 {
+	if x != nil {
+		return x.SnapshotsBuffered
+	}
+	return 0
+}
+
+func (x *ProxyStats) GetSnapshotsReplayed() uint64 {
+	if x != nil {
+		return x.SnapshotsReplayed
+	}
+	return 0
+}
+
+func (x *ProxyStats) GetSnapshotsRejected() uint64 {
+	if x != nil {
+		return x.SnapshotsRejected
+	}
+	return 0
+}
+
+func (x *ProxyStats) GetReconnects() uint64 {
+	if x != nil {
+		return x.Reconnects
+	}
+	return 0
+}
+
+func (x *ProxyStats) GetRouteTimeouts() uint64 {
+	if x != nil {
+		return x.RouteTimeouts
+	}
+	return 0
+}
+
 // ReportAck acknowledges one ReportRequest.
 type ReportAck struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -595,7 +711,7 @@ type ReportAck struct {
 
 func (x *ReportAck) Reset() {
 	*x = ReportAck{}
-	mi := &file_connmeta_v1_report_service_proto_msgTypes[6]
+	mi := &file_connmeta_v1_report_service_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -607,7 +723,7 @@ func (x *ReportAck) String() string {
 func (*ReportAck) ProtoMessage() {}
 
 func (x *ReportAck) ProtoReflect() protoreflect.Message {
-	mi := &file_connmeta_v1_report_service_proto_msgTypes[6]
+	mi := &file_connmeta_v1_report_service_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -620,7 +736,7 @@ func (x *ReportAck) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReportAck.ProtoReflect.Descriptor instead.
 func (*ReportAck) Descriptor() ([]byte, []int) {
-	return file_connmeta_v1_report_service_proto_rawDescGZIP(), []int{6}
+	return file_connmeta_v1_report_service_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *ReportAck) GetSequence() uint64 {
@@ -666,7 +782,7 @@ type FieldViolation struct {
 
 func (x *FieldViolation) Reset() {
 	*x = FieldViolation{}
-	mi := &file_connmeta_v1_report_service_proto_msgTypes[7]
+	mi := &file_connmeta_v1_report_service_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -678,7 +794,7 @@ func (x *FieldViolation) String() string {
 func (*FieldViolation) ProtoMessage() {}
 
 func (x *FieldViolation) ProtoReflect() protoreflect.Message {
-	mi := &file_connmeta_v1_report_service_proto_msgTypes[7]
+	mi := &file_connmeta_v1_report_service_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -691,7 +807,7 @@ func (x *FieldViolation) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FieldViolation.ProtoReflect.Descriptor instead.
 func (*FieldViolation) Descriptor() ([]byte, []int) {
-	return file_connmeta_v1_report_service_proto_rawDescGZIP(), []int{7}
+	return file_connmeta_v1_report_service_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *FieldViolation) GetField() string {
@@ -731,7 +847,7 @@ type SnapshotRejection struct {
 
 func (x *SnapshotRejection) Reset() {
 	*x = SnapshotRejection{}
-	mi := &file_connmeta_v1_report_service_proto_msgTypes[8]
+	mi := &file_connmeta_v1_report_service_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -743,7 +859,7 @@ func (x *SnapshotRejection) String() string {
 func (*SnapshotRejection) ProtoMessage() {}
 
 func (x *SnapshotRejection) ProtoReflect() protoreflect.Message {
-	mi := &file_connmeta_v1_report_service_proto_msgTypes[8]
+	mi := &file_connmeta_v1_report_service_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -756,7 +872,7 @@ func (x *SnapshotRejection) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SnapshotRejection.ProtoReflect.Descriptor instead.
 func (*SnapshotRejection) Descriptor() ([]byte, []int) {
-	return file_connmeta_v1_report_service_proto_rawDescGZIP(), []int{8}
+	return file_connmeta_v1_report_service_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *SnapshotRejection) GetIndex() uint32 {
@@ -812,7 +928,7 @@ type RoutingState struct {
 
 func (x *RoutingState) Reset() {
 	*x = RoutingState{}
-	mi := &file_connmeta_v1_report_service_proto_msgTypes[9]
+	mi := &file_connmeta_v1_report_service_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -824,7 +940,7 @@ func (x *RoutingState) String() string {
 func (*RoutingState) ProtoMessage() {}
 
 func (x *RoutingState) ProtoReflect() protoreflect.Message {
-	mi := &file_connmeta_v1_report_service_proto_msgTypes[9]
+	mi := &file_connmeta_v1_report_service_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -837,7 +953,7 @@ func (x *RoutingState) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RoutingState.ProtoReflect.Descriptor instead.
 func (*RoutingState) Descriptor() ([]byte, []int) {
-	return file_connmeta_v1_report_service_proto_rawDescGZIP(), []int{9}
+	return file_connmeta_v1_report_service_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *RoutingState) GetActive() bool {
@@ -888,7 +1004,7 @@ type RouteDecision struct {
 
 func (x *RouteDecision) Reset() {
 	*x = RouteDecision{}
-	mi := &file_connmeta_v1_report_service_proto_msgTypes[10]
+	mi := &file_connmeta_v1_report_service_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -900,7 +1016,7 @@ func (x *RouteDecision) String() string {
 func (*RouteDecision) ProtoMessage() {}
 
 func (x *RouteDecision) ProtoReflect() protoreflect.Message {
-	mi := &file_connmeta_v1_report_service_proto_msgTypes[10]
+	mi := &file_connmeta_v1_report_service_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -913,7 +1029,7 @@ func (x *RouteDecision) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RouteDecision.ProtoReflect.Descriptor instead.
 func (*RouteDecision) Descriptor() ([]byte, []int) {
-	return file_connmeta_v1_report_service_proto_rawDescGZIP(), []int{10}
+	return file_connmeta_v1_report_service_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *RouteDecision) GetServerId() string {
@@ -982,7 +1098,7 @@ type ReportResponse struct {
 
 func (x *ReportResponse) Reset() {
 	*x = ReportResponse{}
-	mi := &file_connmeta_v1_report_service_proto_msgTypes[11]
+	mi := &file_connmeta_v1_report_service_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -994,7 +1110,7 @@ func (x *ReportResponse) String() string {
 func (*ReportResponse) ProtoMessage() {}
 
 func (x *ReportResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_connmeta_v1_report_service_proto_msgTypes[11]
+	mi := &file_connmeta_v1_report_service_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1007,7 +1123,7 @@ func (x *ReportResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReportResponse.ProtoReflect.Descriptor instead.
 func (*ReportResponse) Descriptor() ([]byte, []int) {
-	return file_connmeta_v1_report_service_proto_rawDescGZIP(), []int{11}
+	return file_connmeta_v1_report_service_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *ReportResponse) GetMessage() isReportResponse_Message {
@@ -1093,15 +1209,28 @@ const file_connmeta_v1_report_service_proto_rawDesc = "" +
 	"\tsnapshots\x18\x01 \x03(\v2\x1f.connmeta.v1.ConnectionSnapshotR\tsnapshots\"O\n" +
 	"\vResyncStart\x12@\n" +
 	"\x0eroute_deadline\x18\x01 \x01(\v2\x19.google.protobuf.DurationR\rrouteDeadline\"\v\n" +
-	"\tResyncEnd\"\xfb\x01\n" +
+	"\tResyncEnd\"\xb5\x02\n" +
 	"\rReportRequest\x12\x1a\n" +
 	"\bsequence\x18\x01 \x01(\x04R\bsequence\x12\x19\n" +
-	"\bproxy_id\x18\x05 \x01(\tR\aproxyId\x120\n" +
+	"\bproxy_id\x18\x05 \x01(\tR\aproxyId\x128\n" +
+	"\vproxy_stats\x18\x06 \x01(\v2\x17.connmeta.v1.ProxyStatsR\n" +
+	"proxyStats\x120\n" +
 	"\x05batch\x18\x02 \x01(\v2\x18.connmeta.v1.ReportBatchH\x00R\x05batch\x12=\n" +
 	"\fresync_start\x18\x03 \x01(\v2\x18.connmeta.v1.ResyncStartH\x00R\vresyncStart\x127\n" +
 	"\n" +
 	"resync_end\x18\x04 \x01(\v2\x16.connmeta.v1.ResyncEndH\x00R\tresyncEndB\t\n" +
-	"\amessage\"\xa9\x01\n" +
+	"\amessage\"\xb4\x02\n" +
+	"\n" +
+	"ProxyStats\x12%\n" +
+	"\x0esnapshots_sent\x18\x01 \x01(\x04R\rsnapshotsSent\x12+\n" +
+	"\x11snapshots_dropped\x18\x02 \x01(\x04R\x10snapshotsDropped\x12-\n" +
+	"\x12snapshots_buffered\x18\x03 \x01(\x04R\x11snapshotsBuffered\x12-\n" +
+	"\x12snapshots_replayed\x18\x04 \x01(\x04R\x11snapshotsReplayed\x12-\n" +
+	"\x12snapshots_rejected\x18\x05 \x01(\x04R\x11snapshotsRejected\x12\x1e\n" +
+	"\n" +
+	"reconnects\x18\x06 \x01(\x04R\n" +
+	"reconnects\x12%\n" +
+	"\x0eroute_timeouts\x18\a \x01(\x04R\rrouteTimeouts\"\xa9\x01\n" +
 	"\tReportAck\x12\x1a\n" +
 	"\bsequence\x18\x01 \x01(\x04R\bsequence\x12\x1a\n" +
 	"\brevision\x18\x02 \x01(\x03R\brevision\x12(\n" +
@@ -1157,7 +1286,7 @@ func file_connmeta_v1_report_service_proto_rawDescGZIP() []byte {
 }
 
 var file_connmeta_v1_report_service_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_connmeta_v1_report_service_proto_msgTypes = make([]protoimpl.MessageInfo, 12)
+var file_connmeta_v1_report_service_proto_msgTypes = make([]protoimpl.MessageInfo, 13)
 var file_connmeta_v1_report_service_proto_goTypes = []any{
 	(RouteOutcomeKind)(0),         // 0: connmeta.v1.RouteOutcomeKind
 	(*ConnectionSnapshot)(nil),    // 1: connmeta.v1.ConnectionSnapshot
@@ -1166,47 +1295,49 @@ var file_connmeta_v1_report_service_proto_goTypes = []any{
 	(*ResyncStart)(nil),           // 4: connmeta.v1.ResyncStart
 	(*ResyncEnd)(nil),             // 5: connmeta.v1.ResyncEnd
 	(*ReportRequest)(nil),         // 6: connmeta.v1.ReportRequest
-	(*ReportAck)(nil),             // 7: connmeta.v1.ReportAck
-	(*FieldViolation)(nil),        // 8: connmeta.v1.FieldViolation
-	(*SnapshotRejection)(nil),     // 9: connmeta.v1.SnapshotRejection
-	(*RoutingState)(nil),          // 10: connmeta.v1.RoutingState
-	(*RouteDecision)(nil),         // 11: connmeta.v1.RouteDecision
-	(*ReportResponse)(nil),        // 12: connmeta.v1.ReportResponse
-	(Hook)(0),                     // 13: connmeta.v1.Hook
-	(*Client)(nil),                // 14: connmeta.v1.Client
-	(*Server)(nil),                // 15: connmeta.v1.Server
-	(*durationpb.Duration)(nil),   // 16: google.protobuf.Duration
-	(*Address)(nil),               // 17: connmeta.v1.Address
-	(*ServerSpec)(nil),            // 18: connmeta.v1.ServerSpec
-	(*fieldmaskpb.FieldMask)(nil), // 19: google.protobuf.FieldMask
+	(*ProxyStats)(nil),            // 7: connmeta.v1.ProxyStats
+	(*ReportAck)(nil),             // 8: connmeta.v1.ReportAck
+	(*FieldViolation)(nil),        // 9: connmeta.v1.FieldViolation
+	(*SnapshotRejection)(nil),     // 10: connmeta.v1.SnapshotRejection
+	(*RoutingState)(nil),          // 11: connmeta.v1.RoutingState
+	(*RouteDecision)(nil),         // 12: connmeta.v1.RouteDecision
+	(*ReportResponse)(nil),        // 13: connmeta.v1.ReportResponse
+	(Hook)(0),                     // 14: connmeta.v1.Hook
+	(*Client)(nil),                // 15: connmeta.v1.Client
+	(*Server)(nil),                // 16: connmeta.v1.Server
+	(*durationpb.Duration)(nil),   // 17: google.protobuf.Duration
+	(*Address)(nil),               // 18: connmeta.v1.Address
+	(*ServerSpec)(nil),            // 19: connmeta.v1.ServerSpec
+	(*fieldmaskpb.FieldMask)(nil), // 20: google.protobuf.FieldMask
 }
 var file_connmeta_v1_report_service_proto_depIdxs = []int32{
-	13, // 0: connmeta.v1.ConnectionSnapshot.hook:type_name -> connmeta.v1.Hook
-	14, // 1: connmeta.v1.ConnectionSnapshot.client:type_name -> connmeta.v1.Client
-	15, // 2: connmeta.v1.ConnectionSnapshot.server:type_name -> connmeta.v1.Server
+	14, // 0: connmeta.v1.ConnectionSnapshot.hook:type_name -> connmeta.v1.Hook
+	15, // 1: connmeta.v1.ConnectionSnapshot.client:type_name -> connmeta.v1.Client
+	16, // 2: connmeta.v1.ConnectionSnapshot.server:type_name -> connmeta.v1.Server
 	2,  // 3: connmeta.v1.ConnectionSnapshot.route_outcome:type_name -> connmeta.v1.RouteOutcome
 	0,  // 4: connmeta.v1.RouteOutcome.kind:type_name -> connmeta.v1.RouteOutcomeKind
-	16, // 5: connmeta.v1.RouteOutcome.waited:type_name -> google.protobuf.Duration
+	17, // 5: connmeta.v1.RouteOutcome.waited:type_name -> google.protobuf.Duration
 	1,  // 6: connmeta.v1.ReportBatch.snapshots:type_name -> connmeta.v1.ConnectionSnapshot
-	16, // 7: connmeta.v1.ResyncStart.route_deadline:type_name -> google.protobuf.Duration
-	3,  // 8: connmeta.v1.ReportRequest.batch:type_name -> connmeta.v1.ReportBatch
-	4,  // 9: connmeta.v1.ReportRequest.resync_start:type_name -> connmeta.v1.ResyncStart
-	5,  // 10: connmeta.v1.ReportRequest.resync_end:type_name -> connmeta.v1.ResyncEnd
-	9,  // 11: connmeta.v1.ReportAck.rejected:type_name -> connmeta.v1.SnapshotRejection
-	8,  // 12: connmeta.v1.SnapshotRejection.violations:type_name -> connmeta.v1.FieldViolation
-	17, // 13: connmeta.v1.RouteDecision.address:type_name -> connmeta.v1.Address
-	18, // 14: connmeta.v1.RouteDecision.via:type_name -> connmeta.v1.ServerSpec
-	19, // 15: connmeta.v1.RouteDecision.update_mask:type_name -> google.protobuf.FieldMask
-	7,  // 16: connmeta.v1.ReportResponse.ack:type_name -> connmeta.v1.ReportAck
-	10, // 17: connmeta.v1.ReportResponse.routing_state:type_name -> connmeta.v1.RoutingState
-	11, // 18: connmeta.v1.ReportResponse.route_decision:type_name -> connmeta.v1.RouteDecision
-	6,  // 19: connmeta.v1.ReportService.Report:input_type -> connmeta.v1.ReportRequest
-	12, // 20: connmeta.v1.ReportService.Report:output_type -> connmeta.v1.ReportResponse
-	20, // [20:21] is the sub-list for method output_type
-	19, // [19:20] is the sub-list for method input_type
-	19, // [19:19] is the sub-list for extension type_name
-	19, // [19:19] is the sub-list for extension extendee
-	0,  // [0:19] is the sub-list for field type_name
+	17, // 7: connmeta.v1.ResyncStart.route_deadline:type_name -> google.protobuf.Duration
+	7,  // 8: connmeta.v1.ReportRequest.proxy_stats:type_name -> connmeta.v1.ProxyStats
+	3,  // 9: connmeta.v1.ReportRequest.batch:type_name -> connmeta.v1.ReportBatch
+	4,  // 10: connmeta.v1.ReportRequest.resync_start:type_name -> connmeta.v1.ResyncStart
+	5,  // 11: connmeta.v1.ReportRequest.resync_end:type_name -> connmeta.v1.ResyncEnd
+	10, // 12: connmeta.v1.ReportAck.rejected:type_name -> connmeta.v1.SnapshotRejection
+	9,  // 13: connmeta.v1.SnapshotRejection.violations:type_name -> connmeta.v1.FieldViolation
+	18, // 14: connmeta.v1.RouteDecision.address:type_name -> connmeta.v1.Address
+	19, // 15: connmeta.v1.RouteDecision.via:type_name -> connmeta.v1.ServerSpec
+	20, // 16: connmeta.v1.RouteDecision.update_mask:type_name -> google.protobuf.FieldMask
+	8,  // 17: connmeta.v1.ReportResponse.ack:type_name -> connmeta.v1.ReportAck
+	11, // 18: connmeta.v1.ReportResponse.routing_state:type_name -> connmeta.v1.RoutingState
+	12, // 19: connmeta.v1.ReportResponse.route_decision:type_name -> connmeta.v1.RouteDecision
+	6,  // 20: connmeta.v1.ReportService.Report:input_type -> connmeta.v1.ReportRequest
+	13, // 21: connmeta.v1.ReportService.Report:output_type -> connmeta.v1.ReportResponse
+	21, // [21:22] is the sub-list for method output_type
+	20, // [20:21] is the sub-list for method input_type
+	20, // [20:20] is the sub-list for extension type_name
+	20, // [20:20] is the sub-list for extension extendee
+	0,  // [0:20] is the sub-list for field type_name
 }
 
 func init() { file_connmeta_v1_report_service_proto_init() }
@@ -1224,7 +1355,7 @@ func file_connmeta_v1_report_service_proto_init() {
 		(*ReportRequest_ResyncStart)(nil),
 		(*ReportRequest_ResyncEnd)(nil),
 	}
-	file_connmeta_v1_report_service_proto_msgTypes[11].OneofWrappers = []any{
+	file_connmeta_v1_report_service_proto_msgTypes[12].OneofWrappers = []any{
 		(*ReportResponse_Ack)(nil),
 		(*ReportResponse_RoutingState)(nil),
 		(*ReportResponse_RouteDecision)(nil),
@@ -1235,7 +1366,7 @@ func file_connmeta_v1_report_service_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_connmeta_v1_report_service_proto_rawDesc), len(file_connmeta_v1_report_service_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   12,
+			NumMessages:   13,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -220,6 +220,19 @@ def _first_listen_port() -> int | None:
     return None
 
 
+async def _final_status(call: Any) -> grpc.aio.AioRpcError | None:
+    """The status a finished call ended with, as the error a read would raise; None
+    while it runs or when it ended OK."""
+    if call is None or not call.done():
+        return None
+    code = await call.code()
+    if code is grpc.StatusCode.OK:
+        return None
+    return grpc.aio.AioRpcError(
+        code, grpc.aio.Metadata(), grpc.aio.Metadata(), details=await call.details()
+    )
+
+
 def _describe(error: Exception) -> str:
     if isinstance(error, grpc.aio.AioRpcError):
         return f"{error.code().name}: {error.details()}"
@@ -902,6 +915,14 @@ class ConnmetaAddon:
                 if pause > 0 and self._wake.is_set() and not self._urgent.is_set():
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._urgent.wait(), pause)
+        except Exception as error:
+            # Whichever side noticed first (a write into a finished call fails
+            # with "INTERNAL: Internal error from Core", a missing ack), the
+            # sidecar's own status says why the stream ended.
+            final = await _final_status(call)
+            if final is not None:
+                raise final from error
+            raise
         finally:
             if reader is not None:
                 reader.cancel()

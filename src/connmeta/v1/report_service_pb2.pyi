@@ -276,6 +276,7 @@ class ReportRequest(_message.Message):
 
     SEQUENCE_FIELD_NUMBER: _builtins.int
     PROXY_ID_FIELD_NUMBER: _builtins.int
+    PROXY_STATS_FIELD_NUMBER: _builtins.int
     BATCH_FIELD_NUMBER: _builtins.int
     RESYNC_START_FIELD_NUMBER: _builtins.int
     RESYNC_END_FIELD_NUMBER: _builtins.int
@@ -290,6 +291,13 @@ class ReportRequest(_message.Message):
     share one anonymous proxy (records show an empty proxy_id), as before
     proxy_id existed: their resyncs close each other's connections.
     """
+    @_builtins.property
+    def proxy_stats(self) -> Global___ProxyStats:
+        """proxy_stats are the proxy's own counters, cumulative since the proxy
+        started; the sidecar exports them with its own metrics, so one scrape
+        covers both containers. Optional, on any message; the latest wins.
+        """
+
     @_builtins.property
     def batch(self) -> Global___ReportBatch:
         """batch is a batch of snapshots."""
@@ -307,19 +315,76 @@ class ReportRequest(_message.Message):
         *,
         sequence: _builtins.int = ...,
         proxy_id: _builtins.str = ...,
+        proxy_stats: Global___ProxyStats | None = ...,
         batch: Global___ReportBatch | None = ...,
         resync_start: Global___ResyncStart | None = ...,
         resync_end: Global___ResyncEnd | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "message", b"message", "resync_end", b"resync_end", "resync_start", b"resync_start"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "message", b"message", "proxy_stats", b"proxy_stats", "resync_end", b"resync_end", "resync_start", b"resync_start"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "message", b"message", "proxy_id", b"proxy_id", "resync_end", b"resync_end", "resync_start", b"resync_start", "sequence", b"sequence"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "message", b"message", "proxy_id", b"proxy_id", "proxy_stats", b"proxy_stats", "resync_end", b"resync_end", "resync_start", b"resync_start", "sequence", b"sequence"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["batch", "resync_start", "resync_end"]  # noqa: Y015
     _WhichOneofArgType_message: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
 
 Global___ReportRequest: _TypeAlias = ReportRequest  # noqa: Y015
+
+@_typing.final
+class ProxyStats(_message.Message):
+    """ProxyStats are a proxy's counters about its reporting, each cumulative
+    since the proxy (its addon) started.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SNAPSHOTS_SENT_FIELD_NUMBER: _builtins.int
+    SNAPSHOTS_DROPPED_FIELD_NUMBER: _builtins.int
+    SNAPSHOTS_BUFFERED_FIELD_NUMBER: _builtins.int
+    SNAPSHOTS_REPLAYED_FIELD_NUMBER: _builtins.int
+    SNAPSHOTS_REJECTED_FIELD_NUMBER: _builtins.int
+    RECONNECTS_FIELD_NUMBER: _builtins.int
+    ROUTE_TIMEOUTS_FIELD_NUMBER: _builtins.int
+    snapshots_sent: _builtins.int
+    """snapshots_sent counts snapshots written to the sidecar."""
+    snapshots_dropped: _builtins.int
+    """snapshots_dropped counts snapshots lost: beyond the buffer's bounds
+    while the sidecar was unreachable, or while it was too slow.
+    """
+    snapshots_buffered: _builtins.int
+    """snapshots_buffered counts snapshots kept while the sidecar was
+    unreachable.
+    """
+    snapshots_replayed: _builtins.int
+    """snapshots_replayed counts buffered snapshots sent after reconnecting."""
+    snapshots_rejected: _builtins.int
+    """snapshots_rejected counts snapshots the sidecar refused
+    (ReportAck.rejected).
+    """
+    reconnects: _builtins.int
+    """reconnects counts report streams opened after the first."""
+    route_timeouts: _builtins.int
+    """route_timeouts counts server connects that waited their whole route
+    deadline without a decision.
+    """
+    def __init__(
+        self,
+        *,
+        snapshots_sent: _builtins.int = ...,
+        snapshots_dropped: _builtins.int = ...,
+        snapshots_buffered: _builtins.int = ...,
+        snapshots_replayed: _builtins.int = ...,
+        snapshots_rejected: _builtins.int = ...,
+        reconnects: _builtins.int = ...,
+        route_timeouts: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reconnects", b"reconnects", "route_timeouts", b"route_timeouts", "snapshots_buffered", b"snapshots_buffered", "snapshots_dropped", b"snapshots_dropped", "snapshots_rejected", b"snapshots_rejected", "snapshots_replayed", b"snapshots_replayed", "snapshots_sent", b"snapshots_sent"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProxyStats: _TypeAlias = ProxyStats  # noqa: Y015
 
 @_typing.final
 class ReportAck(_message.Message):
