@@ -31,8 +31,6 @@ from typing import IO
 
 import pytest
 
-from tests.interop.pki import write_dev_pki
-
 pytestmark = pytest.mark.interop
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -156,28 +154,16 @@ class Programs:
         return self.get("rust").with_name(name)
 
 
-def _server_has_tls() -> bool:
-    """Whether ``connmeta serve`` takes --tls-cert: the server side of issue 11.
-
-    Only while that work is not on main; when it is, TLS is unconditional.
-    """
-    done = subprocess.run(
-        [_connmeta_executable(), "serve", "--help"], capture_output=True, text=True, timeout=30
-    )
-    return "--tls-cert" in done.stdout
-
-
 def make_certs(directory: Path) -> Path:
-    """The files of ``connmeta certs init --dir DIR``: the command's own output when the
-    CLI has it, else the same layout written here (tests/interop/pki.py)."""
+    """The files of ``connmeta certs init --dir DIR``: CA, server certificate, one
+    client certificate per role, the example policy."""
     done = subprocess.run(
         [_connmeta_executable(), "certs", "init", "--dir", str(directory)],
         capture_output=True,
         text=True,
         timeout=60,
     )
-    if done.returncode != 0:
-        write_dev_pki(directory)
+    assert done.returncode == 0, f"connmeta certs init failed:\n{done.stdout}{done.stderr}"
     missing = [
         name
         for name in ("ca.pem", "server.pem", "server.key", "policy.json", f"{CLIENT_ROLE}.pem")
@@ -189,13 +175,11 @@ def make_certs(directory: Path) -> Path:
 
 @dataclass(frozen=True)
 class Certs:
-    """Where the certificates are, or None for a server without TLS."""
+    """The session's certificate directory (``connmeta certs init``)."""
 
-    directory: Path | None
+    directory: Path
 
     def serve_flags(self, flags: tuple[str, ...]) -> list[str]:
-        if self.directory is None:
-            return list(flags)
         d = self.directory
         resolved = [f.replace(CERTS_PLACEHOLDER, f"{d}/") for f in flags]
         return [
@@ -209,8 +193,6 @@ class Certs:
         ]
 
     def program_flags(self) -> list[str]:
-        if self.directory is None:
-            return []
         d = self.directory
         return [
             "--tls-ca",
@@ -369,8 +351,6 @@ def programs(tmp_path_factory: pytest.TempPathFactory) -> Programs:
 
 @pytest.fixture(scope="session")
 def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
-    if not _server_has_tls():
-        return Certs(None)
     return Certs(make_certs(tmp_path_factory.mktemp("certs")))
 
 
@@ -397,8 +377,6 @@ def test_interop(language: str, case: Case, programs: Programs, servers: Servers
             )
         env[KEEPALIVE_ENV] = seconds
         timeout += int(seconds)
-    if servers.certs.directory is None and case.id == "authz_roles":
-        pytest.skip("connmeta serve has no --tls-cert/--authz-policy yet (issue 11 server side)")
     program = programs.get(language)
     server = servers.get(case.flags, own=case.id if case.restarts else "")
     argv = [
@@ -519,48 +497,43 @@ def test_readme_examples_against_the_server(
     server = servers.get(CASES[0].flags)
     certs = servers.certs.directory
     unix = f"unix://{server.unix}"
-    # Plaintext TCP is for a server without TLS only; with it, the plaintext examples
-    # use the Unix socket and the mTLS example the TCP listener.
-    plaintext_targets = [unix] if certs else [server.tcp, unix]
+    # The TCP listener takes only mTLS: the plaintext examples use the Unix socket, the
+    # mTLS ones (with the reader's certificate: reading is all they do) the TCP listener.
+    role = [str(certs / "ca.pem"), str(certs / "reader.pem"), str(certs / "reader.key")]
     if language == "go":
-        tls_env = {}
-        if certs:
-            tls_env = {
-                "CONNMETA_TLS_TARGET": server.tcp,
-                "CONNMETA_TLS_CA": str(certs / "ca.pem"),
-                "CONNMETA_TLS_CERT": str(certs / "reader.pem"),
-                "CONNMETA_TLS_KEY": str(certs / "reader.key"),
-            }
-        for target in plaintext_targets:
-            done = subprocess.run(
-                ["go", "test", "-count=1", "-v", "-run", "^Example", "./connmeta"],
-                cwd=GO_DIR,
-                env=dict(os.environ, CONNMETA_TARGET=target, **tls_env),
-                capture_output=True,
-                text=True,
-                timeout=300,
-            )
-            assert done.returncode == 0, f"Go examples against {target}:\n{done.stdout}"
-            assert "--- PASS: ExampleWithTLS" in done.stdout, done.stdout
-        return
-    for target in plaintext_targets:
+        tls_env = dict(
+            zip(
+                ("CONNMETA_TLS_CA", "CONNMETA_TLS_CERT", "CONNMETA_TLS_KEY"),
+                role,
+                strict=True,
+            ),
+            CONNMETA_TLS_TARGET=server.tcp,
+        )
         done = subprocess.run(
-            [str(programs.rust_example("get_connection")), target],
+            ["go", "test", "-count=1", "-v", "-run", "^Example", "./connmeta"],
+            cwd=GO_DIR,
+            env=dict(os.environ, CONNMETA_TARGET=unix, **tls_env),
             capture_output=True,
             text=True,
-            timeout=60,
+            timeout=300,
         )
-        assert (done.returncode, done.stdout) == (0, "no such connection\n"), done.stderr
+        assert done.returncode == 0, f"Go examples against {unix} and {server.tcp}:\n{done.stdout}"
+        assert "--- PASS: ExampleWithTLS" in done.stdout, done.stdout
+        return
     done = subprocess.run(
-        [str(programs.rust_example("watch")), plaintext_targets[0], "*.example.invalid", "1"],
+        [str(programs.rust_example("get_connection")), unix],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (done.returncode, done.stdout) == (0, "no such connection\n"), done.stderr
+    done = subprocess.run(
+        [str(programs.rust_example("watch")), unix, "*.example.invalid", "1"],
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert (done.returncode, done.stdout) == (0, "listed 0 servers (Start)\nstopped\n"), done.stderr
-    if certs is None:
-        return
-    role = [str(certs / "ca.pem"), str(certs / "reader.pem"), str(certs / "reader.key")]
     done = subprocess.run(
         [str(programs.rust_example("mtls")), server.tcp, *role],
         capture_output=True,

@@ -254,6 +254,8 @@ impl RoutingProxy {
                 String::new()
             },
             message: Some(message),
+            // The addon's counters; the interop proxies have none to send.
+            proxy_stats: None,
         };
         self.tx
             .send(req)
