@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import os
 import random
 import sys
@@ -34,6 +33,7 @@ from grpc_status import rpc_status
 from connmeta import __version__
 from connmeta.addresses import SCHEME_VALUES, format_address, parse_address
 from connmeta.auth import TLSError
+from connmeta.logs import configure as configure_logging
 from connmeta.policy import PolicyError
 from connmeta.server import Config, ListenError, default_unix_socket, serve
 from connmeta.state_file import StateError
@@ -74,6 +74,8 @@ _HELP = {
     " (RESOURCE_EXHAUSTED beyond); 0: no limit",
     "max_streams_per_principal": "streams (watch, report, route) one principal may hold open"
     " (RESOURCE_EXHAUSTED beyond); 0: no limit",
+    "log_format": "text, or json: one JSON object per line (time, level, logger, message"
+    " and the record's own fields, e.g. the audit log's principal and method)",
 }
 
 
@@ -732,8 +734,12 @@ def parse_via(text: str) -> pb.ServerSpec:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
-        logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(message)s")
         config = Config(**{f.name: getattr(args, f.name) for f in fields(Config)})
+        try:
+            configure_logging(config.log_format, args.log_level)
+        except ValueError as error:
+            print(f"connmeta: {error}", file=sys.stderr)
+            return 2
         try:
             asyncio.run(serve(config))
         except (ListenError, StateError, TLSError, PolicyError) as error:
