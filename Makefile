@@ -51,10 +51,11 @@ baseline: $(STAMP)
 gen: $(STAMP)
 	PYTHON=$(PY) scripts/gen
 	BUF=$(BUF) scripts/gen-clients
+	$(PY) -m connmeta.export.ndjson > docs/ndjson.schema.json
 
 # Regenerate into the work tree and fail if anything differs from what is committed.
 gen-check: gen
-	@git diff --exit-code --stat -- src/connmeta/v1 clients || \
+	@git diff --exit-code --stat -- src/connmeta/v1 clients docs/ndjson.schema.json || \
 	  { echo "generated code is stale: run 'make gen' and commit the result"; exit 1; }
 	@test -z "$$(git status --porcelain --untracked-files=all -- src/connmeta/v1 clients)" || \
 	  { git status --porcelain -- src/connmeta/v1 clients; echo "untracked generated files: run 'make gen' and commit"; exit 1; }

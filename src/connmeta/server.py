@@ -73,6 +73,7 @@ class Config:
     insecure_listen: bool = False
     max_watchers: int = 1024
     max_streams_per_principal: int = 256
+    log_format: str = "text"
 
 
 def channel_options(config: Config) -> list[tuple[str, int]]:
