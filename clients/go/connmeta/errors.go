@@ -22,8 +22,8 @@ const (
 
 // ErrorInfo metadata keys the watch errors carry.
 const (
-	MetaOldestRevision = "oldest_revision" // REVISION_COMPACTED: oldest revision still retained
-	MetaLastRevision   = "last_revision"   // WATCHER_TOO_SLOW: last revision sent; resume after it
+	MetaOldestRevision = "oldestRevision" // REVISION_COMPACTED: oldest revision still retained
+	MetaLastRevision   = "lastRevision"   // WATCHER_TOO_SLOW: last revision sent; resume after it
 )
 
 // ErrorDetails is a gRPC error with its google.rpc details decoded. Fields
