@@ -181,9 +181,11 @@ def _run(argv: list[str], ok: bool) -> str:
     return out
 
 
-def _until(argv: list[str], marker: str) -> str:
+def _until(argv: list[str], marker: str, env: dict[str, str] | None = None) -> str:
     """Run a streaming call until ``marker`` shows in its output, then stop it."""
-    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+    )
     assert process.stdout is not None
     lines: list[str] = []
     deadline = time.monotonic() + TIMEOUT
@@ -412,3 +414,43 @@ def test_an_unimplemented_method_leaves_no_traceback(sidecar: Sidecar) -> None:
     time.sleep(0.2)
     log = sidecar.log.read_text()
     assert "Traceback" not in log, log
+
+
+def _readme_commands() -> list[str]:
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("### grpcurl and buf curl") :]
+    block = re.search(r"```sh\n(.*?)```", section, re.S)
+    assert block, "README.md's grpcurl section has no sh block"
+    return [line for line in block.group(1).splitlines() if line.strip()]
+
+
+def test_the_readme_examples_run_as_written(sidecar: Sidecar) -> None:
+    closed, _ = _ids()
+    Tools(sidecar, "unix").grpcurl(
+        "connmeta.v1.ReportService/Report",
+        data=_report(factories.server(closed, state=factories.CLOSED)),
+    )
+    setup, *commands = _readme_commands()
+    assert setup.startswith("S="), setup
+    assert all(c.split()[0] in ("grpcurl", "buf") for c in commands), commands
+    env = {**os.environ, "S": sidecar.unix, "PATH": f"{GRPCURL.parent}:{BUF.parent}:"}
+    env["PATH"] += os.environ.get("PATH", "")
+    port = sidecar.tcp.rsplit(":", 1)[1]
+    for command in commands:
+        line = command.replace("<id>", closed).replace("localhost:50051", f"localhost:{port}")
+        argv = ["bash", "-c", line]
+        if "WatchConnections" in line:  # a stream: until the snapshot is complete
+            out = _until(argv, "INITIAL_EVENTS_END", env)
+        else:
+            proc = subprocess.run(
+                argv,
+                capture_output=True,
+                text=True,
+                env=env,
+                cwd=tls.certs().parent,
+                timeout=TIMEOUT,
+                check=False,
+            )
+            out = proc.stdout + proc.stderr
+            assert proc.returncode == 0, f"README: {command}\n{out}"
+        assert "ERROR" not in out, f"README: {command}\n{out}"
