@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 PYTHON_BOOT ?= $(shell command -v python3.12 || command -v python3)
 BUF := $(VENV)/bin/buf
 
-.PHONY: serve test check lint typecheck buf-lint buf-breaking gen gen-check baseline bench clean deploy-tools
+.PHONY: serve test check lint typecheck buf-lint buf-breaking gen gen-check baseline bench clean deploy-tools api-tools
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON_BOOT) -m venv $(VENV)
@@ -20,12 +20,16 @@ $(STAMP): pyproject.toml constraints.txt
 serve: $(STAMP)
 	$(VENV)/bin/connmeta serve
 
-test: $(STAMP) deploy-tools
+test: $(STAMP) deploy-tools api-tools
 	$(PY) -m pytest
 
 # kustomize, kubernetes-validate and hadolint for tests/deploy, pinned, in .tools/.
 deploy-tools:
 	scripts/install-deploy-tools
+
+# grpcurl for tests/test_tools.py (buf comes with the venv), pinned, in .tools/.
+api-tools:
+	scripts/install-api-tools
 
 check: lint typecheck buf-lint buf-breaking gen-check
 

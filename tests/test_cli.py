@@ -155,6 +155,13 @@ def test_every_serve_flag_has_an_environment_variable(monkeypatch: pytest.Monkey
     assert build_parser().parse_args(["serve", "--watch-max-lag", "7"]).watch_max_lag == 7
 
 
+def test_top_level_help_is_whole_sentences_without_markup() -> None:
+    description = build_parser().description or ""
+    assert "``" not in description, "RST markup"
+    assert description.rstrip().endswith("."), description
+    assert "CONNMETA_<FLAG>" in description
+
+
 def test_via_text_must_name_a_lower_case_scheme() -> None:
     assert parse_via("https://[::1]:8443") == pb.ServerSpec(
         scheme=pb.SCHEME_HTTPS, address=pb.Address(host="::1", port=8443)

@@ -242,8 +242,16 @@ def _view(args: argparse.Namespace) -> cs.ConnectionView.ValueType:
     return cs.CONNECTION_VIEW_BASIC if args.basic else cs.CONNECTION_VIEW_FULL
 
 
+_DESCRIPTION = (
+    "connmeta: 'serve' runs the sidecar; get, list, watch, health and update-server are "
+    "client commands for people. Every flag of 'serve' can also come from the environment "
+    "as CONNMETA_<FLAG> (--watch-max-lag: CONNMETA_WATCH_MAX_LAG); the command line wins."
+)
+"""Plain text: argparse prints it as is, so no RST markup and whole sentences."""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="connmeta", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="connmeta", description=_DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"connmeta {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_serve(sub)

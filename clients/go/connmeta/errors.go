@@ -27,9 +27,9 @@ const (
 
 // ErrorInfo metadata keys the watch errors carry.
 const (
-	MetaOldestRevision = "oldest_revision" // REVISION_COMPACTED: oldest revision still retained
-	MetaLastRevision   = "last_revision"   // WATCHER_TOO_SLOW: last revision sent; resume after it
-	MetaMethod         = "method"          // PERMISSION_DENIED, UNAUTHENTICATED: the full method name
+	MetaOldestRevision = "oldestRevision" // REVISION_COMPACTED: oldest revision still retained
+	MetaLastRevision   = "lastRevision"   // WATCHER_TOO_SLOW: last revision sent; resume after it
+	MetaMethod         = "method"         // PERMISSION_DENIED, UNAUTHENTICATED: the full method name
 )
 
 // ErrorDetails is a gRPC error with its google.rpc details decoded. Fields

@@ -112,7 +112,7 @@ func RecordID(r *connmetav1.ConnectionRecord) string {
 //     with exponential backoff (also for the listings below);
 //   - RESOURCE_EXHAUSTED / WATCHER_TOO_SLOW (this consumer fell too far
 //     behind and was evicted): from the revision the error names in
-//     ErrorInfo metadata "last_revision";
+//     ErrorInfo metadata "lastRevision";
 //   - OUT_OF_RANGE / REVISION_COMPACTED, when opts.Relist is set: from a
 //     fresh listing. This is also how a sidecar restart shows: every
 //     resume names the incarnation it belongs to, so the restarted sidecar
@@ -416,9 +416,9 @@ func otherIncarnation(after int64, want, got string) error {
 		Reason: ReasonRevisionCompacted,
 		Domain: Domain,
 		Metadata: map[string]string{
-			"requested_revision":    strconv.FormatInt(after, 10),
-			"requested_incarnation": want,
-			"incarnation":           got,
+			"requestedRevision":    strconv.FormatInt(after, 10),
+			"requestedIncarnation": want,
+			"incarnation":          got,
 		},
 	})
 	if err != nil {

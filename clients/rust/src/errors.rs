@@ -35,9 +35,9 @@ pub mod reason {
 /// `ErrorInfo` metadata keys of the watch and authorization errors.
 pub mod meta {
     /// REVISION_COMPACTED: the oldest revision still retained.
-    pub const OLDEST_REVISION: &str = "oldest_revision";
+    pub const OLDEST_REVISION: &str = "oldestRevision";
     /// WATCHER_TOO_SLOW: the last revision sent; resume after it.
-    pub const LAST_REVISION: &str = "last_revision";
+    pub const LAST_REVISION: &str = "lastRevision";
     /// PERMISSION_DENIED, UNAUTHENTICATED: the full method name.
     pub const METHOD: &str = "method";
 }

@@ -93,7 +93,7 @@ pub enum WatchItem {
 ///   revision returned, retrying with exponential backoff (also for the
 ///   listings below);
 /// - RESOURCE_EXHAUSTED / `WATCHER_TOO_SLOW` (this consumer fell too far
-///   behind): from the revision the error names in metadata `last_revision`;
+///   behind): from the revision the error names in metadata `lastRevision`;
 /// - OUT_OF_RANGE / `REVISION_COMPACTED` with `relist`: from a new listing.
 ///   This is also how a sidecar restart shows: every resume names the
 ///   incarnation it belongs to, so the restarted sidecar refuses it, and a
@@ -454,8 +454,8 @@ fn other_incarnation(after: i64, want: &str, got: &str) -> Status {
         reason::REVISION_COMPACTED,
         DOMAIN,
         HashMap::from([
-            ("requested_revision".to_owned(), after.to_string()),
-            ("requested_incarnation".to_owned(), want.to_owned()),
+            ("requestedRevision".to_owned(), after.to_string()),
+            ("requestedIncarnation".to_owned(), want.to_owned()),
             ("incarnation".to_owned(), got.to_owned()),
         ]),
     );

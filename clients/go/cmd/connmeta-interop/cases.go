@@ -32,8 +32,8 @@ var cases = []interopCase{
 	{"update_invalid_argument", "port 70000, an empty host, an address with flowinfo, via scheme TLS and mask path sni each fail INVALID_ARGUMENT with a BadRequest naming the field; an invalid address outside the mask is ignored", caseUpdateInvalidArgument},
 	{"list_pagination", "paging with a small page_size returns every id exactly once, in id order, all pages at one pinned revision", caseListPagination},
 	{"watch_resume_no_gap", "a watch cut mid-stream and resumed from its last revision sees every concurrent write exactly once, in order", caseWatchResumeNoGap},
-	{"watch_compacted", "watching from a revision older than the history fails OUT_OF_RANGE with ErrorInfo REVISION_COMPACTED and oldest_revision; relist then watch recovers", caseWatchCompacted},
-	{"watch_slow_consumer", "a watcher that stops reading is ended RESOURCE_EXHAUSTED with ErrorInfo WATCHER_TOO_SLOW and last_revision; resuming from it loses nothing", caseWatchSlowConsumer},
+	{"watch_compacted", "watching from a revision older than the history fails OUT_OF_RANGE with ErrorInfo REVISION_COMPACTED and oldestRevision; relist then watch recovers", caseWatchCompacted},
+	{"watch_slow_consumer", "a watcher that stops reading is ended RESOURCE_EXHAUSTED with ErrorInfo WATCHER_TOO_SLOW and lastRevision; resuming from it loses nothing", caseWatchSlowConsumer},
 	{"watch_survives_sidecar_restart", "after a kill -9 and restart of the server (no --state-dir), a watch and a page token of the old incarnation fail OUT_OF_RANGE REVISION_COMPACTED and INVALID_ARGUMENT, never OK; the helper's informer relists by itself, says so, delivers the vanished records as DELETED and ends with exactly the new store's records", caseWatchSurvivesSidecarRestart},
 	{"keepalive", "keepalive pings every 10 s on an idle watch do not get the connection closed (too_many_pings); the watch still delivers afterwards", caseKeepalive},
 	{"authz_roles", "with the example policy, each role's certificate may call exactly the methods the policy gives it: the others fail PERMISSION_DENIED with ErrorInfo naming the method; the Unix socket may write; a connection without a client certificate fails the TLS handshake (UNAVAILABLE)", caseAuthzRoles},
@@ -573,7 +573,7 @@ func caseWatchCompacted(ctx context.Context, e *env) error {
 	}
 	oldest, perr := strconv.ParseInt(d.Metadata(connmeta.MetaOldestRevision), 10, 64)
 	if perr != nil || oldest <= start || oldest > last {
-		return fmt.Errorf("ErrorInfo metadata oldest_revision = %q, want a revision in (%d, %d]", d.Metadata(connmeta.MetaOldestRevision), start, last)
+		return fmt.Errorf("ErrorInfo metadata oldestRevision = %q, want a revision in (%d, %d]", d.Metadata(connmeta.MetaOldestRevision), start, last)
 	}
 
 	// The helper recovers: relist, then watch from the listing's revision.
@@ -727,14 +727,14 @@ func caseWatchSlowConsumer(ctx context.Context, e *env) error {
 	}
 	named, perr := strconv.ParseInt(d.Metadata(connmeta.MetaLastRevision), 10, 64)
 	if perr != nil {
-		return fmt.Errorf("ErrorInfo metadata last_revision = %q, want a revision", d.Metadata(connmeta.MetaLastRevision))
+		return fmt.Errorf("ErrorInfo metadata lastRevision = %q, want a revision", d.Metadata(connmeta.MetaLastRevision))
 	}
 	lastGot := start
 	if len(got) > 0 {
 		lastGot = got[len(got)-1]
 	}
 	if named != lastGot {
-		return fmt.Errorf("last_revision = %d but the last revision received was %d: resuming from it would lose or repeat changes", named, lastGot)
+		return fmt.Errorf("lastRevision = %d but the last revision received was %d: resuming from it would lose or repeat changes", named, lastGot)
 	}
 	if named >= final {
 		return fmt.Errorf("watcher was ended only after receiving everything (last_revision %d, final write %d)", named, final)

@@ -93,12 +93,12 @@ pub static CASES: &[Case] = &[
     ),
     case!(
         "watch_compacted",
-        "watching from a revision older than the history fails OUT_OF_RANGE with ErrorInfo REVISION_COMPACTED and oldest_revision; relist then watch recovers",
+        "watching from a revision older than the history fails OUT_OF_RANGE with ErrorInfo REVISION_COMPACTED and oldestRevision; relist then watch recovers",
         watch_compacted
     ),
     case!(
         "watch_slow_consumer",
-        "a watcher that stops reading is ended RESOURCE_EXHAUSTED with ErrorInfo WATCHER_TOO_SLOW and last_revision; resuming from it loses nothing",
+        "a watcher that stops reading is ended RESOURCE_EXHAUSTED with ErrorInfo WATCHER_TOO_SLOW and lastRevision; resuming from it loses nothing",
         watch_slow_consumer
     ),
     case!(
@@ -948,7 +948,7 @@ async fn watch_compacted(e: &mut Env) -> R {
         Some(oldest) if oldest > start && oldest <= last => {}
         _ => {
             return Err(format!(
-                "ErrorInfo metadata oldest_revision = {:?}, want a revision in ({start}, {last}]",
+                "ErrorInfo metadata oldestRevision = {:?}, want a revision in ({start}, {last}]",
                 d.metadata(meta::OLDEST_REVISION)
             ));
         }
@@ -1135,7 +1135,7 @@ async fn watch_slow_consumer(e: &mut Env) -> R {
     let last_got = got.last().copied().unwrap_or(start);
     if named != last_got {
         return Err(format!(
-            "last_revision = {named} but the last revision received was {last_got}: resuming from it would lose or repeat changes"
+            "lastRevision = {named} but the last revision received was {last_got}: resuming from it would lose or repeat changes"
         ));
     }
     if named >= final_rev {
