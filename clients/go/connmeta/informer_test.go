@@ -152,7 +152,9 @@ func TestInformerIndexesFollowChanges(t *testing.T) {
 		},
 	}
 	inf := NewInformer(c, InformerOptions{Indexers: map[string]IndexFunc{
-		"port": func(r *connmetav1.ConnectionRecord) []string { return []string{fmt.Sprint(r.GetServer().GetAddress().GetPort())} },
+		"port": func(r *connmetav1.ConnectionRecord) []string {
+			return []string{fmt.Sprint(r.GetServer().GetAddress().GetPort())}
+		},
 	}})
 	rec := &calls{}
 	inf.AddEventHandler(rec.handler())
@@ -283,7 +285,11 @@ func TestRunRouterAnswersEachQuery(t *testing.T) {
 		done <- c.RunRouter(ctx, RouterOptions{
 			Name:    "r",
 			OnState: func(s RouterState) { mu.Lock(); states = append(states, s); mu.Unlock() },
-			OnError: func(q *connmetav1.RouteQuery, err error) { mu.Lock(); failed = append(failed, q.GetQueryId()); mu.Unlock() },
+			OnError: func(q *connmetav1.RouteQuery, err error) {
+				mu.Lock()
+				failed = append(failed, q.GetQueryId())
+				mu.Unlock()
+			},
 		}, func(ctx context.Context, q *connmetav1.RouteQuery) (Decision, error) {
 			if _, ok := ctx.Deadline(); !ok {
 				return Decision{}, errors.New("no deadline")

@@ -13,10 +13,14 @@ import (
 	"google.golang.org/grpc/status"
 )
 
-// Sentinel errors for errors.Is. Every error a [Client] returns (from the
-// helpers and from the raw stubs in Client.Connections, Client.Reports and
-// Client.Health, unary calls and stream receives alike) that carries a gRPC
-// status is a [*StatusError], which matches these:
+// Sentinel errors for errors.Is:
+//
+//	if errors.Is(err, connmeta.ErrNotFound) { ... }
+//
+// Every error a [Client] returns (from the helpers and from the raw stubs
+// in Client.Connections, Client.Reports and Client.Health, unary calls and
+// stream receives alike) that carries a gRPC status is a [*StatusError],
+// which matches these:
 //
 //   - by ErrorInfo reason when it carries a connmeta ErrorInfo (domain
 //     connmeta.v1), because the reason is the contract and the code only
@@ -24,8 +28,6 @@ import (
 //     ErrNotFound does not match a NOT_FOUND some proxy in between made up);
 //   - by status code when it carries none (UNAVAILABLE from a dropped
 //     connection, DEADLINE_EXCEEDED, a status made by gRPC itself).
-//
-//	if errors.Is(err, connmeta.ErrNotFound) { ... }
 //
 // Use [errors.As] with a *StatusError for the code, metadata and field
 // violations.
