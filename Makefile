@@ -32,6 +32,13 @@ api-tools:
 	scripts/install-api-tools
 
 check: lint typecheck buf-lint buf-breaking gen-check
+check: go-lint
+
+# go vet and staticcheck (pinned, built into .tools/bin) of the Go client.
+.PHONY: go-lint
+go-lint:
+	scripts/install-staticcheck
+	cd clients/go && go vet ./... && ../../.tools/bin/staticcheck ./...
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -23,6 +23,11 @@ const (
 	ReasonPermissionDenied = "PERMISSION_DENIED" // PERMISSION_DENIED
 	// The policy needs an identity and the call had none (plaintext TCP).
 	ReasonUnauthenticated = "UNAUTHENTICATED" // UNAUTHENTICATED
+	// A router subscribed under a name another router holds.
+	ReasonRouterAlreadySubscribed = "ROUTER_ALREADY_SUBSCRIBED" // ALREADY_EXISTS
+	ReasonTooManyWatchers         = "TOO_MANY_WATCHERS"         // RESOURCE_EXHAUSTED
+	ReasonTooManyStreams          = "TOO_MANY_STREAMS"          // RESOURCE_EXHAUSTED
+	ReasonInternal                = "INTERNAL"                  // INTERNAL
 )
 
 // ErrorInfo metadata keys the watch errors carry.
@@ -30,6 +35,8 @@ const (
 	MetaOldestRevision = "oldestRevision" // REVISION_COMPACTED: oldest revision still retained
 	MetaLastRevision   = "lastRevision"   // WATCHER_TOO_SLOW: last revision sent; resume after it
 	MetaMethod         = "method"         // PERMISSION_DENIED, UNAUTHENTICATED: the full method name
+	MetaCurrentEtag    = "currentEtag"    // ETAG_MISMATCH: the record's etag now
+	MetaField          = "field"          // CONNECTION_OPEN: the field that cannot change while OPEN
 )
 
 // ErrorDetails is a gRPC error with its google.rpc details decoded. Fields

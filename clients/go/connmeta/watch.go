@@ -123,6 +123,10 @@ func RecordID(r *connmetav1.ConnectionRecord) string {
 // A handler error ends Watch and is returned as is; the caller can resume
 // later with StartAfterRevision = the last event's Revision.
 func (c *Client) Watch(ctx context.Context, opts WatchOptions, handle func(*connmetav1.WatchEvent) error) error {
+	return newWatcher(c, opts, handle).watch(ctx)
+}
+
+func newWatcher(c *Client, opts WatchOptions, handle func(*connmetav1.WatchEvent) error) *watcher {
 	w := &watcher{
 		c:       c,
 		opts:    opts,
@@ -135,6 +139,11 @@ func (c *Client) Watch(ctx context.Context, opts WatchOptions, handle func(*conn
 		w.backoff.max = 5 * time.Second
 	}
 	w.backoff.reset()
+	return w
+}
+
+// watch runs the watch and returns what [Client.Watch] returns.
+func (w *watcher) watch(ctx context.Context) error {
 	err := w.run(ctx)
 	if cerr := contextDone(ctx); cerr != nil && !errors.As(err, new(handlerError)) {
 		// The caller's deadline, not the server's answer: report it as
@@ -155,6 +164,9 @@ type watcher struct {
 	// a relist diffs against it.
 	known   map[string]*connmetav1.ConnectionRecord
 	backoff backoff
+	// noDiff leaves the difference a relist makes to Relist (the
+	// Informer computes it against its own store, with tombstones).
+	noDiff bool
 }
 
 func (w *watcher) run(ctx context.Context) error {
@@ -239,7 +251,10 @@ func (w *watcher) relist(ctx context.Context, cause RelistCause) error {
 		cause = RelistRestarted
 	}
 	listing.Cause = cause
-	events := w.diff(listing)
+	var events []*connmetav1.WatchEvent
+	if !w.noDiff {
+		events = w.diff(listing)
+	}
 	w.last, w.inc = listing.Revision, listing.Incarnation
 	if err := w.opts.Relist(ctx, listing); err != nil {
 		return handlerError{err}
@@ -392,7 +407,7 @@ func (w *watcher) watchOnce(ctx context.Context) (progressed bool, err error) {
 
 // remember keeps what an event delivered, in informer mode.
 func (w *watcher) remember(ev *connmetav1.WatchEvent) {
-	if w.opts.Relist == nil {
+	if w.opts.Relist == nil || w.noDiff {
 		return
 	}
 	if w.known == nil {
@@ -424,7 +439,7 @@ func otherIncarnation(after int64, want, got string) error {
 	if err != nil {
 		panic(err) // an ErrorInfo always marshals
 	}
-	return st.Err()
+	return NewStatusError(st)
 }
 
 // handlerError marks an error that came from the caller's handler or

@@ -44,6 +44,9 @@ var cases = []interopCase{
 	{"router_retargets_connect", "a server_connect reported while a router is subscribed reaches it as a RouteQuery; its answer reaches the proxy as a RouteDecision and waits as pending_change; the proxy's APPLIED route outcome shows on the record and in the watch with the new address and last_change.actor = the router's name", caseRouterRetargetsConnect},
 	{"router_silent_fails_open", "a query the router leaves unanswered ends in a timed-out no-change RouteDecision within the sidecar's share of the proxy's route deadline; the server keeps its address and a late answer is ignored", caseRouterSilentFailsOpen},
 	{"router_standby_takes_over", "a second router is a standby naming the active one and a duplicate name fails ALREADY_EXISTS; when the active router leaves, the standby is told it is active, RoutingState names it and it gets the next query", caseRouterStandbyTakesOver},
+	{"informer_converges", "the informer/reflector converges to exactly the server's List after a churn of creates, changes and deletes, after a compaction and after a sidecar restart, with handler calls matching the changes and no missed delete", caseInformerConverges},
+	{"router_helper_retargets", "a router written with the helper in under 30 lines retargets a server connect: the decision reaches the proxy and settles APPLIED on the record", caseRouterHelperRetargets},
+	{"typed_errors", "every sentinel/typed error matches its status: not found, connection open, etag mismatch, compacted, invalid argument with field violations, permission denied", caseTypedErrors},
 }
 
 const actor = "interop-go"
