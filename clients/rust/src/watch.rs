@@ -117,12 +117,13 @@ pub enum WatchItem {
 /// use futures_util::TryStreamExt;
 ///
 /// let opts = WatchOptions { relist: true, ..Default::default() };
-/// let mut changes = Watcher::new(client, opts).try_filter_map(|item| async move {
+/// let changes = Watcher::new(client, opts).try_filter_map(|item| async move {
 ///     Ok(match item {
 ///         WatchItem::Event(ev) => ev.connection.map(|c| (ev.r#type, c)),
 ///         WatchItem::Relisted { .. } => None,
 ///     })
 /// });
+/// let mut changes = std::pin::pin!(changes);
 /// while let Some((kind, record)) = changes.try_next().await? {
 ///     println!("{kind} {}", connmeta::record_id(&record));
 /// }

@@ -20,6 +20,7 @@ use tonic::transport::Channel;
 use tonic::{Code, Status, Streaming};
 
 use crate::Env;
+use crate::cases::{Details, NextItem};
 use crate::proxy::{addr, applied_at, client_snapshot, new_id, new_proxy_id, server_snapshot};
 
 type R = Result<(), String>;
@@ -28,8 +29,9 @@ type R = Result<(), String>;
 /// that has not come by then is not coming.
 const STEP: Duration = Duration::from_secs(5);
 
-fn status_text(s: &Status) -> String {
-    format!("{:?}: {}", s.code(), s.message())
+fn status_text<E: Details>(e: &E) -> String {
+    let d = e.details();
+    format!("{:?}: {}", d.code, d.message)
 }
 
 /// The next message of a stream within `within`.
@@ -453,7 +455,7 @@ pub async fn router_retargets_connect(e: &mut Env) -> R {
     let watch = tokio::spawn(async move {
         let mut modified = Vec::new();
         loop {
-            match watcher.next().await {
+            match watcher.item().await {
                 Ok(WatchItem::Event(ev))
                     if ev.r#type == WatchEventType::Modified as i32
                         && ev.connection.as_ref().is_some_and(|c| {
