@@ -99,13 +99,8 @@ impl Client {
     /// ```no_run
     /// # async fn demo(client: &connmeta::Client) -> Result<(), connmeta::Error> {
     /// use futures_util::TryStreamExt;
-    /// let ids: Vec<String> = client
-    ///     .pages(Default::default())
-    ///     .map_ok(|page| futures_util::stream::iter(page.connections.into_iter().map(Ok)))
-    ///     .try_flatten()
-    ///     .map_ok(|record| connmeta::record_id(&record).to_owned())
-    ///     .try_collect()
-    ///     .await?;
+    /// let pages: Vec<_> = client.pages(Default::default()).try_collect().await?;
+    /// let ids: Vec<&str> = pages.iter().flat_map(|p| &p.connections).map(|r| r.id()).collect();
     /// # Ok(()) }
     /// ```
     pub fn pages(&self, req: ListConnectionsRequest) -> Pages {
@@ -176,7 +171,10 @@ impl Client {
                 ),
             )
             .with_metadata("field", "update_mask")
-            .with_field_violation("update_mask", "names no field: set address, via or clear_via");
+            .with_field_violation(
+                "update_mask",
+                "names no field: set address, via or clear_via",
+            );
             return Err(Error::InvalidArgument(Box::new(details)));
         }
         let req = UpdateServerConnectionRequest {

@@ -41,10 +41,10 @@ use std::task::{Context, Poll};
 use futures_core::Stream;
 use tokio::sync::watch;
 
+use crate::Client;
 use crate::errors::Error;
 use crate::v1::{ConnectionRecord, WatchEventType};
 use crate::watch::{RelistCause, WatchItem, WatchOptions, Watcher, record_id};
-use crate::Client;
 
 /// A change the [`Writer`] made to the store: what an informer's handlers
 /// are called with.
@@ -251,10 +251,8 @@ impl Writer {
                                     }
                                 }
                             }
-                            Some(WatchEventType::Deleted) => {
-                                if records.by_id.remove(id).is_some() {
-                                    changes.push(Change::Deleted(Arc::new(record.clone())));
-                                }
+                            Some(WatchEventType::Deleted) if records.by_id.remove(id).is_some() => {
+                                changes.push(Change::Deleted(Arc::new(record.clone())));
                             }
                             _ => {}
                         }
@@ -397,13 +395,24 @@ mod tests {
         assert!(store.is_ready());
 
         let b3 = server("b", 3);
-        assert_eq!(names(&writer.apply(&event(WatchEventType::Modified, &b3))), ["~b"]);
+        assert_eq!(
+            names(&writer.apply(&event(WatchEventType::Modified, &b3))),
+            ["~b"]
+        );
         // The same version again (a replay) changes nothing.
-        assert!(writer.apply(&event(WatchEventType::Modified, &b3)).is_empty());
+        assert!(
+            writer
+                .apply(&event(WatchEventType::Modified, &b3))
+                .is_empty()
+        );
 
         // The sidecar restarted: a vanished, b changed, c new.
         let (b9, c) = (server("b", 9), server("c", 9));
-        let changes = writer.apply(&relisted(RelistCause::Restarted, &[b9.clone(), c.clone()], 9));
+        let changes = writer.apply(&relisted(
+            RelistCause::Restarted,
+            &[b9.clone(), c.clone()],
+            9,
+        ));
         assert_eq!(names(&changes), ["-a", "~b", "+c", "synced Restarted 9"]);
         assert_eq!(changes[0], Change::Deleted(Arc::new(a.clone())));
         assert_eq!(
@@ -421,10 +430,17 @@ mod tests {
         ] {
             assert!(writer.apply(&item).is_empty());
         }
-        let ids: Vec<_> = store.state().iter().map(|r| record_id(r).to_owned()).collect();
+        let ids: Vec<_> = store
+            .state()
+            .iter()
+            .map(|r| record_id(r).to_owned())
+            .collect();
         assert_eq!(ids, ["b", "c"]);
         assert_eq!(store.revision(), 9);
-        assert_eq!(names(&writer.apply(&event(WatchEventType::Deleted, &c))), ["-c"]);
+        assert_eq!(
+            names(&writer.apply(&event(WatchEventType::Deleted, &c))),
+            ["-c"]
+        );
         assert!(store.get("c").is_none());
     }
 }

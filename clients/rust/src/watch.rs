@@ -133,10 +133,13 @@ pub struct Watcher {
     /// The watch's state while no call is in flight.
     state: Option<Box<State>>,
     /// The call in flight; it owns the state until it finishes.
-    call: Option<BoxFuture<'static, (Box<State>, Result<WatchItem, Error>)>>,
+    call: Option<NextCall>,
     last: i64,
     incarnation: String,
 }
+
+/// A [`State::next`] in flight, returning the state with the item.
+type NextCall = BoxFuture<'static, (Box<State>, Result<WatchItem, Error>)>;
 
 impl std::fmt::Debug for Watcher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -181,7 +184,10 @@ impl Stream for Watcher {
         let call = match &mut this.call {
             Some(call) => call,
             None => {
-                let mut state = this.state.take().expect("a watcher holds its state or a call");
+                let mut state = this
+                    .state
+                    .take()
+                    .expect("a watcher holds its state or a call");
                 this.call.insert(
                     async move {
                         let item = state.next().await.map_err(Error::from);

@@ -24,13 +24,16 @@ use tonic::{Code, Status};
 
 use crate::Env;
 use crate::authz::authz_roles;
+use crate::errors::typed_errors;
+use crate::informer::informer_converges;
 use crate::keepalive::{PingCounter, counting_channel};
 use crate::proxy::{
     Proxy, addr, applied_at, client_snapshot, new_id, padded, resync_client, server_snapshot,
 };
 use crate::restart::watch_survives_sidecar_restart;
 use crate::router::{
-    router_retargets_connect, router_silent_fails_open, router_standby_takes_over,
+    router_helper_retargets, router_retargets_connect, router_silent_fails_open,
+    router_standby_takes_over,
 };
 
 type R = Result<(), String>;
@@ -152,6 +155,21 @@ pub static CASES: &[Case] = &[
         "router_standby_takes_over",
         "a second router is a standby naming the active one and a duplicate name fails ALREADY_EXISTS; when the active router leaves, the standby is told it is active, RoutingState names it and it gets the next query",
         router_standby_takes_over
+    ),
+    case!(
+        "informer_converges",
+        "the informer/reflector converges to exactly the server's List after a churn of creates, changes and deletes, after a compaction and after a sidecar restart, with handler calls matching the changes and no missed delete",
+        informer_converges
+    ),
+    case!(
+        "router_helper_retargets",
+        "a router written with the helper in under 30 lines retargets a server connect: the decision reaches the proxy and settles APPLIED on the record",
+        router_helper_retargets
+    ),
+    case!(
+        "typed_errors",
+        "every sentinel/typed error matches its status: not found, connection open, etag mismatch, compacted, invalid argument with field violations, permission denied",
+        typed_errors
     ),
 ];
 

@@ -25,7 +25,7 @@ const RESTART_REQUEST: &str = "connmeta-interop: restart-server";
 const INCARNATION_KEY: &str = "connmeta-incarnation";
 const CLOSED: connmeta::v1::ConnectionState = connmeta::v1::ConnectionState::Closed;
 
-async fn restart_server() -> Result<(), String> {
+pub async fn restart_server() -> Result<(), String> {
     println!("{RESTART_REQUEST}");
     eprintln!(
         "connmeta-interop: kill -9 the server, start it again on the same addresses, then press Enter"
