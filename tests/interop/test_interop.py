@@ -555,12 +555,15 @@ def test_readme_examples_against_the_server(
     [
         (["cargo", "clippy", "--locked", "--all-targets", "--", "-D", "warnings"], {}),
         (["cargo", "doc", "--locked", "--no-deps"], {"RUSTDOCFLAGS": "-D warnings"}),
+        # The published crate builds on its own (proto files included through the
+        # proto/ symlink). --allow-dirty: a developer's uncommitted edits are packaged too.
+        (["cargo", "package", "--locked", "--allow-dirty"], {}),
     ],
-    ids=["clippy", "doc"],
+    ids=["clippy", "doc", "package"],
 )
 def test_rust_lints_clean(argv: list[str], env: dict[str, str], programs: Programs) -> None:
-    """cargo clippy (every target, warnings are errors) and cargo doc (broken intra-doc
-    links and other rustdoc warnings are errors) pass, as CI requires."""
+    """cargo clippy (every target, warnings are errors), cargo doc (broken intra-doc
+    links and other rustdoc warnings are errors) and cargo package pass, as CI requires."""
     programs.get("rust")  # the build fails here first, with its own message
     done = subprocess.run(
         argv,

@@ -21,7 +21,9 @@
 //! Router::new(&client, "example-router")
 //!     .run(|query| async move {
 //!         Ok(match query.target() {
-//!             Some(a) if a.host == "origin-a" => Decision::Address(Address::new("origin-b", 8443)),
+//!             Some(a) if a.host == "origin-a" => {
+//!                 Decision::Address(Address::new("origin-b", 8443))
+//!             }
 //!             _ => Decision::NoChange,
 //!         })
 //!     })
