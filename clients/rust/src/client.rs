@@ -9,7 +9,7 @@ use futures_util::{FutureExt, TryStreamExt};
 use tonic::Code;
 use tonic::transport::Channel;
 
-use crate::errors::{Error, ErrorDetails, reason};
+use crate::errors::{Error, ErrorDetails, meta, reason};
 use crate::health::HealthClient;
 use crate::v1::connection_service_client::ConnectionServiceClient;
 use crate::v1::report_service_client::ReportServiceClient;
@@ -170,7 +170,7 @@ impl Client {
                     update.id
                 ),
             )
-            .with_metadata("field", "update_mask")
+            .with_metadata(meta::FIELD, "update_mask")
             .with_field_violation(
                 "update_mask",
                 "names no field: set address, via or clear_via",
@@ -198,8 +198,9 @@ impl Client {
     /// [`Client::update_server`]): read, then update with the etag just
     /// read, retrying while another writer gets in between
     /// ([`Error::EtagMismatch`]), [`RETARGET_ATTEMPTS`] times at most. Giving
-    /// up is [`Error::EtagMismatch`] too, with `ErrorInfo` metadata
-    /// `attempts`, and the last refusal's message.
+    /// up is [`Error::EtagMismatch`] too (ABORTED, `ErrorInfo`
+    /// `ETAG_MISMATCH` with metadata [`meta::ATTEMPTS`]), with the last
+    /// refusal's message.
     pub async fn retarget_server(
         &self,
         id: &str,
@@ -229,7 +230,7 @@ impl Client {
                 "retarget {id}: the etag changed between read and update {RETARGET_ATTEMPTS} times; last: {last}"
             ),
         )
-        .with_metadata("attempts", RETARGET_ATTEMPTS.to_string());
+        .with_metadata(meta::ATTEMPTS, RETARGET_ATTEMPTS.to_string());
         Err(Error::EtagMismatch(Box::new(details)))
     }
 }

@@ -40,6 +40,18 @@ pub mod meta {
     pub const LAST_REVISION: &str = "last_revision";
     /// PERMISSION_DENIED, UNAUTHENTICATED: the full method name.
     pub const METHOD: &str = "method";
+    /// REVISION_COMPACTED of a resume into another incarnation: the
+    /// revision, the incarnation it named, and the sidecar's.
+    pub const REQUESTED_REVISION: &str = "requested_revision";
+    /// See [`REQUESTED_REVISION`].
+    pub const REQUESTED_INCARNATION: &str = "requested_incarnation";
+    /// See [`REQUESTED_REVISION`].
+    pub const INCARNATION: &str = "incarnation";
+    /// INVALID_ARGUMENT: the first field named in `BadRequest`.
+    pub const FIELD: &str = "field";
+    /// ETAG_MISMATCH made by [`Client::retarget_server`](crate::Client::retarget_server)
+    /// giving up: how often it tried.
+    pub const ATTEMPTS: &str = "attempts";
 }
 
 /// A status with its details decoded; absent details are `None`.
@@ -390,6 +402,55 @@ mod tests {
         );
         assert!(is_reason(&status, reason::INVALID_ARGUMENT));
         assert!(!is_reason(&status, reason::ETAG_MISMATCH));
+    }
+
+    #[test]
+    fn sorts_statuses_into_variants_and_back() {
+        let open = Details::with_error_info(reason::CONNECTION_OPEN, DOMAIN, HashMap::new());
+        let status = Status::with_error_details(Code::FailedPrecondition, "open", open);
+        let e = Error::from(status);
+        assert!(matches!(e, Error::ConnectionOpen(_)), "{e:?}");
+        assert_eq!(e.code(), Code::FailedPrecondition);
+        assert!(e.is_reason(reason::CONNECTION_OPEN));
+        let back = Status::from(e);
+        assert_eq!(back.code(), Code::FailedPrecondition);
+        assert!(is_reason(&back, reason::CONNECTION_OPEN));
+
+        // Another domain's reason does not count; the code decides.
+        let foreign =
+            Details::with_error_info(reason::CONNECTION_NOT_FOUND, "x.example", HashMap::new());
+        let e = Error::from(Status::with_error_details(Code::Aborted, "x", foreign));
+        assert!(matches!(e, Error::Other(_)), "{e:?}");
+        assert!(matches!(
+            Error::from(Status::not_found("gone")),
+            Error::NotFound(_)
+        ));
+
+        // A status tonic made from a transport error is Unavailable,
+        // whatever its code.
+        let io = std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "closed");
+        let e = Error::from(Status::from_error(Box::new(io)));
+        assert!(
+            matches!(e, Error::Unavailable(_)) && e.is_transient(),
+            "{e:?}"
+        );
+        assert!(!Error::from(Status::not_found("x")).is_transient());
+    }
+
+    #[test]
+    fn client_made_errors_have_the_sidecars_shape() {
+        let d = ErrorDetails::new(Code::InvalidArgument, reason::INVALID_ARGUMENT, "no field")
+            .with_metadata(meta::FIELD, "update_mask")
+            .with_field_violation("update_mask", "names no field");
+        let status = d.to_status();
+        let again = ErrorDetails::from_status(&status);
+        assert!(again.has_reason(reason::INVALID_ARGUMENT));
+        assert_eq!(again.metadata(meta::FIELD), Some("update_mask"));
+        assert_eq!(
+            again.field_violations().collect::<Vec<_>>(),
+            [("update_mask", "names no field")]
+        );
+        assert!(matches!(Error::from(status), Error::InvalidArgument(_)));
     }
 
     #[test]

@@ -547,9 +547,9 @@ fn other_incarnation(after: i64, want: &str, got: &str) -> Status {
         reason::REVISION_COMPACTED,
         DOMAIN,
         HashMap::from([
-            ("requested_revision".to_owned(), after.to_string()),
-            ("requested_incarnation".to_owned(), want.to_owned()),
-            ("incarnation".to_owned(), got.to_owned()),
+            (meta::REQUESTED_REVISION.to_owned(), after.to_string()),
+            (meta::REQUESTED_INCARNATION.to_owned(), want.to_owned()),
+            (meta::INCARNATION.to_owned(), got.to_owned()),
         ]),
     );
     <Status as tonic_types::StatusExt>::with_error_details(
