@@ -54,3 +54,14 @@ def test_readme_go_snippets_are_tested_examples() -> None:
 
 def test_readme_rust_snippet_is_the_tested_example() -> None:
     _appears_in_order(_block("rust"), ROOT / "clients/rust/examples/get_connection.rs")
+
+
+def test_readme_blocks_marked_tested_are_the_tested_code() -> None:
+    """A block right after `<!-- tested: PATH -->` is code of PATH (line for line, in
+    order), which the test suite runs."""
+    readme = (ROOT / "README.md").read_text()
+    marked = re.findall(r"<!-- tested: (\S+) -->\n```\w+\n(.*?)```", readme, re.S)
+    assert marked, "README.md has no block marked <!-- tested: PATH -->"
+    for path, block in marked:
+        lines = [_code(line) for line in block.splitlines() if _code(line)]
+        _appears_in_order(lines, ROOT / path)

@@ -535,12 +535,45 @@ def test_readme_examples_against_the_server(
     )
     assert (done.returncode, done.stdout) == (0, "listed 0 servers (Start)\nstopped\n"), done.stderr
     done = subprocess.run(
+        [str(programs.rust_example("reflector")), unix, "*.example.invalid", "1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (done.returncode, done.stdout) == (0, "synced 0 servers (Start)\nstopped\n"), done.stderr
+    done = subprocess.run(
         [str(programs.rust_example("mtls")), server.tcp, *role],
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert (done.returncode, done.stdout) == (0, "no such connection\n"), done.stderr
+
+
+@pytest.mark.parametrize(
+    ("argv", "env"),
+    [
+        (["cargo", "clippy", "--locked", "--all-targets", "--", "-D", "warnings"], {}),
+        (["cargo", "doc", "--locked", "--no-deps"], {"RUSTDOCFLAGS": "-D warnings"}),
+        # The published crate builds on its own (proto files included through the
+        # proto/ symlink). --allow-dirty: a developer's uncommitted edits are packaged too.
+        (["cargo", "package", "--locked", "--allow-dirty"], {}),
+    ],
+    ids=["clippy", "doc", "package"],
+)
+def test_rust_lints_clean(argv: list[str], env: dict[str, str], programs: Programs) -> None:
+    """cargo clippy (every target, warnings are errors), cargo doc (broken intra-doc
+    links and other rustdoc warnings are errors) and cargo package pass, as CI requires."""
+    programs.get("rust")  # the build fails here first, with its own message
+    done = subprocess.run(
+        argv,
+        cwd=RUST_DIR,
+        env={**_rust_env(), **env},
+        capture_output=True,
+        text=True,
+        timeout=BUILD_TIMEOUT,
+    )
+    assert done.returncode == 0, f"{' '.join(argv)} failed:\n{done.stdout}{done.stderr}"
 
 
 def _code_line(line: str) -> str:

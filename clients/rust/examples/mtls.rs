@@ -20,16 +20,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         tls: Some(connmeta::TlsConfig::new(ca, cert, key)), // certs/ca.pem, certs/reader.pem, certs/reader.key
         ..Default::default()
     };
-    let mut client = connmeta::connect_with(target, &opts).await?;
+    let client = connmeta::connect_with(target, &opts).await?;
     match client.get("4c9e1a52-8d0f-4f49-a1b4-5c0f4b8f9f00").await {
         Ok(record) => println!("revision {}", record.metadata.unwrap_or_default().revision),
-        Err(status) if connmeta::is_reason(&status, connmeta::reason::CONNECTION_NOT_FOUND) => {
-            println!("no such connection")
-        }
-        Err(status) if connmeta::is_reason(&status, connmeta::reason::PERMISSION_DENIED) => {
-            println!("this certificate may not read")
-        }
-        Err(status) => return Err(status.into()),
+        Err(connmeta::Error::NotFound(_)) => println!("no such connection"),
+        Err(connmeta::Error::PermissionDenied(_)) => println!("this certificate may not read"),
+        Err(e) => return Err(e.into()),
     }
     Ok(())
 }

@@ -153,8 +153,9 @@ impl Default for ConnectOptions {
 
 impl ConnectOptions {
     /// The endpoint these options describe. For a Unix socket the URI is a
-    /// placeholder (tonic needs one for the `:authority` header); pass
-    /// [`unix_connector`]-style connectors to `connect_with_connector`.
+    /// placeholder (tonic needs one for the `:authority` header): connect it
+    /// with [`Endpoint::connect_with_connector`] and a connector that opens
+    /// the socket, as [`connect_channel`] does.
     ///
     /// With [`ConnectOptions::tls`] a TCP target's URI becomes `https://`:
     /// tonic does TLS only for that scheme, also over custom connectors.

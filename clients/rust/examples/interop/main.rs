@@ -15,6 +15,8 @@
 
 mod authz;
 mod cases;
+mod errors;
+mod informer;
 mod keepalive;
 mod proxy;
 mod restart;
