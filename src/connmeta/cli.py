@@ -74,6 +74,9 @@ _HELP = {
     " (RESOURCE_EXHAUSTED beyond); 0: no limit",
     "max_streams_per_principal": "streams (watch, report, route) one principal may hold open"
     " (RESOURCE_EXHAUSTED beyond); 0: no limit",
+    "otlp_endpoint": "send every connection change as an OpenTelemetry event over OTLP/gRPC to"
+    " this collector (http://HOST:4317 plaintext, https:// TLS); empty: OTEL_EXPORTER_OTLP_"
+    "ENDPOINT if set, else off. OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES apply",
 }
 
 

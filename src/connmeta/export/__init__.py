@@ -1,0 +1,1 @@
+"""Exporters: subscribers of the store like any watcher, never in its write path."""
