@@ -347,3 +347,16 @@ async def test_collector_receives_one_event_per_change_with_mitmproxys_values(
     assert client_attrs["connmeta.client.proxy_mode"] == "regular"
     opened = first_with(tls_client, "client_connected")
     assert abs(int(opened["timeUnixNano"]) - _ns(client_state["timestamp_start"])) < 1000
+
+
+def test_example_gateway_config_is_valid_for_the_collector(otelcol: Path) -> None:
+    """deploy/otel-collector/config.yaml, checked by the collector's own `validate`
+    (the same components and release as the image the example runs)."""
+    config = ROOT / "deploy" / "otel-collector" / "config.yaml"
+    result = subprocess.run(
+        [str(otelcol), "validate", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
