@@ -16,12 +16,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import grpc
+from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1._async import HealthServicer
-from grpc_reflection.v1alpha import reflection
 
-from connmeta import __version__, connection_service, report_service, router_service
+from connmeta import __version__, connection_service, reflection, report_service, router_service
 from connmeta.auth import AuthzInterceptor, Limits, ServerTLS
+from connmeta.health import HealthServicer
 from connmeta.policy import PolicyFile
 from connmeta.routing import RouterHub
 from connmeta.service import IdentityInterceptor
@@ -76,6 +76,7 @@ class Config:
     insecure_listen: bool = False
     max_watchers: int = 1024
     max_streams_per_principal: int = 256
+    log_format: str = "text"
     otlp_endpoint: str = ""
 
 
@@ -241,13 +242,13 @@ class Sidecar:
             )
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection(
-            (
-                *SERVICE_NAMES,
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
-            ),
-            server,
+        # v1 and v1alpha, with the proto comments (connmeta.reflection says why not
+        # grpcio-reflection's); error_details so that grpcurl can print ErrorInfo.
+        server.add_generic_rpc_handlers(
+            reflection.handlers(
+                (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name),
+                (health_pb2.DESCRIPTOR, error_details_pb2.DESCRIPTOR),
+            )
         )
         if config.listen:
             self.tcp_address = self._bind_tcp(server, config.listen, "--listen")
