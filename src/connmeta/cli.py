@@ -77,6 +77,9 @@ _HELP = {
     " (RESOURCE_EXHAUSTED beyond); 0: no limit",
     "log_format": "text, or json: one JSON object per line (time, level, logger, message"
     " and the record's own fields, e.g. the audit log's principal and method)",
+    "otlp_endpoint": "send every connection change as an OpenTelemetry event over OTLP/gRPC to"
+    " this collector (http://HOST:4317 plaintext, https:// TLS); empty: OTEL_EXPORTER_OTLP_"
+    "ENDPOINT if set, else off. OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES apply",
 }
 
 

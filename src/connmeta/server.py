@@ -13,7 +13,7 @@ import os
 import socket
 import stat
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from google.rpc import error_details_pb2
@@ -28,6 +28,9 @@ from connmeta.service import IdentityInterceptor
 from connmeta.state_file import StateFile, open_store
 from connmeta.store import Store
 from connmeta.watch import WatchHub
+
+if TYPE_CHECKING:
+    from connmeta.export.otlp import OtlpExport
 
 log = logging.getLogger("connmeta.server")
 
@@ -74,6 +77,7 @@ class Config:
     max_watchers: int = 1024
     max_streams_per_principal: int = 256
     log_format: str = "text"
+    otlp_endpoint: str = ""
 
 
 def channel_options(config: Config) -> list[tuple[str, int]]:
@@ -212,6 +216,7 @@ class Sidecar:
             write_timeout=config.watch_write_timeout,
         )
         self.routers = RouterHub(self.store)
+        self.otlp = _start_otlp(config, self.store)
         self.health = HealthServicer()
         self._servers: list[grpc.aio.Server] = []
         self._tasks: list[asyncio.Task[None]] = []
@@ -323,6 +328,8 @@ class Sidecar:
             parts.append("tls=mtls")
         if self.policy is not None:
             parts.append(f"authz-policy={self.policy.policy.name}")
+        if self.otlp is not None:
+            parts.append("otlp=on")
         return " ".join(parts)
 
     async def stop(self, grace: float | None = None) -> None:
@@ -345,6 +352,8 @@ class Sidecar:
                 await task
         grace = self.config.shutdown_grace if grace is None else grace
         await asyncio.gather(*(s.stop(grace) for s in self._servers))
+        if self.otlp is not None:
+            await asyncio.to_thread(self.otlp.close, grace)
         if self.state is not None:
             self.state.close()
         if self.unix_socket:
@@ -355,6 +364,22 @@ class Sidecar:
         """Until stop() has run."""
         await self._stopped.wait()
         await asyncio.gather(*(s.wait_for_termination() for s in self._servers))
+
+
+def _start_otlp(config: Config, store: Store) -> OtlpExport | None:
+    """The OTLP exporter when --otlp-endpoint or OpenTelemetry's endpoint variable is set."""
+    # The SDK would read these itself; they are read here too so that setting
+    # one is enough to turn export on, as with any OpenTelemetry SDK.
+    endpoint = (
+        config.otlp_endpoint
+        or os.environ.get("OTEL_EXPORTER_OTLP_LOGS_ENDPOINT")
+        or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+    )
+    if not endpoint:
+        return None
+    from connmeta.export.otlp import OtlpExport  # the SDK (0.4 s to import) only when used
+
+    return OtlpExport(store.subscribe, endpoint=endpoint, incarnation=store.incarnation)
 
 
 async def serve(config: Config) -> None:
