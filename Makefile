@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 PYTHON_BOOT ?= $(shell command -v python3.12 || command -v python3)
 BUF := $(VENV)/bin/buf
 
-.PHONY: serve test check lint typecheck buf-lint buf-breaking gen gen-check baseline bench clean deploy-tools
+.PHONY: serve test check lint typecheck buf-lint buf-breaking gen gen-check baseline bench clean deploy-tools api-tools
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON_BOOT) -m venv $(VENV)
@@ -20,14 +20,25 @@ $(STAMP): pyproject.toml constraints.txt
 serve: $(STAMP)
 	$(VENV)/bin/connmeta serve
 
-test: $(STAMP) deploy-tools
+test: $(STAMP) deploy-tools api-tools
 	$(PY) -m pytest
 
 # kustomize, kubernetes-validate and hadolint for tests/deploy, pinned, in .tools/.
 deploy-tools:
 	scripts/install-deploy-tools
 
+# grpcurl for tests/test_tools.py (buf comes with the venv), pinned, in .tools/.
+api-tools:
+	scripts/install-api-tools
+
 check: lint typecheck buf-lint buf-breaking gen-check
+check: go-lint
+
+# go vet and staticcheck (pinned, built into .tools/bin) of the Go client.
+.PHONY: go-lint
+go-lint:
+	scripts/install-staticcheck
+	cd clients/go && go vet ./... && ../../.tools/bin/staticcheck ./...
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
@@ -51,10 +62,11 @@ baseline: $(STAMP)
 gen: $(STAMP)
 	PYTHON=$(PY) scripts/gen
 	BUF=$(BUF) scripts/gen-clients
+	$(PY) -m connmeta.export.ndjson > docs/ndjson.schema.json
 
 # Regenerate into the work tree and fail if anything differs from what is committed.
 gen-check: gen
-	@git diff --exit-code --stat -- src/connmeta/v1 clients || \
+	@git diff --exit-code --stat -- src/connmeta/v1 clients docs/ndjson.schema.json || \
 	  { echo "generated code is stale: run 'make gen' and commit the result"; exit 1; }
 	@test -z "$$(git status --porcelain --untracked-files=all -- src/connmeta/v1 clients)" || \
 	  { git status --porcelain -- src/connmeta/v1 clients; echo "untracked generated files: run 'make gen' and commit"; exit 1; }

@@ -5,6 +5,7 @@ socket directory safety and stream limits."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -99,10 +100,18 @@ async def _update(ch: grpc.aio.Channel) -> None:
     )
 
 
+async def _write(call: Any, request: Any) -> None:
+    """Write the first message; a call the server already ended (refused before
+    any handler ran) fails the write with "INTERNAL: Internal error from Core",
+    while the read that follows raises the status the server sent."""
+    with contextlib.suppress(grpc.aio.AioRpcError):
+        await call.write(request)
+
+
 async def _report(ch: grpc.aio.Channel) -> None:
     call = rs_grpc.ReportServiceStub(ch).Report()
     try:
-        await call.write(rs.ReportRequest(resync_start=rs.ResyncStart()))
+        await _write(call, rs.ReportRequest(resync_start=rs.ResyncStart()))
         while True:
             response = await asyncio.wait_for(call.read(), WAIT)
             # A refused call raises from read(); EOF would be a clean end.
@@ -117,7 +126,7 @@ async def _report(ch: grpc.aio.Channel) -> None:
 async def _route(ch: grpc.aio.Channel) -> None:
     call = rt_grpc.RouterServiceStub(ch).Route()
     try:
-        await call.write(rt.RouteRequest(subscribe=rt.RouteSubscribe(name="r")))
+        await _write(call, rt.RouteRequest(subscribe=rt.RouteSubscribe(name="r")))
         response = await asyncio.wait_for(call.read(), WAIT)
         assert response is not grpc.aio.EOF, "the route stream ended without an answer"
     finally:
@@ -133,7 +142,7 @@ async def _reflection(ch: grpc.aio.Channel) -> None:
     stub: Any = reflection_pb2_grpc.ServerReflectionStub(ch)  # type: ignore[arg-type]
     call = stub.ServerReflectionInfo()
     try:
-        await call.write(reflection_pb2.ServerReflectionRequest(list_services=""))
+        await _write(call, reflection_pb2.ServerReflectionRequest(list_services=""))
         response = await asyncio.wait_for(call.read(), WAIT)
         assert response is not grpc.aio.EOF, "reflection ended without an answer"
     finally:

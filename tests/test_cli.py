@@ -25,6 +25,10 @@ from tests.factories import Reporter
 # certificate from CONNMETA_TLS_* like a user's shell would give it.
 MTLS = tls.server_config()
 
+# -o ndjson types: the proto's WatchEventType names, and the CLI's RELISTED.
+ADDED, MODIFIED, DELETED = (f"WATCH_EVENT_TYPE_{t}" for t in ("ADDED", "MODIFIED", "DELETED"))
+BOOKMARK, END = "WATCH_EVENT_TYPE_BOOKMARK", "WATCH_EVENT_TYPE_INITIAL_EVENTS_END"
+
 
 async def run(target: str, *args: str) -> tuple[int, str, str]:
     process = await asyncio.create_subprocess_exec(
@@ -137,9 +141,9 @@ async def test_watch_ndjson_prints_one_json_object_per_event(sidecar: Sidecar) -
     finally:
         process.kill()
         await process.wait()
-    assert added["type"] == "ADDED"
+    assert added["type"] == ADDED
     assert added["connection"]["server"]["connection"]["id"] == snapshot.server.connection.id
-    assert end["type"] == "INITIAL_EVENTS_END"
+    assert end["type"] == END
 
 
 def test_every_serve_flag_has_an_environment_variable(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -149,6 +153,13 @@ def test_every_serve_flag_has_an_environment_variable(monkeypatch: pytest.Monkey
     assert args.watch_max_lag == 123
     assert args.listen == ""
     assert build_parser().parse_args(["serve", "--watch-max-lag", "7"]).watch_max_lag == 7
+
+
+def test_top_level_help_is_whole_sentences_without_markup() -> None:
+    description = build_parser().description or ""
+    assert "``" not in description, "RST markup"
+    assert description.rstrip().endswith("."), description
+    assert "CONNMETA_<FLAG>" in description
 
 
 def test_via_text_must_name_a_lower_case_scheme() -> None:
@@ -192,7 +203,7 @@ async def read_until(process: Any, kind: str) -> list[Line]:
     lines = []
     while True:
         line = await read_line(process)
-        if line["type"] != "BOOKMARK":
+        if line["type"] != BOOKMARK:
             lines.append(line)
         if line["type"] == kind:
             return lines
@@ -212,9 +223,9 @@ def conn_id(connection: Line) -> str:
 def apply(lines: list[Line], state: dict[str, int]) -> None:
     """What a consumer of -o ndjson does: keep id -> revision of each record."""
     for line in lines:
-        if line["type"] in ("ADDED", "MODIFIED"):
+        if line["type"] in (ADDED, MODIFIED):
             state[conn_id(line["connection"])] = int(line["connection"]["metadata"]["revision"])
-        elif line["type"] == "DELETED":
+        elif line["type"] == DELETED:
             del state[conn_id(line["connection"])]
 
 
@@ -256,11 +267,11 @@ async def test_watch_relists_after_a_restart_and_ends_with_the_new_stores_state(
     old, target = await restartable(kept, changed, gone)
     watch = await spawn_watch(target, "-o", "ndjson")
     try:
-        lines = await read_until(watch, "INITIAL_EVENTS_END")
+        lines = await read_until(watch, END)
         async with tls.channel(target) as ch:
             changed.server.connection.state = factories.CLOSED
             await Reporter(ch).report(changed)
-        lines += await read_until(watch, "MODIFIED")
+        lines += await read_until(watch, MODIFIED)
         await old.stop(grace=0)
 
         new_one = factories.client()
@@ -271,18 +282,18 @@ async def test_watch_relists_after_a_restart_and_ends_with_the_new_stores_state(
         async with tls.channel(target) as ch:
             later = factories.server()
             await Reporter(ch).report(later)
-        after = await read_until(watch, "ADDED")
+        after = await read_until(watch, ADDED)
     finally:
         await stopped(watch)
-    assert marker["reason"] == "restarted"
+    assert marker["relisted"]["reason"] == "restarted"
     assert marker["incarnation"] == new.store.incarnation
-    assert (marker["deleted"], marker["added"], marker["modified"]) == (2, 1, 1)
+    assert {d["incarnation"] for d in diff} == {new.store.incarnation}
+    counts = marker["relisted"]
+    assert (counts["deleted"], counts["added"], counts["modified"]) == (2, 1, 1)
     assert [(d["type"], conn_id(d["connection"])) for d in diff] == [
-        *sorted(
-            [("DELETED", changed.server.connection.id), ("DELETED", gone.client.connection.id)]
-        ),
-        ("ADDED", new_one.client.connection.id),
-        ("MODIFIED", kept.server.connection.id),
+        *sorted([(DELETED, changed.server.connection.id), (DELETED, gone.client.connection.id)]),
+        (ADDED, new_one.client.connection.id),
+        (MODIFIED, kept.server.connection.id),
     ]
     assert {d["revision"] for d in diff} == {marker["revision"]}
     assert conn_id(after[-1]["connection"]) == later.server.connection.id
@@ -324,10 +335,10 @@ async def test_watch_since_a_revision_of_another_incarnation_relists(restartable
     finally:
         await stopped(watch)
     (marker,) = relisted
-    assert marker["reason"] == "compacted"
+    assert marker["relisted"]["reason"] == "compacted"
     assert marker["incarnation"] == new.store.incarnation
-    assert marker["revision"] == new.store.revision
-    assert added["type"] == "ADDED"
+    assert marker["revision"] == str(new.store.revision)
+    assert added["type"] == ADDED
     assert conn_id(added["connection"]) == present.server.connection.id
 
 
@@ -372,15 +383,15 @@ async def test_watch_ndjson_prints_every_change_once_across_reconnects(
     forwarder = await cutter.start()
     watch = await spawn_watch(cutter.address, "-o", "ndjson", "--max-backoff", "0.2")
     try:
-        (end,) = await read_until(watch, "INITIAL_EVENTS_END")
+        (end,) = await read_until(watch, END)
         printed: list[int] = []
 
         async def catch_up() -> None:
             while not printed or printed[-1] < sidecar.store.revision:
                 line = await read_line(watch)
                 assert line["type"] != "RELISTED", "a resume in one incarnation needs no relist"
-                if line["type"] != "BOOKMARK":
-                    printed.append(line["revision"])
+                if line["type"] != BOOKMARK:
+                    printed.append(int(line["revision"]))
 
         async with tls.channel(sidecar.tcp_address) as ch:
             reporter = Reporter(ch)
@@ -396,7 +407,7 @@ async def test_watch_ndjson_prints_every_change_once_across_reconnects(
     finally:
         await stopped(watch)
         forwarder.close()
-    assert printed == [e.revision for e in sidecar.store.events_after(end["revision"])]
+    assert printed == [e.revision for e in sidecar.store.events_after(int(end["revision"]))]
     assert len(printed) == 75
     assert watch.stderr is not None
     notes = (await watch.stderr.read()).decode()
@@ -409,7 +420,10 @@ async def test_watch_piped_into_head_exits_quietly(tmp_path: Path) -> None:
     await sidecar.start()
     read_end, write_end = os.pipe()
     try:
-        watch = await spawn_watch(sidecar.tcp_address, "-o", "ndjson", stdout=write_end)
+        # Bookmarks: something is written after head exits, so the watch sees the closed pipe.
+        watch = await spawn_watch(
+            sidecar.tcp_address, "-o", "ndjson", "--bookmarks", stdout=write_end
+        )
         head = await asyncio.create_subprocess_exec(
             "head", "-n", "3", stdin=read_end, stdout=asyncio.subprocess.PIPE
         )
@@ -446,7 +460,7 @@ async def test_watch_once_exits_non_zero_when_the_sidecar_dies() -> None:
         ready = await asyncio.wait_for(server.stdout.readline(), 20)
         (target,) = [p.removeprefix("tcp=") for p in ready.decode().split() if "tcp=" in p]
         watch = await spawn_watch(target, "-o", "ndjson", "--once")
-        await read_until(watch, "INITIAL_EVENTS_END")
+        await read_until(watch, END)
         server.send_signal(signal.SIGKILL)
         _, err = await asyncio.wait_for(watch.communicate(), 20)
     finally:
@@ -457,12 +471,12 @@ async def test_watch_once_exits_non_zero_when_the_sidecar_dies() -> None:
 
 
 async def test_watch_once_exits_zero_when_the_sidecar_ends_it_cleanly(sidecar: Sidecar) -> None:
-    watch = await spawn_watch(sidecar.tcp_address, "-o", "ndjson", "--once")
-    await read_until(watch, "INITIAL_EVENTS_END")
+    watch = await spawn_watch(sidecar.tcp_address, "-o", "ndjson", "--once", "--bookmarks")
+    await read_until(watch, END)
     await sidecar.stop(grace=5)
     out, err = await asyncio.wait_for(watch.communicate(), 20)
     assert watch.returncode == 0, err
-    assert json.loads(out.splitlines()[-1])["type"] == "BOOKMARK", "the final bookmark"
+    assert json.loads(out.splitlines()[-1])["type"] == BOOKMARK, "the final bookmark"
 
 
 def test_certs_init_writes_private_keys_role_certificates_and_a_valid_policy(

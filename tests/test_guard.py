@@ -13,7 +13,7 @@ import itertools
 import pytest
 from mitmproxy.connection import ConnectionState, Server
 
-from connmeta.guard import guard_refuses
+from connmeta.guard import guard_refuses, value_text
 from connmeta.store import ConnectionOpen, InvalidArgument, Record, Store
 from tests.snapshots import address, next_id, server, via_spec
 
@@ -90,7 +90,7 @@ def test_update_address_is_refused_exactly_when_mitmproxy_refuses(
     if mitmproxy_raises(state, "address", old, new):
         with pytest.raises(ConnectionOpen) as info:
             attempt()
-        assert (info.value.field, info.value.current) == ("address", repr(old))
+        assert (info.value.field, info.value.current) == ("address", value_text(old))
         assert store.revision == before
     else:
         record = attempt()
@@ -182,3 +182,17 @@ def test_one_changed_field_on_open_server_refuses_the_whole_update() -> None:
             actor="t",
         )
     assert store.revision == base + 1
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [
+        (("origin.example", 443), "origin.example:443"),
+        (("::1", 8443), "[::1]:8443"),
+        (("fe80::1", 80, 0, 2), "[fe80::1]:80"),
+        (("http", ("proxy.internal", 3128)), "http://proxy.internal:3128"),
+        (None, ""),
+    ],
+)
+def test_refused_values_are_named_as_text_any_language_reads(value: object, text: str) -> None:
+    assert value_text(value) == text

@@ -71,6 +71,7 @@ async def test_update_address_on_open_server_is_refused_with_precondition_failur
     found = details(caught.value)
     assert found["ErrorInfo"].reason == "CONNECTION_OPEN"
     assert found["ErrorInfo"].metadata["field"] == "address"
+    assert found["ErrorInfo"].metadata["current"] == "origin.example:443", "not a Python repr"
     (violation,) = found["PreconditionFailure"].violations
     assert violation.type == "CONNECTION_STATE"
     assert violation.subject == f"connections/{snapshot.server.connection.id}"
@@ -313,8 +314,8 @@ async def test_watch_from_a_compacted_revision_is_out_of_range_naming_the_oldest
     assert caught.value.code() == grpc.StatusCode.OUT_OF_RANGE
     info = details(caught.value)["ErrorInfo"]
     assert info.reason == "REVISION_COMPACTED"
-    assert info.metadata["requested_revision"] == "1"
-    assert int(info.metadata["oldest_revision"]) > 1
+    assert info.metadata["requestedRevision"] == "1"
+    assert int(info.metadata["oldestRevision"]) > 1
 
 
 async def test_slow_watcher_is_evicted_and_resumes_without_loss(
@@ -352,7 +353,7 @@ async def test_slow_watcher_is_evicted_and_resumes_without_loss(
     assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     info = details(caught.value)["ErrorInfo"]
     assert info.reason == "WATCHER_TOO_SLOW"
-    last = int(info.metadata["last_revision"])
+    last = int(info.metadata["lastRevision"])
     assert received == list(range(start + 1, last + 1))
     rest = await _collect(stub, cs.WatchConnectionsRequest(start_after_revision=last), final)
     assert received + [e.revision for e in rest] == list(range(start + 1, final + 1))
@@ -509,7 +510,7 @@ async def test_frozen_reader_is_ended_within_the_write_timeout_or_at_eviction(
     assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     info = details(caught.value)["ErrorInfo"]
     assert info.reason == "WATCHER_TOO_SLOW"
-    last = int(info.metadata["last_revision"])
+    last = int(info.metadata["lastRevision"])
     assert delivered == list(range(start + 1, last + 1))
     rest = await _collect(stub, cs.WatchConnectionsRequest(start_after_revision=last), final)
     assert delivered + [e.revision for e in rest] == list(range(start + 1, final + 1))

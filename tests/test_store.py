@@ -811,7 +811,7 @@ def test_update_address_on_open_server_is_refused() -> None:
     store.apply([server(id, state=OPEN, addr=("origin.example", 443))])
     with pytest.raises(ConnectionOpen) as info:
         update(store, id, address=address(("elsewhere.example", 443)))
-    assert (info.value.field, info.value.current) == ("address", "('origin.example', 443)")
+    assert (info.value.field, info.value.current) == ("address", "origin.example:443")
 
 
 def test_stored_bytes_are_exactly_what_protobuf_would_encode() -> None:

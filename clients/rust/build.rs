@@ -1,4 +1,6 @@
-//! Generates the connmeta.v1 client stubs from ../../proto at build time.
+//! Generates the connmeta.v1 client stubs from proto/ at build time: in the
+//! repository a symlink to ../../proto, in the published package (cargo
+//! package follows the link) a copy of it.
 //!
 //! protoc comes from the protoc-bin-vendored crate so that a fresh machine with
 //! nothing but cargo and crates.io can build this crate; set PROTOC to use
@@ -7,7 +9,7 @@
 use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let proto_root = PathBuf::from("../../proto");
+    let proto_root = PathBuf::from("proto");
     // Every file of the package, so a new service needs no edit here.
     let mut protos: Vec<PathBuf> = std::fs::read_dir(proto_root.join("connmeta/v1"))?
         .map(|entry| entry.map(|e| e.path()))

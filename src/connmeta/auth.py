@@ -147,11 +147,21 @@ def principal() -> str:
     return _principal.get()
 
 
-def audit(principal: str, method: str, what: str, **fields: str) -> None:
-    """One line per accepted write: who, through which method, on what."""
-    extra = "".join(f" {k}={escape(v, 256)}" for k, v in fields.items())
+def audit(principal: str, method: str, what: str, **fields: str | int) -> None:
+    """One line per accepted write: who, through which method, on what.
+
+    The text line says it all as ``key=value`` (escaped); the same values go
+    along as the record's own fields (``action`` is ``what``), which
+    ``--log-format json`` writes as JSON fields.
+    """
+    extra = "".join(f" {k}={escape(str(v), 256)}" for k, v in fields.items())
     audit_log.info(
-        "%s principal=%s method=%s%s", what, escape(principal or "(none)", 512), method, extra
+        "%s principal=%s method=%s%s",
+        what,
+        escape(principal or "(none)", 512),
+        method,
+        extra,
+        extra={"action": what, "principal": principal, "method": method, **fields},
     )
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import os
 import random
 import sys
@@ -34,6 +33,8 @@ from grpc_status import rpc_status
 from connmeta import __version__
 from connmeta.addresses import SCHEME_VALUES, format_address, parse_address
 from connmeta.auth import TLSError
+from connmeta.export import ndjson
+from connmeta.logs import configure as configure_logging
 from connmeta.policy import PolicyError
 from connmeta.server import Config, ListenError, default_unix_socket, serve
 from connmeta.state_file import StateError
@@ -76,6 +77,11 @@ _HELP = {
     " (RESOURCE_EXHAUSTED beyond); 0: no limit",
     "max_streams_per_principal": "streams (watch, report, route) one principal may hold open"
     " (RESOURCE_EXHAUSTED beyond); 0: no limit",
+    "log_format": "text, or json: one JSON object per line (time, level, logger, message"
+    " and the record's own fields, e.g. the audit log's principal and method)",
+    "otlp_endpoint": "send every connection change as an OpenTelemetry event over OTLP/gRPC to"
+    " this collector (http://HOST:4317 plaintext, https:// TLS); empty: OTEL_EXPORTER_OTLP_"
+    "ENDPOINT if set, else off. OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES apply",
 }
 
 
@@ -187,6 +193,11 @@ def _add_client(sub: Any) -> None:
         " an error, 0 if the sidecar ended it cleanly)",
     )
     watch.add_argument(
+        "--bookmarks",
+        action="store_true",
+        help="also print BOOKMARK events (the position reached while nothing changed)",
+    )
+    watch.add_argument(
         "--max-backoff",
         type=float,
         default=MAX_BACKOFF,
@@ -236,8 +247,16 @@ def _view(args: argparse.Namespace) -> cs.ConnectionView.ValueType:
     return cs.CONNECTION_VIEW_BASIC if args.basic else cs.CONNECTION_VIEW_FULL
 
 
+_DESCRIPTION = (
+    "connmeta: 'serve' runs the sidecar; get, list, watch, health and update-server are "
+    "client commands for people. Every flag of 'serve' can also come from the environment "
+    "as CONNMETA_<FLAG> (--watch-max-lag: CONNMETA_WATCH_MAX_LAG); the command line wins."
+)
+"""Plain text: argparse prints it as is, so no RST markup and whole sentences."""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="connmeta", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="connmeta", description=_DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"connmeta {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_serve(sub)
@@ -416,18 +435,19 @@ Restarts and reconnects:
   follows changes after it.
 
   The difference is announced first: in table output by a line starting
-  with "-- relisted", in -o ndjson by one record
-    {"type": "RELISTED", "revision": R, "incarnation": "...",
-     "reason": "restarted" | "compacted" | "interrupted",
-     "deleted": D, "added": A, "modified": M}
-  followed by exactly D + A + M events with revision R.
-  With --since R, what it has shown is the changes after R, so a relist
-  reports records it never printed as ADDED.
+  with "-- relisted", in -o ndjson by one line of type RELISTED with
+  "relisted": {"reason": "restarted" | "compacted" | "interrupted",
+  "deleted": D, "added": A, "modified": M}, followed by exactly D + A + M
+  events at its revision. With --since R, what it has shown is the changes
+  after R, so a relist reports records it never printed as ADDED.
 
-Other -o ndjson records: {"type": "ADDED" | "MODIFIED" | "DELETED",
-  "revision": R, "connection": {...}}, {"type": "INITIAL_EVENTS_END",
-  "revision": R} and {"type": "BOOKMARK", "revision": R} (R repeats the last
-  change's revision: a position, not a change).
+-o ndjson: one JSON object per line (schema: docs/ndjson.schema.json):
+  {"type": "WATCH_EVENT_TYPE_ADDED", "revision": "R", "time": "RFC 3339",
+   "incarnation": "...", "connection": {...}}
+  type is a WatchEventType name (ADDED, MODIFIED, DELETED with a
+  connection; INITIAL_EVENTS_END and, with --bookmarks, BOOKMARK without)
+  or RELISTED. Revisions are strings (proto3 JSON int64); connection is the
+  record in proto3 JSON with every field without presence printed.
 """
 
 
@@ -583,7 +603,8 @@ class Watch:
             if self.resume is None and event.type == cs.WATCH_EVENT_TYPE_BOOKMARK:
                 return  # not sent before the snapshot ends; no position to take
             self.resume = max(self.resume or 0, event.revision)
-            self._emit(event.type, event.revision, None)
+            if event.type != cs.WATCH_EVENT_TYPE_BOOKMARK or self.args.bookmarks:
+                self._emit(event.type, event.revision, None, self.incarnation)
             return
         if self.resume is not None and event.revision <= self.resume:
             return  # already printed: a resume never repeats a change
@@ -594,7 +615,7 @@ class Watch:
             self.known[key] = event.connection
         if self.resume is not None:
             self.resume = event.revision
-        self._emit(event.type, event.revision, event.connection)
+        self._emit(event.type, event.revision, event.connection, self.incarnation)
 
     def _list(self, stub: cs_grpc.ConnectionServiceStub) -> cs.ListConnectionsResponse:
         """Every page of one listing, in one response; restarted if the store
@@ -649,7 +670,7 @@ class Watch:
                 (cs.WATCH_EVENT_TYPE_MODIFIED, modified),
             ):
                 for record in records:
-                    self._emit(kind, listing.revision, record)
+                    self._emit(kind, listing.revision, record, listing.header.incarnation)
         self.known = listed
         self.resume = listing.revision
         self.incarnation = listing.header.incarnation
@@ -664,16 +685,13 @@ class Watch:
     ) -> None:
         if self.args.output == "ndjson":
             self.out(
-                json.dumps(
-                    {
-                        "type": "RELISTED",
-                        "revision": listing.revision,
-                        "incarnation": listing.header.incarnation,
-                        "reason": reason,
-                        "deleted": deleted,
-                        "added": added,
-                        "modified": modified,
-                    }
+                ndjson.relisted_line(
+                    listing.revision,
+                    listing.header.incarnation,
+                    reason,
+                    deleted,
+                    added,
+                    modified,
                 )
             )
         else:
@@ -687,15 +705,12 @@ class Watch:
         kind: cs.WatchEventType.ValueType,
         revision: int,
         record: pb.ConnectionRecord | None,
+        incarnation: str,
     ) -> None:
-        name = EVENT_NAMES.get(kind, str(kind))
         if self.args.output == "ndjson":
-            line: dict[str, Any] = {"type": name, "revision": revision}
-            if record is not None:
-                line["connection"] = _json(record)
-            self.out(json.dumps(line))
+            self.out(ndjson.event_line(kind, revision, incarnation, record))
         elif record is not None:
-            self.out(table_row(record, name))
+            self.out(table_row(record, EVENT_NAMES.get(kind, str(kind))))
 
 
 _REASONS = {
@@ -734,8 +749,12 @@ def parse_via(text: str) -> pb.ServerSpec:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
-        logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(message)s")
         config = Config(**{f.name: getattr(args, f.name) for f in fields(Config)})
+        try:
+            configure_logging(config.log_format, args.log_level)
+        except ValueError as error:
+            print(f"connmeta: {error}", file=sys.stderr)
+            return 2
         try:
             asyncio.run(serve(config))
         except (ListenError, StateError, TLSError, PolicyError) as error:

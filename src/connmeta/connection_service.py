@@ -202,7 +202,7 @@ class ConnectionServicer:
             principal,
             UPDATE_METHOD,
             "update accepted",
-            id=request.id,
+            connection_id=request.id,
             fields=",".join(request.update_mask.paths),
             actor=request.actor,
         )

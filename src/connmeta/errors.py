@@ -6,6 +6,11 @@ a matching detail type also carry it: BadRequest for INVALID_ARGUMENT,
 PreconditionFailure for FAILED_PRECONDITION. Clients in any language decode
 them from the ``grpc-status-details-bin`` trailer.
 
+Metadata keys are lowerCamelCase (AIP-193: ``currentEtag``, ``oldestRevision``)
+and values are language-neutral text: decimal integers, ``host:port``
+(``[v6]:port``), ``scheme://host:port`` for a via, RFC 3339 times; never a
+Python repr. Keys and reasons are API: renaming one breaks clients.
+
 Every status is bounded, whatever the input: the message, each metadata
 value and each violation are clipped and at most a few violations are
 listed, so the trailers (the message goes out twice: ``grpc-message`` and
@@ -116,9 +121,10 @@ def status_for(error: StoreError | Evicted) -> grpc.Status:
             f"etag {shown(error.expected)} does not match the current etag {error.actual} of "
             f"connection {shown(error.id)}: read it again and retry",
             "ETAG_MISMATCH",
-            {"id": error.id, "expected-etag": error.expected, "current-etag": error.actual},
+            {"id": error.id, "expectedEtag": error.expected, "currentEtag": error.actual},
         )
     if isinstance(error, ConnectionOpen):
+        current = error.current or "unset"
         precondition = error_details_pb2.PreconditionFailure(
             violations=[
                 error_details_pb2.PreconditionFailure.Violation(
@@ -126,7 +132,7 @@ def status_for(error: StoreError | Evicted) -> grpc.Status:
                     subject=f"connections/{error.id}",
                     description=(
                         f"server {error.field} cannot change while the connection is OPEN "
-                        f"(mitmproxy refuses it); it is {error.current}"
+                        f"(mitmproxy refuses it); it is {current}"
                     ),
                 )
             ]
@@ -134,7 +140,7 @@ def status_for(error: StoreError | Evicted) -> grpc.Status:
         return rich_status(
             grpc.StatusCode.FAILED_PRECONDITION,
             f"Cannot change server.{error.field} on open connection {shown(error.id)} "
-            f"(current {error.field}: {error.current})",
+            f"(current {error.field}: {current})",
             "CONNECTION_OPEN",
             {"id": error.id, "state": "OPEN", "field": error.field, "current": error.current},
             precondition,
@@ -151,8 +157,8 @@ def status_for(error: StoreError | Evicted) -> grpc.Status:
             "listing's revision",
             "REVISION_COMPACTED",
             {
-                "requested_revision": str(error.requested_revision),
-                "oldest_revision": str(error.oldest_revision),
+                "requestedRevision": str(error.requested_revision),
+                "oldestRevision": str(error.oldest_revision),
             },
         )
     if isinstance(error, Evicted):
@@ -168,7 +174,7 @@ def status_for(error: StoreError | Evicted) -> grpc.Status:
             f"watcher fell too far behind and was ended after revision {error.last_revision}: "
             + advice,
             "WATCHER_TOO_SLOW",
-            {"last_revision": str(error.last_revision)},
+            {"lastRevision": str(error.last_revision)},
         )
     return internal()
 

@@ -15,7 +15,7 @@ from typing import Final
 from connmeta import addresses
 from connmeta.v1 import connection_pb2 as pb
 
-__all__ = ["address_value", "guard_refuses", "via_value"]
+__all__ = ["address_value", "guard_refuses", "value_text", "via_value"]
 
 _OPEN: Final = pb.CONNECTION_STATE_OPEN
 
@@ -41,3 +41,22 @@ def via_value(via: pb.ServerSpec | None) -> object:
         return None
     scheme = addresses.SCHEME_NAMES.get(via.scheme, via.scheme)
     return (scheme, addresses.address_to_tuple(via.address) if via.HasField("address") else None)
+
+
+def value_text(value: object) -> str:
+    """A value of ``address_value``/``via_value`` as text any language reads.
+
+    ``host:port`` (``[v6]:port``; flowinfo and scope_id have no text form),
+    ``scheme://host:port`` for a via, ``""`` when unset: what an error's
+    ErrorInfo carries instead of a Python tuple repr.
+    """
+    if value is None:
+        return ""
+    if isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], str):
+        first, second = value
+        if isinstance(second, int):  # an address: (host, port)
+            return f"[{first}]:{second}" if ":" in first else f"{first}:{second}"
+        return f"{first}://{value_text(second)}"  # a via: (scheme, address | None)
+    if isinstance(value, tuple) and len(value) in (3, 4):  # an IPv6 socket address
+        return value_text(value[:2])
+    return str(value)

@@ -91,7 +91,8 @@ class EtagMismatch(StoreError):
 class ConnectionOpen(StoreError):
     """mitmproxy's guard: ``field`` cannot change while the server is OPEN.
 
-    ``current`` is the value mitmproxy holds, as text (``('example.com', 443)``).
+    ``current`` is the value mitmproxy holds, as text (``example.com:443``;
+    ``""`` when unset).
     """
 
     def __init__(self, id: str, field: str, current: str) -> None:

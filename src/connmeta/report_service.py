@@ -293,7 +293,7 @@ class ReportServicer:
                 REPORT_METHOD,
                 "resync end",
                 proxy=stream.proxy,
-                closed=str(ack.closed_by_resync),
+                closed=ack.closed_by_resync,
             )
         else:
             raise InvalidArgument(
@@ -430,7 +430,7 @@ class ReportServicer:
                 decision.principal,
                 ROUTE_METHOD,
                 "route decision accepted",
-                id=server_id,
+                connection_id=server_id,
                 fields=",".join(sorted(decision.fields)),
                 router=decision.actor,
             )

@@ -13,16 +13,16 @@ import os
 import socket
 import stat
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
+from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1._async import HealthServicer
-from grpc_reflection.v1alpha import reflection
 
-from connmeta import __version__, connection_service, report_service, router_service
+from connmeta import __version__, connection_service, reflection, report_service, router_service
 from connmeta.auth import AuthzInterceptor, Limits, ServerTLS
 from connmeta.export.prometheus import MetricsServer, SidecarMetrics
+from connmeta.health import HealthServicer
 from connmeta.policy import PolicyFile
 from connmeta.routing import RouterHub
 from connmeta.service import IdentityInterceptor
@@ -30,6 +30,9 @@ from connmeta.state_file import StateFile, open_store
 from connmeta.stats import ReportStats
 from connmeta.store import Store
 from connmeta.watch import WatchHub
+
+if TYPE_CHECKING:
+    from connmeta.export.otlp import OtlpExport
 
 log = logging.getLogger("connmeta.server")
 
@@ -76,6 +79,8 @@ class Config:
     insecure_listen: bool = False
     max_watchers: int = 1024
     max_streams_per_principal: int = 256
+    log_format: str = "text"
+    otlp_endpoint: str = ""
 
 
 def channel_options(config: Config) -> list[tuple[str, int]]:
@@ -214,10 +219,18 @@ class Sidecar:
             write_timeout=config.watch_write_timeout,
         )
         self.routers = RouterHub(self.store)
+        self.otlp = _start_otlp(config, self.store)
         self.reports = ReportStats()
         # Always kept (a few ints, one interceptor): what /metrics and the
         # other exporters read.
-        self.metrics = SidecarMetrics(self.store, self.hub, self.routers, self.reports)
+        otlp = self.otlp
+        self.metrics = SidecarMetrics(
+            self.store,
+            self.hub,
+            self.routers,
+            self.reports,
+            otlp_dropped=(lambda: otlp.dropped) if otlp is not None else None,
+        )
         self._metrics_server: MetricsServer | None = None
         self.metrics_address = ""
         self.health = HealthServicer()
@@ -250,13 +263,13 @@ class Sidecar:
             )
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection(
-            (
-                *SERVICE_NAMES,
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
-            ),
-            server,
+        # v1 and v1alpha, with the proto comments (connmeta.reflection says why not
+        # grpcio-reflection's); error_details so that grpcurl can print ErrorInfo.
+        server.add_generic_rpc_handlers(
+            reflection.handlers(
+                (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name),
+                (health_pb2.DESCRIPTOR, error_details_pb2.DESCRIPTOR),
+            )
         )
         if config.listen:
             self.tcp_address = self._bind_tcp(server, config.listen, "--listen")
@@ -350,6 +363,8 @@ class Sidecar:
             parts.append("tls=mtls")
         if self.policy is not None:
             parts.append(f"authz-policy={self.policy.policy.name}")
+        if self.otlp is not None:
+            parts.append("otlp=on")
         return " ".join(parts)
 
     async def stop(self, grace: float | None = None) -> None:
@@ -375,6 +390,8 @@ class Sidecar:
         if self._metrics_server is not None:
             # Last: a scrape during the grace period still sees the drain.
             await self._metrics_server.stop()
+        if self.otlp is not None:
+            await asyncio.to_thread(self.otlp.close, grace)
         if self.state is not None:
             self.state.close()
         if self.unix_socket:
@@ -385,6 +402,22 @@ class Sidecar:
         """Until stop() has run."""
         await self._stopped.wait()
         await asyncio.gather(*(s.wait_for_termination() for s in self._servers))
+
+
+def _start_otlp(config: Config, store: Store) -> OtlpExport | None:
+    """The OTLP exporter when --otlp-endpoint or OpenTelemetry's endpoint variable is set."""
+    # The SDK would read these itself; they are read here too so that setting
+    # one is enough to turn export on, as with any OpenTelemetry SDK.
+    endpoint = (
+        config.otlp_endpoint
+        or os.environ.get("OTEL_EXPORTER_OTLP_LOGS_ENDPOINT")
+        or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+    )
+    if not endpoint:
+        return None
+    from connmeta.export.otlp import OtlpExport  # the SDK (0.4 s to import) only when used
+
+    return OtlpExport(store.subscribe, endpoint=endpoint, incarnation=store.incarnation)
 
 
 async def serve(config: Config) -> None:

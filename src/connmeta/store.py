@@ -32,7 +32,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from connmeta import certs, changes, validation
 from connmeta.filters import Filter
-from connmeta.guard import address_value, guard_refuses, via_value
+from connmeta.guard import address_value, guard_refuses, value_text, via_value
 from connmeta.records import (
     TERMINAL_HOOKS,
     Compacted,
@@ -740,7 +740,7 @@ class Store:
                 new = address_value(address) if field == "address" else via_value(via)
                 old = changes.observed_value(server, field)
                 if guard_refuses(current.state, old, new):
-                    raise ConnectionOpen(id, field, repr(old))
+                    raise ConnectionOpen(id, field, value_text(old))
         meta = msg.metadata
         now = self._clock()
         pending, changed = changes.requested(

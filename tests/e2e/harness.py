@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -74,8 +74,9 @@ async def async_wait_for(predicate: Callable[[], Awaitable[Any]], within: float,
 class SidecarProcess:
     """``connmeta serve`` (with routing) as a subprocess on a fixed Unix socket."""
 
-    def __init__(self, unix_socket: Path) -> None:
+    def __init__(self, unix_socket: Path, args: Sequence[str] = ()) -> None:
         self.unix_socket = unix_socket
+        self.args = list(args)
         self.proc: subprocess.Popen[str] | None = None
         self.tcp = ""
         self.metrics = ""
@@ -88,7 +89,8 @@ class SidecarProcess:
     def start(self) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "connmeta", "serve", "--listen", "127.0.0.1:0",
-             "--unix-socket", str(self.unix_socket), "--metrics-listen", "127.0.0.1:0"],
+             "--unix-socket", str(self.unix_socket), "--metrics-listen", "127.0.0.1:0",
+             *self.args],
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             text=True,

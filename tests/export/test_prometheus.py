@@ -337,3 +337,29 @@ async def test_a_metrics_address_that_is_not_host_port_stops_serve_naming_it(
     with pytest.raises(ListenError, match="--metrics-listen"):
         await sidecar.start()
     await sidecar.stop(grace=0)
+
+
+async def test_with_otlp_export_on_its_drops_are_exported_by_reason(tmp_path: Path) -> None:
+    sidecar = Sidecar(
+        Config(
+            listen="",
+            unix_socket=str(tmp_path / "s.sock"),
+            metrics_listen="127.0.0.1:0",
+            otlp_endpoint="http://127.0.0.1:9",  # nobody listens: nothing is sent yet
+        )
+    )
+    await sidecar.start()
+    try:
+        dropped = (await families(sidecar.metrics_address))["connmeta_otlp_dropped"]
+        assert dropped.type == "counter"
+        assert {s.labels["reason"]: s.value for s in dropped.samples} == {
+            "queue_full": 0,
+            "export_failed": 0,
+        }
+    finally:
+        await sidecar.stop(grace=0)
+    assert sidecar.otlp is not None
+
+
+async def test_without_otlp_export_there_is_no_otlp_metric(sidecar: Sidecar) -> None:
+    assert "connmeta_otlp_dropped" not in await families(sidecar.metrics_address)

@@ -4,6 +4,12 @@ Each language's interop program is built once per session; the server is the rea
 ``connmeta serve`` subprocess, one per distinct set of flags (cases.md, "server flags").
 Missing toolchains fail these tests rather than skip them: CI has Go and Rust, and a
 silently skipped interop suite proves nothing.
+
+The TCP listener requires mutual TLS (``--tls-cert/--tls-key/--client-ca``, the files of
+``connmeta certs init``): plaintext TCP callers may only read, and the cases report, route
+and update. The programs get the writer's certificate (without ``--authz-policy`` any
+verified client certificate may call everything) and the certificate directory for
+``authz_roles``, whose server runs with the example policy.
 """
 
 from __future__ import annotations
@@ -45,6 +51,10 @@ DEFAULT_FLAGS = {
     "--bookmark-interval": "1",
 }
 KEEPALIVE_ENV = "CONNMETA_INTEROP_KEEPALIVE_SECONDS"
+# In cases.md's server flags, CERTS/ stands for the directory of `connmeta certs init`.
+CERTS_PLACEHOLDER = "CERTS/"
+# The certificate every case's connections present (the roles are in cases.md).
+CLIENT_ROLE = "writer"
 # A program prints this line to have its server killed (-9) and started again on the same
 # TCP address and Unix socket; it reads "restarted" on stdin once the server serves again.
 RESTART_REQUEST = "connmeta-interop: restart-server"
@@ -144,6 +154,58 @@ class Programs:
         return self.get("rust").with_name(name)
 
 
+def make_certs(directory: Path) -> Path:
+    """The files of ``connmeta certs init --dir DIR``: CA, server certificate, one
+    client certificate per role, the example policy."""
+    done = subprocess.run(
+        [_connmeta_executable(), "certs", "init", "--dir", str(directory)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, f"connmeta certs init failed:\n{done.stdout}{done.stderr}"
+    missing = [
+        name
+        for name in ("ca.pem", "server.pem", "server.key", "policy.json", f"{CLIENT_ROLE}.pem")
+        if not (directory / name).is_file()
+    ]
+    assert not missing, f"certificate directory {directory} lacks {missing}"
+    return directory
+
+
+@dataclass(frozen=True)
+class Certs:
+    """The session's certificate directory (``connmeta certs init``)."""
+
+    directory: Path
+
+    def serve_flags(self, flags: tuple[str, ...]) -> list[str]:
+        d = self.directory
+        resolved = [f.replace(CERTS_PLACEHOLDER, f"{d}/") for f in flags]
+        return [
+            *resolved,
+            "--tls-cert",
+            str(d / "server.pem"),
+            "--tls-key",
+            str(d / "server.key"),
+            "--client-ca",
+            str(d / "ca.pem"),
+        ]
+
+    def program_flags(self) -> list[str]:
+        d = self.directory
+        return [
+            "--tls-ca",
+            str(d / "ca.pem"),
+            "--tls-cert",
+            str(d / f"{CLIENT_ROLE}.pem"),
+            "--tls-key",
+            str(d / f"{CLIENT_ROLE}.key"),
+            "--roles-dir",
+            str(d),
+        ]
+
+
 @dataclass
 class Server:
     """One ``connmeta serve`` subprocess."""
@@ -154,6 +216,7 @@ class Server:
     log: Path
     directory: Path
     flags: tuple[str, ...]
+    certs: Certs
     _drain: threading.Thread = field(repr=False)
 
     def log_tail(self, lines: int = 40) -> str:
@@ -169,7 +232,7 @@ class Server:
         self._close_pipe()
         tcp, unix = self.tcp, self.unix
         self.process, self._drain, self.tcp, self.unix = _launch(
-            _serve_argv(tcp, unix, self.flags), self.log, self.directory
+            _serve_argv(tcp, unix, self.certs.serve_flags(self.flags)), self.log, self.directory
         )
         assert (self.tcp, self.unix) == (tcp, unix), "the restarted server moved"
 
@@ -212,7 +275,7 @@ def _drain(stream: IO[str], first_line: queue.Queue[str], log: Path) -> None:
             out.write(line)
 
 
-def _serve_argv(tcp: str, unix: str, flags: tuple[str, ...]) -> list[str]:
+def _serve_argv(tcp: str, unix: str, flags: list[str]) -> list[str]:
     return [_connmeta_executable(), "serve", "--listen", tcp, "--unix-socket", unix, *flags]
 
 
@@ -246,28 +309,29 @@ def _launch(
     return process, drain, tcp.group(1), unix.group(1)
 
 
-def start_server(flags: tuple[str, ...]) -> Server:
+def start_server(flags: tuple[str, ...], certs: Certs) -> Server:
     # Short directory: a Unix socket path must fit in sun_path (108 bytes).
     directory = Path(tempfile.mkdtemp(prefix="cm-"))
     log = directory / "server.log"
     log.write_text("")
-    argv = _serve_argv("127.0.0.1:0", str(directory / "connmeta.sock"), flags)
+    argv = _serve_argv("127.0.0.1:0", str(directory / "connmeta.sock"), certs.serve_flags(flags))
     process, drain, tcp, unix = _launch(argv, log, directory)
-    return Server(process, tcp, unix, log, directory, flags, drain)
+    return Server(process, tcp, unix, log, directory, flags, certs, drain)
 
 
 class Servers:
     """One server per distinct flag set (and one per case that restarts its server), started
     on first use, stopped at session end."""
 
-    def __init__(self) -> None:
+    def __init__(self, certs: Certs) -> None:
+        self.certs = certs
         self._running: dict[tuple[str, ...], Server] = {}
 
     def get(self, flags: tuple[str, ...], own: str = "") -> Server:
         key = (*flags, own)
         server = self._running.get(key)
         if server is None or server.process.poll() is not None:
-            server = self._running[key] = start_server(flags)
+            server = self._running[key] = start_server(flags, self.certs)
         return server
 
     def stop_all(self) -> None:
@@ -286,8 +350,13 @@ def programs(tmp_path_factory: pytest.TempPathFactory) -> Programs:
 
 
 @pytest.fixture(scope="session")
-def servers() -> Iterator[Servers]:
-    pool = Servers()
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
+    return Certs(make_certs(tmp_path_factory.mktemp("certs")))
+
+
+@pytest.fixture(scope="session")
+def servers(certs: Certs) -> Iterator[Servers]:
+    pool = Servers(certs)
     yield pool
     pool.stop_all()
 
@@ -316,6 +385,7 @@ def test_interop(language: str, case: Case, programs: Programs, servers: Servers
         server.tcp,
         "--unix-target",
         f"unix://{server.unix}",
+        *servers.certs.program_flags(),
         "--case",
         case.id,
     ]
@@ -425,30 +495,112 @@ def test_readme_examples_against_the_server(
     """The documented examples (Go Example tests, Rust examples/) work as written."""
     programs.get(language)
     server = servers.get(CASES[0].flags)
+    certs = servers.certs.directory
+    unix = f"unix://{server.unix}"
+    # The TCP listener takes only mTLS: the plaintext examples use the Unix socket, the
+    # mTLS ones (with the reader's certificate: reading is all they do) the TCP listener.
+    role = [str(certs / "ca.pem"), str(certs / "reader.pem"), str(certs / "reader.key")]
     if language == "go":
-        for target in (server.tcp, f"unix://{server.unix}"):
-            done = subprocess.run(
-                ["go", "test", "-count=1", "-run", "^Example", "./connmeta"],
-                cwd=GO_DIR,
-                env=dict(os.environ, CONNMETA_TARGET=target),
-                capture_output=True,
-                text=True,
-                timeout=300,
-            )
-            assert done.returncode == 0, f"Go examples against {target}:\n{done.stdout}"
-        return
-    for target in (server.tcp, f"unix://{server.unix}"):
+        tls_env = dict(
+            zip(
+                ("CONNMETA_TLS_CA", "CONNMETA_TLS_CERT", "CONNMETA_TLS_KEY"),
+                role,
+                strict=True,
+            ),
+            CONNMETA_TLS_TARGET=server.tcp,
+        )
         done = subprocess.run(
-            [str(programs.rust_example("get_connection")), target],
+            ["go", "test", "-count=1", "-v", "-run", "^Example", "./connmeta"],
+            cwd=GO_DIR,
+            env=dict(os.environ, CONNMETA_TARGET=unix, **tls_env),
             capture_output=True,
             text=True,
-            timeout=60,
+            timeout=300,
         )
-        assert (done.returncode, done.stdout) == (0, "no such connection\n"), done.stderr
+        assert done.returncode == 0, f"Go examples against {unix} and {server.tcp}:\n{done.stdout}"
+        assert "--- PASS: ExampleWithTLS" in done.stdout, done.stdout
+        return
     done = subprocess.run(
-        [str(programs.rust_example("watch")), server.tcp, "*.example.invalid", "1"],
+        [str(programs.rust_example("get_connection")), unix],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (done.returncode, done.stdout) == (0, "no such connection\n"), done.stderr
+    done = subprocess.run(
+        [str(programs.rust_example("watch")), unix, "*.example.invalid", "1"],
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert (done.returncode, done.stdout) == (0, "listed 0 servers (Start)\nstopped\n"), done.stderr
+    done = subprocess.run(
+        [str(programs.rust_example("reflector")), unix, "*.example.invalid", "1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (done.returncode, done.stdout) == (0, "synced 0 servers (Start)\nstopped\n"), done.stderr
+    done = subprocess.run(
+        [str(programs.rust_example("mtls")), server.tcp, *role],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (done.returncode, done.stdout) == (0, "no such connection\n"), done.stderr
+
+
+@pytest.mark.parametrize(
+    ("argv", "env"),
+    [
+        (["cargo", "clippy", "--locked", "--all-targets", "--", "-D", "warnings"], {}),
+        (["cargo", "doc", "--locked", "--no-deps"], {"RUSTDOCFLAGS": "-D warnings"}),
+        # The published crate builds on its own (proto files included through the
+        # proto/ symlink). --allow-dirty: a developer's uncommitted edits are packaged too.
+        (["cargo", "package", "--locked", "--allow-dirty"], {}),
+    ],
+    ids=["clippy", "doc", "package"],
+)
+def test_rust_lints_clean(argv: list[str], env: dict[str, str], programs: Programs) -> None:
+    """cargo clippy (every target, warnings are errors), cargo doc (broken intra-doc
+    links and other rustdoc warnings are errors) and cargo package pass, as CI requires."""
+    programs.get("rust")  # the build fails here first, with its own message
+    done = subprocess.run(
+        argv,
+        cwd=RUST_DIR,
+        env={**_rust_env(), **env},
+        capture_output=True,
+        text=True,
+        timeout=BUILD_TIMEOUT,
+    )
+    assert done.returncode == 0, f"{' '.join(argv)} failed:\n{done.stdout}{done.stderr}"
+
+
+def _code_line(line: str) -> str:
+    """A line without indentation and trailing comment: what must match."""
+    return re.sub(r"\s*//.*$", "", line).strip()
+
+
+@pytest.mark.parametrize(
+    ("readme", "language", "source"),
+    [
+        (GO_DIR / "README.md", "go", GO_DIR / "connmeta" / "example_test.go"),
+        (RUST_DIR / "README.md", "rust", RUST_DIR / "examples" / "mtls.rs"),
+    ],
+    ids=["go", "rust"],
+)
+def test_client_readme_mtls_snippet_is_the_tested_example(
+    readme: Path, language: str, source: Path
+) -> None:
+    """The clients' "Mutual TLS" snippets are code the suite runs (ExampleWithTLS,
+    examples/mtls.rs), line for line and in order, not a copy that drifts."""
+    section = readme.read_text().split("## Mutual TLS\n", 1)[1]
+    block = re.search(rf"```{language}\n(.*?)```", section, re.S)
+    assert block, f"{readme} has no {language} block under Mutual TLS"
+    lines = [c for c in map(_code_line, block.group(1).splitlines()) if c]
+    assert len(lines) >= 4, lines
+    code = [_code_line(line) for line in source.read_text().splitlines()]
+    position = 0
+    for line in lines:
+        assert line in code[position:], f"README line {line!r} is not in {source.name} (in order)"
+        position = code.index(line, position) + 1

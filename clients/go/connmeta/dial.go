@@ -1,11 +1,14 @@
 package connmeta
 
 import (
+	"crypto/tls"
 	"fmt"
+	"strings"
 	"time"
 
 	"google.golang.org/grpc"
 	grpcbackoff "google.golang.org/grpc/backoff"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/keepalive"
@@ -34,25 +37,67 @@ type Client struct {
 	Health healthpb.HealthClient
 }
 
-type dialConfig struct {
-	keepalive time.Duration
-	extra     []grpc.DialOption
+// DialOptions is everything [Dial] can be told. Options set its fields;
+// an Option of your own is a func(*DialOptions) like the ones here.
+type DialOptions struct {
+	// Keepalive is the keepalive ping interval ([DefaultKeepalive] unless
+	// set). grpc-go never pings more often than every 10 s.
+	Keepalive time.Duration
+	// TLS, for TCP targets: mutual TLS with these files (see [WithTLS]).
+	TLS *TLSFiles
+	// TLSConfig, for TCP targets, is used as is; it takes precedence over
+	// TLS.
+	TLSConfig *tls.Config
+	// GRPC are raw grpc dial options, applied after connmeta's own, so
+	// credentials given here replace the transport chosen above and
+	// interceptors given here run inside connmeta's (they see the original
+	// status errors).
+	GRPC []grpc.DialOption
 }
 
-// Option configures [Dial].
-type Option func(*dialConfig)
+// Option configures [Dial]: a function that sets fields of [DialOptions].
+type Option func(*DialOptions)
 
 // WithKeepalive sets the keepalive ping interval. grpc-go never pings more
 // often than every 10 s, whatever is asked.
 func WithKeepalive(d time.Duration) Option {
-	return func(c *dialConfig) { c.keepalive = d }
+	return func(o *DialOptions) { o.Keepalive = d }
 }
 
 // WithDialOptions appends raw grpc dial options (TLS credentials, a custom
 // dialer, interceptors). Later options override earlier ones, so
 // credentials given here replace the default insecure transport.
 func WithDialOptions(opts ...grpc.DialOption) Option {
-	return func(c *dialConfig) { c.extra = append(c.extra, opts...) }
+	return func(o *DialOptions) { o.GRPC = append(o.GRPC, opts...) }
+}
+
+// WithTLS makes a TCP target use mutual TLS: the sidecar's certificate is
+// verified against the CA in caFile (PEM), and certFile/keyFile (PEM) are
+// the client certificate the sidecar verifies against its --client-ca and
+// authorizes by (its SPIFFE URI SAN, else DNS SANs, else subject). With
+// certFile and keyFile empty no client certificate is sent, which a
+// sidecar run with --client-ca refuses in the handshake. Unix-socket
+// targets ignore this option: the socket's file permissions are their
+// access control, and they stay plaintext.
+//
+// The files are read once by Dial (a missing or malformed file fails Dial)
+// and the client certificate again at every new connection, so a
+// certificate rotated on disk (cert-manager, `connmeta certs init` rerun)
+// is used from the next reconnect on without a new Dial.
+func WithTLS(caFile, certFile, keyFile string) Option {
+	return func(o *DialOptions) { o.TLS = &TLSFiles{CA: caFile, Cert: certFile, Key: keyFile} }
+}
+
+// WithTLSFiles is [WithTLS] with a server name to verify other than the
+// target's host (e.g. dialing an IP whose certificate names only DNS).
+func WithTLSFiles(files TLSFiles) Option {
+	return func(o *DialOptions) { o.TLS = &files }
+}
+
+// WithTLSConfig uses cfg as is for TCP targets, for anything [WithTLS]
+// does not cover. It takes precedence over WithTLS.
+func WithTLSConfig(cfg *tls.Config) Option {
+	return func(o *DialOptions) { o.TLSConfig = cfg }
 }
 
 // Dial connects to a sidecar. target is "host:port" (TCP) or
@@ -60,18 +105,33 @@ func WithDialOptions(opts ...grpc.DialOption) Option {
 // target grpc-go understands works. The connection is made lazily, on the
 // first call, so Dial fails only on a malformed target.
 //
-// The transport is plaintext: the sidecar listens on loopback or on a Unix
-// socket whose file mode is the access control. Pass TLS credentials with
-// [WithDialOptions] for anything else.
+// Without [WithTLS] the transport is plaintext: fine for the Unix socket
+// (its file mode is the access control) and for reading from a sidecar on
+// loopback; a sidecar without an authorization policy lets plaintext TCP
+// callers only read, and one run with --client-ca accepts TCP callers only
+// with a client certificate.
 func Dial(target string, opts ...Option) (*Client, error) {
-	cfg := dialConfig{keepalive: DefaultKeepalive}
+	cfg := DialOptions{Keepalive: DefaultKeepalive}
 	for _, o := range opts {
 		o(&cfg)
 	}
+	creds := insecure.NewCredentials()
+	if !isUnix(target) {
+		tlsCfg := cfg.TLSConfig
+		if tlsCfg == nil && cfg.TLS != nil {
+			var err error
+			if tlsCfg, err = cfg.TLS.Config(); err != nil {
+				return nil, fmt.Errorf("connmeta: dial %q: %w", target, err)
+			}
+		}
+		if tlsCfg != nil {
+			creds = credentials.NewTLS(tlsCfg)
+		}
+	}
 	dialOpts := []grpc.DialOption{
-		grpc.WithTransportCredentials(insecure.NewCredentials()),
+		grpc.WithTransportCredentials(creds),
 		grpc.WithKeepaliveParams(keepalive.ClientParameters{
-			Time:    cfg.keepalive,
+			Time:    cfg.Keepalive,
 			Timeout: 10 * time.Second,
 			// Ping only while an RPC is open: that is when a dead peer
 			// costs something (a watch that silently stops), and a server
@@ -92,8 +152,12 @@ func Dial(target string, opts ...Option) (*Client, error) {
 			},
 			MinConnectTimeout: 5 * time.Second,
 		}),
+		// Every error a stub returns becomes a *StatusError, so that
+		// errors.Is(err, ErrNotFound) works on raw calls too.
+		grpc.WithChainUnaryInterceptor(unaryStatusErrors),
+		grpc.WithChainStreamInterceptor(streamStatusErrors),
 	}
-	dialOpts = append(dialOpts, cfg.extra...)
+	dialOpts = append(dialOpts, cfg.GRPC...)
 	conn, err := grpc.NewClient(target, dialOpts...)
 	if err != nil {
 		return nil, fmt.Errorf("connmeta: dial %q: %w (want host:port or unix:///path)", target, err)
@@ -111,3 +175,8 @@ func (c *Client) Conn() *grpc.ClientConn { return c.conn }
 
 // Close tears the connection down; calls in flight fail with Canceled.
 func (c *Client) Close() error { return c.conn.Close() }
+
+// isUnix tells the Unix-socket targets of gRPC's naming rules apart.
+func isUnix(target string) bool {
+	return strings.HasPrefix(target, "unix:") || strings.HasPrefix(target, "unix-abstract:")
+}

@@ -15,6 +15,15 @@
 //   - [Client.UpdateServer] and [Client.RetargetServer] ask for a change of
 //     a server's address or upstream proxy with optimistic concurrency
 //     (etags); the proxy applies it at the server's next connect.
-//   - [DetailsOf] decodes the google.rpc error details (ErrorInfo,
-//     BadRequest, PreconditionFailure) every connmeta error carries.
+//   - [Client.WatchEvents] is the same watch on a channel, ending with the
+//     [ResumePoint] to continue from.
+//   - [Informer] is a local cache kept in sync by list and watch, with
+//     handlers ([EventHandler]: OnAdd, OnUpdate, OnDelete, tombstones as
+//     [DeletedFinalStateUnknown]), indexes and WaitForSync.
+//   - [Client.RunRouter] makes a [RouteFunc] the sidecar's router
+//     (subscribe, standby, one answer per query, resubscribe).
+//   - Every error a Client returns that carries a gRPC status is a
+//     [*StatusError] matching the sentinels ([ErrNotFound],
+//     [ErrConnectionOpen], [ErrEtagMismatch], [ErrCompacted], ...) with
+//     errors.Is; [DetailsOf] decodes the google.rpc details of any status.
 package connmeta

@@ -18,12 +18,25 @@ const (
 	ReasonRevisionCompacted  = "REVISION_COMPACTED"   // OUT_OF_RANGE
 	ReasonWatcherTooSlow     = "WATCHER_TOO_SLOW"     // RESOURCE_EXHAUSTED
 	ReasonShuttingDown       = "SHUTTING_DOWN"        // UNAVAILABLE
+	// The caller's identity may not call the method (authorization policy,
+	// or a write over plaintext TCP); metadata "method" names it.
+	ReasonPermissionDenied = "PERMISSION_DENIED" // PERMISSION_DENIED
+	// The policy needs an identity and the call had none (plaintext TCP).
+	ReasonUnauthenticated = "UNAUTHENTICATED" // UNAUTHENTICATED
+	// A router subscribed under a name another router holds.
+	ReasonRouterAlreadySubscribed = "ROUTER_ALREADY_SUBSCRIBED" // ALREADY_EXISTS
+	ReasonTooManyWatchers         = "TOO_MANY_WATCHERS"         // RESOURCE_EXHAUSTED
+	ReasonTooManyStreams          = "TOO_MANY_STREAMS"          // RESOURCE_EXHAUSTED
+	ReasonInternal                = "INTERNAL"                  // INTERNAL
 )
 
 // ErrorInfo metadata keys the watch errors carry.
 const (
-	MetaOldestRevision = "oldest_revision" // REVISION_COMPACTED: oldest revision still retained
-	MetaLastRevision   = "last_revision"   // WATCHER_TOO_SLOW: last revision sent; resume after it
+	MetaOldestRevision = "oldestRevision" // REVISION_COMPACTED: oldest revision still retained
+	MetaLastRevision   = "lastRevision"   // WATCHER_TOO_SLOW: last revision sent; resume after it
+	MetaMethod         = "method"         // PERMISSION_DENIED, UNAUTHENTICATED: the full method name
+	MetaCurrentEtag    = "currentEtag"    // ETAG_MISMATCH: the record's etag now
+	MetaField          = "field"          // CONNECTION_OPEN: the field that cannot change while OPEN
 )
 
 // ErrorDetails is a gRPC error with its google.rpc details decoded. Fields

@@ -34,6 +34,7 @@ type fakeServer struct {
 	listErrors  []error // consumed one per ListConnections call; nil answers
 	listings    []*connmetav1.ListConnectionsRequest
 	pageSize    int // default page size (100 when 0)
+	router      fakeRouter
 }
 
 // watchScript plays one WatchConnections call.
@@ -133,6 +134,7 @@ func startFake(f *fakeServer) (target string, stop func(), err error) {
 	}
 	srv := grpc.NewServer()
 	connmetav1.RegisterConnectionServiceServer(srv, f)
+	connmetav1.RegisterRouterServiceServer(srv, &f.router)
 	go func() { _ = srv.Serve(lis) }()
 	return "unix://" + sock, func() { srv.Stop(); _ = os.RemoveAll(dir) }, nil
 }
@@ -177,4 +179,48 @@ func serverAt(id string, revision int64) *connmetav1.ConnectionRecord {
 
 func event(t connmetav1.WatchEventType, rev int64, r *connmetav1.ConnectionRecord) *connmetav1.WatchEvent {
 	return &connmetav1.WatchEvent{Type: t, Revision: rev, Connection: r}
+}
+
+// fakeRouter is an in-process RouterService: it confirms every
+// subscription as active, sends the queued queries and hands the answers
+// out on answers.
+type fakeRouter struct {
+	connmetav1.UnimplementedRouterServiceServer
+
+	mu      sync.Mutex
+	names   []string // subscriptions, in order
+	queries []*connmetav1.RouteQuery
+	answers chan *connmetav1.RouteAnswer
+}
+
+func (f *fakeRouter) Route(stream grpc.BidiStreamingServer[connmetav1.RouteRequest, connmetav1.RouteResponse]) error {
+	first, err := stream.Recv()
+	if err != nil {
+		return err
+	}
+	name := first.GetSubscribe().GetName()
+	f.mu.Lock()
+	f.names = append(f.names, name)
+	queries := f.queries
+	f.queries = nil
+	f.mu.Unlock()
+	if err := stream.Send(&connmetav1.RouteResponse{Message: &connmetav1.RouteResponse_Subscribed{
+		Subscribed: &connmetav1.RouteSubscribed{Active: true, ActiveRouter: name},
+	}}); err != nil {
+		return err
+	}
+	for _, q := range queries {
+		if err := stream.Send(&connmetav1.RouteResponse{Message: &connmetav1.RouteResponse_Query{Query: q}}); err != nil {
+			return err
+		}
+	}
+	for {
+		req, err := stream.Recv()
+		if err != nil {
+			return err
+		}
+		if f.answers != nil {
+			f.answers <- req.GetAnswer()
+		}
+	}
 }

@@ -112,7 +112,7 @@ func RecordID(r *connmetav1.ConnectionRecord) string {
 //     with exponential backoff (also for the listings below);
 //   - RESOURCE_EXHAUSTED / WATCHER_TOO_SLOW (this consumer fell too far
 //     behind and was evicted): from the revision the error names in
-//     ErrorInfo metadata "last_revision";
+//     ErrorInfo metadata "lastRevision";
 //   - OUT_OF_RANGE / REVISION_COMPACTED, when opts.Relist is set: from a
 //     fresh listing. This is also how a sidecar restart shows: every
 //     resume names the incarnation it belongs to, so the restarted sidecar
@@ -123,6 +123,10 @@ func RecordID(r *connmetav1.ConnectionRecord) string {
 // A handler error ends Watch and is returned as is; the caller can resume
 // later with StartAfterRevision = the last event's Revision.
 func (c *Client) Watch(ctx context.Context, opts WatchOptions, handle func(*connmetav1.WatchEvent) error) error {
+	return newWatcher(c, opts, handle).watch(ctx)
+}
+
+func newWatcher(c *Client, opts WatchOptions, handle func(*connmetav1.WatchEvent) error) *watcher {
 	w := &watcher{
 		c:       c,
 		opts:    opts,
@@ -135,11 +139,16 @@ func (c *Client) Watch(ctx context.Context, opts WatchOptions, handle func(*conn
 		w.backoff.max = 5 * time.Second
 	}
 	w.backoff.reset()
+	return w
+}
+
+// watch runs the watch and returns what [Client.Watch] returns.
+func (w *watcher) watch(ctx context.Context) error {
 	err := w.run(ctx)
-	if ctx.Err() != nil && !errors.As(err, new(handlerError)) {
+	if cerr := contextDone(ctx); cerr != nil && !errors.As(err, new(handlerError)) {
 		// The caller's deadline, not the server's answer: report it as
 		// such, whatever call it interrupted.
-		return ctx.Err()
+		return cerr
 	}
 	return unwrapHandler(err)
 }
@@ -155,6 +164,9 @@ type watcher struct {
 	// a relist diffs against it.
 	known   map[string]*connmetav1.ConnectionRecord
 	backoff backoff
+	// noDiff leaves the difference a relist makes to Relist (the
+	// Informer computes it against its own store, with tombstones).
+	noDiff bool
 }
 
 func (w *watcher) run(ctx context.Context) error {
@@ -239,7 +251,10 @@ func (w *watcher) relist(ctx context.Context, cause RelistCause) error {
 		cause = RelistRestarted
 	}
 	listing.Cause = cause
-	events := w.diff(listing)
+	var events []*connmetav1.WatchEvent
+	if !w.noDiff {
+		events = w.diff(listing)
+	}
 	w.last, w.inc = listing.Revision, listing.Incarnation
 	if err := w.opts.Relist(ctx, listing); err != nil {
 		return handlerError{err}
@@ -392,7 +407,7 @@ func (w *watcher) watchOnce(ctx context.Context) (progressed bool, err error) {
 
 // remember keeps what an event delivered, in informer mode.
 func (w *watcher) remember(ev *connmetav1.WatchEvent) {
-	if w.opts.Relist == nil {
+	if w.opts.Relist == nil || w.noDiff {
 		return
 	}
 	if w.known == nil {
@@ -416,15 +431,15 @@ func otherIncarnation(after int64, want, got string) error {
 		Reason: ReasonRevisionCompacted,
 		Domain: Domain,
 		Metadata: map[string]string{
-			"requested_revision":    strconv.FormatInt(after, 10),
-			"requested_incarnation": want,
-			"incarnation":           got,
+			"requestedRevision":    strconv.FormatInt(after, 10),
+			"requestedIncarnation": want,
+			"incarnation":          got,
 		},
 	})
 	if err != nil {
 		panic(err) // an ErrorInfo always marshals
 	}
-	return st.Err()
+	return NewStatusError(st)
 }
 
 // handlerError marks an error that came from the caller's handler or
@@ -463,4 +478,17 @@ func (b *backoff) wait(ctx context.Context) error {
 	case <-t.C:
 		return nil
 	}
+}
+
+// contextDone is ctx.Err(), also in the moment after ctx's deadline passed
+// and before its timer fired: grpc-go ends a stream with DeadlineExceeded
+// on a timer of its own, which may fire first.
+func contextDone(ctx context.Context) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	if d, ok := ctx.Deadline(); ok && !time.Now().Before(d) {
+		return context.DeadlineExceeded
+	}
+	return nil
 }

@@ -630,7 +630,7 @@ type WatchConnectionsRequest struct {
 	// changes are sent); a value R > 0 sends every change with revision > R
 	// (exclusive, like a Kubernetes resourceVersion). If R is older than the
 	// retained history the stream ends with OUT_OF_RANGE and an ErrorInfo
-	// REVISION_COMPACTED naming oldest_revision: list again and watch from the
+	// REVISION_COMPACTED naming oldestRevision: list again and watch from the
 	// listing's revision.
 	StartAfterRevision int64 `protobuf:"varint,1,opt,name=start_after_revision,json=startAfterRevision,proto3" json:"start_after_revision,omitempty"`
 	// send_initial_events first sends every matching connection as an ADDED

@@ -57,7 +57,7 @@ type ConnectionServiceClient interface {
 	// events. See WatchConnectionsRequest for resume and snapshot semantics.
 	//
 	// A watcher that falls behind is ended with RESOURCE_EXHAUSTED and an
-	// ErrorInfo WATCHER_TOO_SLOW naming last_revision, from which a new watch
+	// ErrorInfo WATCHER_TOO_SLOW naming lastRevision, from which a new watch
 	// resumes without loss: when more events wait behind the change it is
 	// working through than the sidecar's --watch-max-lag (one large change
 	// alone never ends a watcher that keeps up), or when a response stays
@@ -168,7 +168,7 @@ type ConnectionServiceServer interface {
 	// events. See WatchConnectionsRequest for resume and snapshot semantics.
 	//
 	// A watcher that falls behind is ended with RESOURCE_EXHAUSTED and an
-	// ErrorInfo WATCHER_TOO_SLOW naming last_revision, from which a new watch
+	// ErrorInfo WATCHER_TOO_SLOW naming lastRevision, from which a new watch
 	// resumes without loss: when more events wait behind the change it is
 	// working through than the sidecar's --watch-max-lag (one large change
 	// alone never ends a watcher that keeps up), or when a response stays

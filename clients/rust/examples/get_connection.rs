@@ -1,5 +1,6 @@
-//! Reading one connection, and telling "not there" apart from other errors
-//! through the ErrorInfo reason the sidecar attaches to every error.
+//! Reading one connection, and telling "not there" apart from other errors:
+//! `connmeta::Error` sorts them by the ErrorInfo reason the sidecar attaches
+//! to every error.
 //!
 //! ```text
 //! cargo run --example get_connection -- unix:///run/connmeta/connmeta.sock 4c9e1a52-8d0f-4f49-a1b4-5c0f4b8f9f00
@@ -13,13 +14,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .next()
         .unwrap_or_else(|| "4c9e1a52-8d0f-4f49-a1b4-5c0f4b8f9f00".into());
 
-    let mut client = connmeta::connect(&target).await?;
+    let client = connmeta::connect(&target).await?;
     match client.get(&id).await {
         Ok(record) => println!("revision {}", record.metadata.unwrap_or_default().revision),
-        Err(status) if connmeta::is_reason(&status, connmeta::reason::CONNECTION_NOT_FOUND) => {
-            println!("no such connection")
-        }
-        Err(status) => return Err(status.into()),
+        Err(connmeta::Error::NotFound(_)) => println!("no such connection"),
+        Err(e) => return Err(e.into()),
     }
     Ok(())
 }

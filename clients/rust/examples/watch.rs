@@ -1,9 +1,10 @@
-//! An informer: follow every change to servers matching a host. The Watcher
-//! lists first (every record arrives as ADDED), resumes by itself after
-//! disconnects and slow-consumer evictions, and lists again when it falls out
-//! of the sidecar's history or the sidecar restarts: it says so
+//! A watch as a stream: follow every change to servers matching a host. The
+//! Watcher lists first (every record arrives as ADDED), resumes by itself
+//! after disconnects and slow-consumer evictions, and lists again when it
+//! falls out of the sidecar's history or the sidecar restarts: it says so
 //! (`Relisted`), and the events that follow bring the map to the new listing
-//! (DELETED for what vanished).
+//! (DELETED for what vanished). It is a `futures::Stream`, so the usual
+//! combinators apply. (For a ready-made cache, see the reflector example.)
 //!
 //! ```text
 //! cargo run --example watch -- 127.0.0.1:50051 '*.example.com' [SECONDS]
@@ -12,43 +13,37 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use connmeta::v1::{
-    ConnectionFilter, ConnectionKind, ConnectionRecord, WatchEventType, connection_record,
-};
+use connmeta::v1::{ConnectionFilter, ConnectionKind, ConnectionRecord, WatchEventType};
 use connmeta::{WatchItem, WatchOptions, Watcher};
-
-fn id_of(record: &ConnectionRecord) -> String {
-    match &record.kind {
-        Some(connection_record::Kind::Server(s)) => s.connection.clone().unwrap_or_default().id,
-        _ => String::new(),
-    }
-}
+use futures_util::TryStreamExt;
 
 /// Keeps `servers` equal to the matching servers on the sidecar.
 async fn follow(
-    watcher: &mut Watcher,
+    watcher: Watcher,
     servers: &mut HashMap<String, ConnectionRecord>,
-) -> Result<(), tonic::Status> {
-    loop {
-        match watcher.next().await? {
+) -> Result<(), connmeta::Error> {
+    let events = watcher.try_filter_map(|item| async move {
+        Ok(match item {
             WatchItem::Relisted { records, cause, .. } => {
-                // The events that follow apply the listing; the watcher
-                // then continues after its revision by itself.
                 println!("listed {} servers ({cause:?})", records.len());
+                None // the events that follow apply the listing
             }
-            WatchItem::Event(ev) => {
-                let Some(record) = ev.connection else {
-                    continue;
-                }; // a bookmark
-                if ev.r#type == WatchEventType::Deleted as i32 {
-                    servers.remove(&id_of(&record));
-                } else {
-                    println!("revision {}: {}", ev.revision, id_of(&record));
-                    servers.insert(id_of(&record), record);
-                }
-            }
+            WatchItem::Event(ev) => Some(ev),
+        })
+    });
+    let mut events = std::pin::pin!(events);
+    while let Some(ev) = events.try_next().await? {
+        let Some(record) = ev.connection else {
+            continue; // a bookmark
+        };
+        if ev.r#type == WatchEventType::Deleted as i32 {
+            servers.remove(record.id());
+        } else {
+            println!("revision {}: {}", ev.revision, record.id());
+            servers.insert(record.id().to_owned(), record);
         }
     }
+    Ok(())
 }
 
 #[tokio::main]
@@ -64,7 +59,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .unwrap_or(u64::MAX / 4);
 
     let client = connmeta::connect(&target).await?;
-    let mut watcher = Watcher::new(
+    let watcher = Watcher::new(
         client,
         WatchOptions {
             filter: Some(ConnectionFilter {
@@ -78,12 +73,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         },
     );
     let mut servers = HashMap::new();
-    match tokio::time::timeout(
-        Duration::from_secs(seconds),
-        follow(&mut watcher, &mut servers),
-    )
-    .await
-    {
+    match tokio::time::timeout(Duration::from_secs(seconds), follow(watcher, &mut servers)).await {
         Ok(result) => result?,
         Err(_) => println!("stopped"),
     }

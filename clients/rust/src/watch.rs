@@ -1,12 +1,17 @@
 //! A watch that resumes by itself, revision-exact, across sidecar restarts.
 
 use std::collections::{HashMap, VecDeque};
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use futures_core::Stream;
+use futures_util::FutureExt;
+use futures_util::future::BoxFuture;
 use tonic::{Code, Status, Streaming};
 
 use crate::Client;
-use crate::errors::{DOMAIN, ErrorDetails, is_reason, meta, reason};
+use crate::errors::{DOMAIN, Error, ErrorDetails, is_reason, meta, reason};
 use crate::v1::{
     ConnectionFilter, ConnectionRecord, ConnectionView, ListConnectionsRequest,
     WatchConnectionsRequest, WatchConnectionsResponse, WatchEvent, WatchEventType,
@@ -46,7 +51,7 @@ pub struct WatchOptions {
     /// the way to go when resuming with `start_after_revision` > 0: the
     /// watcher only diffs against what it returned itself. Without `relist`,
     /// compaction and restarts are returned as OUT_OF_RANGE /
-    /// `REVISION_COMPACTED`.
+    /// [`Error::Compacted`].
     pub relist: bool,
 }
 
@@ -62,7 +67,7 @@ pub enum RelistCause {
     Restarted,
 }
 
-/// What [`Watcher::next`] returns.
+/// What a [`Watcher`] yields.
 // Event is the large variant and the common one; boxing it would cost an
 // allocation per event to shrink a value that is moved once.
 #[allow(clippy::large_enum_variant)]
@@ -86,23 +91,124 @@ pub enum WatchItem {
     },
 }
 
-/// Follows changes. It resumes by itself after
+/// Follows changes: a [`Stream`] of [`WatchItem`]s that never ends. It
+/// resumes by itself after
 ///
 /// - a dropped connection, an unreachable sidecar or a stream the server
 ///   ended (UNAVAILABLE, transport errors, end of stream): from the last
 ///   revision returned, retrying with exponential backoff (also for the
 ///   listings below);
-/// - RESOURCE_EXHAUSTED / `WATCHER_TOO_SLOW` (this consumer fell too far
-///   behind): from the revision the error names in metadata `last_revision`;
-/// - OUT_OF_RANGE / `REVISION_COMPACTED` with `relist`: from a new listing.
-///   This is also how a sidecar restart shows: every resume names the
-///   incarnation it belongs to, so the restarted sidecar refuses it, and a
-///   response of another incarnation is never returned (without `relist`
-///   it is OUT_OF_RANGE / `REVISION_COMPACTED`).
+/// - [`Error::WatcherTooSlow`] (this consumer fell too far behind): from
+///   the revision the error names in metadata [`meta::LAST_REVISION`];
+/// - [`Error::Compacted`] with `relist`: from a new listing. This is also
+///   how a sidecar restart shows: every resume names the incarnation it
+///   belongs to, so the restarted sidecar refuses it, and a response of
+///   another incarnation is never returned (without `relist` it is
+///   [`Error::Compacted`]).
 ///
-/// Other errors are returned; call `next` again to retry, or drop it.
-#[derive(Debug)]
+/// Other errors are yielded and the stream goes on: polling again retries
+/// (like kube-rs's `watcher`); `try_next` or `?` stops at the first one.
+/// Dropping a `next()` future loses nothing: the call in flight stays with
+/// the watcher and the next poll continues it.
+///
+/// ```no_run
+/// # async fn demo(client: connmeta::Client) -> Result<(), connmeta::Error> {
+/// use connmeta::{WatchItem, WatchOptions, Watcher};
+/// use futures_util::TryStreamExt;
+///
+/// let opts = WatchOptions { relist: true, ..Default::default() };
+/// let changes = Watcher::new(client, opts).try_filter_map(|item| async move {
+///     Ok(match item {
+///         WatchItem::Event(ev) => ev.connection.map(|c| (ev.r#type, c)),
+///         WatchItem::Relisted { .. } => None,
+///     })
+/// });
+/// let mut changes = std::pin::pin!(changes);
+/// while let Some((kind, record)) = changes.try_next().await? {
+///     println!("{kind} {}", connmeta::record_id(&record));
+/// }
+/// # Ok(()) }
+/// ```
 pub struct Watcher {
+    /// The watch's state while no call is in flight.
+    state: Option<Box<State>>,
+    /// The call in flight; it owns the state until it finishes.
+    call: Option<NextCall>,
+    last: i64,
+    incarnation: String,
+}
+
+/// A [`State::next`] in flight, returning the state with the item.
+type NextCall = BoxFuture<'static, (Box<State>, Result<WatchItem, Error>)>;
+
+impl std::fmt::Debug for Watcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Watcher")
+            .field("last_revision", &self.last)
+            .field("incarnation", &self.incarnation)
+            .field("in_flight", &self.call.is_some())
+            .finish()
+    }
+}
+
+impl Watcher {
+    /// A watcher; nothing is sent until it is first polled.
+    pub fn new(client: Client, opts: WatchOptions) -> Watcher {
+        let state = State::new(client, opts);
+        Watcher {
+            last: state.last,
+            incarnation: state.incarnation.clone(),
+            state: Some(Box::new(state)),
+            call: None,
+        }
+    }
+
+    /// The revision a resumed watch would continue after: the last one
+    /// yielded (or listed).
+    pub fn last_revision(&self) -> i64 {
+        self.last
+    }
+
+    /// The store identity [`Watcher::last_revision`] belongs to; empty until
+    /// known.
+    pub fn incarnation(&self) -> &str {
+        &self.incarnation
+    }
+}
+
+impl Stream for Watcher {
+    type Item = Result<WatchItem, Error>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        let call = match &mut this.call {
+            Some(call) => call,
+            None => {
+                let mut state = this
+                    .state
+                    .take()
+                    .expect("a watcher holds its state or a call");
+                this.call.insert(
+                    async move {
+                        let item = state.next().await.map_err(Error::from);
+                        (state, item)
+                    }
+                    .boxed(),
+                )
+            }
+        };
+        let (state, item) = std::task::ready!(call.poll_unpin(cx));
+        this.call = None;
+        this.last = state.last;
+        this.incarnation.clone_from(&state.incarnation);
+        this.state = Some(state);
+        Poll::Ready(Some(item))
+    }
+}
+
+/// A watch between items: where it is, what it returned, what it holds.
+#[derive(Debug)]
+struct State {
     client: Client,
     opts: WatchOptions,
     last: i64,
@@ -139,12 +245,11 @@ fn is_transient(status: &Status) -> bool {
     status.code() == Code::Unavailable || std::error::Error::source(status).is_some()
 }
 
-impl Watcher {
-    /// A watcher; nothing is sent until the first [`Watcher::next`].
-    pub fn new(client: Client, opts: WatchOptions) -> Watcher {
+impl State {
+    fn new(client: Client, opts: WatchOptions) -> State {
         let last = opts.start_after_revision;
         let incarnation = opts.incarnation.clone();
-        Watcher {
+        State {
             client,
             opts,
             last,
@@ -158,20 +263,8 @@ impl Watcher {
         }
     }
 
-    /// The revision a resumed watch would continue after.
-    pub fn last_revision(&self) -> i64 {
-        self.last
-    }
-
-    /// The store identity [`Watcher::last_revision`] belongs to; empty until
-    /// known.
-    pub fn incarnation(&self) -> &str {
-        &self.incarnation
-    }
-
-    /// The next item. Cancel-safe between items: dropping the future loses
-    /// nothing that `last_revision` does not account for.
-    pub async fn next(&mut self) -> Result<WatchItem, Status> {
+    /// The next item.
+    async fn next(&mut self) -> Result<WatchItem, Status> {
         loop {
             if let Some(ev) = self.diff.pop_front() {
                 return Ok(WatchItem::Event(ev));
@@ -454,9 +547,9 @@ fn other_incarnation(after: i64, want: &str, got: &str) -> Status {
         reason::REVISION_COMPACTED,
         DOMAIN,
         HashMap::from([
-            ("requested_revision".to_owned(), after.to_string()),
-            ("requested_incarnation".to_owned(), want.to_owned()),
-            ("incarnation".to_owned(), got.to_owned()),
+            (meta::REQUESTED_REVISION.to_owned(), after.to_string()),
+            (meta::REQUESTED_INCARNATION.to_owned(), want.to_owned()),
+            (meta::INCARNATION.to_owned(), got.to_owned()),
         ]),
     );
     <Status as tonic_types::StatusExt>::with_error_details(

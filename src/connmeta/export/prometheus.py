@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import gzip
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Final
 
 from prometheus_client import (
@@ -59,12 +59,18 @@ class SidecarCollector(Collector):
     """The connmeta_* metrics of one sidecar, read at scrape time."""
 
     def __init__(
-        self, store: Store, hub: WatchHub, routers: RouterHub, reports: ReportStats
+        self,
+        store: Store,
+        hub: WatchHub,
+        routers: RouterHub,
+        reports: ReportStats,
+        otlp_dropped: Callable[[], dict[str, int]] | None = None,
     ) -> None:
         self._store = store
         self._hub = hub
         self._routers = routers
         self._reports = reports
+        self._otlp_dropped = otlp_dropped
 
     def collect(self) -> Iterable[Metric]:
         store, hub, routers, reports = self._store, self._hub, self._routers, self._reports
@@ -147,6 +153,16 @@ class SidecarCollector(Collector):
             reconnects.add_metric((proxy,), reconnect_count)
         yield dropped
         yield reconnects
+        if self._otlp_dropped is not None:
+            otlp = CounterMetricFamily(
+                "connmeta_otlp_dropped",
+                "Connection changes the OTLP export lost: queue_full (the collector was too "
+                "slow or absent for too long), export_failed (the exporter gave up).",
+                labels=("reason",),
+            )
+            for reason, count in self._otlp_dropped().items():
+                otlp.add_metric((reason,), count)
+            yield otlp
 
 
 class SidecarMetrics:
@@ -154,7 +170,12 @@ class SidecarMetrics:
     the standard process and Python collectors."""
 
     def __init__(
-        self, store: Store, hub: WatchHub, routers: RouterHub, reports: ReportStats
+        self,
+        store: Store,
+        hub: WatchHub,
+        routers: RouterHub,
+        reports: ReportStats,
+        otlp_dropped: Callable[[], dict[str, int]] | None = None,
     ) -> None:
         # No *_created series beside every counter: the text format's
         # Prometheus ignores them, and they double the exposition.
@@ -163,7 +184,7 @@ class SidecarMetrics:
         # one process (tests) must not share or clash.
         self.registry = CollectorRegistry()
         self.interceptor = GrpcMetricsInterceptor(self.registry)
-        self.registry.register(SidecarCollector(store, hub, routers, reports))
+        self.registry.register(SidecarCollector(store, hub, routers, reports, otlp_dropped))
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
         GCCollector(registry=self.registry)

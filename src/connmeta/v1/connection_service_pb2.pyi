@@ -376,7 +376,7 @@ class WatchConnectionsRequest(_message.Message):
     changes are sent); a value R > 0 sends every change with revision > R
     (exclusive, like a Kubernetes resourceVersion). If R is older than the
     retained history the stream ends with OUT_OF_RANGE and an ErrorInfo
-    REVISION_COMPACTED naming oldest_revision: list again and watch from the
+    REVISION_COMPACTED naming oldestRevision: list again and watch from the
     listing's revision.
     """
     send_initial_events: _builtins.bool

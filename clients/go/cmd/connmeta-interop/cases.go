@@ -32,10 +32,11 @@ var cases = []interopCase{
 	{"update_invalid_argument", "port 70000, an empty host, an address with flowinfo, via scheme TLS and mask path sni each fail INVALID_ARGUMENT with a BadRequest naming the field; an invalid address outside the mask is ignored", caseUpdateInvalidArgument},
 	{"list_pagination", "paging with a small page_size returns every id exactly once, in id order, all pages at one pinned revision", caseListPagination},
 	{"watch_resume_no_gap", "a watch cut mid-stream and resumed from its last revision sees every concurrent write exactly once, in order", caseWatchResumeNoGap},
-	{"watch_compacted", "watching from a revision older than the history fails OUT_OF_RANGE with ErrorInfo REVISION_COMPACTED and oldest_revision; relist then watch recovers", caseWatchCompacted},
-	{"watch_slow_consumer", "a watcher that stops reading is ended RESOURCE_EXHAUSTED with ErrorInfo WATCHER_TOO_SLOW and last_revision; resuming from it loses nothing", caseWatchSlowConsumer},
+	{"watch_compacted", "watching from a revision older than the history fails OUT_OF_RANGE with ErrorInfo REVISION_COMPACTED and oldestRevision; relist then watch recovers", caseWatchCompacted},
+	{"watch_slow_consumer", "a watcher that stops reading is ended RESOURCE_EXHAUSTED with ErrorInfo WATCHER_TOO_SLOW and lastRevision; resuming from it loses nothing", caseWatchSlowConsumer},
 	{"watch_survives_sidecar_restart", "after a kill -9 and restart of the server (no --state-dir), a watch and a page token of the old incarnation fail OUT_OF_RANGE REVISION_COMPACTED and INVALID_ARGUMENT, never OK; the helper's informer relists by itself, says so, delivers the vanished records as DELETED and ends with exactly the new store's records", caseWatchSurvivesSidecarRestart},
 	{"keepalive", "keepalive pings every 10 s on an idle watch do not get the connection closed (too_many_pings); the watch still delivers afterwards", caseKeepalive},
+	{"authz_roles", "with the example policy, each role's certificate may call exactly the methods the policy gives it: the others fail PERMISSION_DENIED with ErrorInfo naming the method; the Unix socket may write; a connection without a client certificate fails the TLS handshake (UNAVAILABLE)", caseAuthzRoles},
 	{"health", "grpc.health.v1 Check reports SERVING for \"\" and connmeta.v1.ConnectionService", caseHealth},
 	{"report_rejects_bad_snapshot", "a batch whose middle snapshot has transport_protocol UNSPECIFIED is acked with that one rejected (index 1, INVALID_SNAPSHOT, a violation naming its field path) and the other two stored; the stream goes on: a further batch with port 70000 at index 0 is acked the same way", caseReportRejectsBadSnapshot},
 	{"two_proxies_resync_independent", "two Report streams with different proxy_id each report an OPEN client; a resync of proxy A, overlapping one of proxy B, closes only A's client (CLOSED, last_hook RESYNC); B's client stays OPEN and B's resync closes nothing", caseTwoProxiesResyncIndependent},
@@ -43,6 +44,9 @@ var cases = []interopCase{
 	{"router_retargets_connect", "a server_connect reported while a router is subscribed reaches it as a RouteQuery; its answer reaches the proxy as a RouteDecision and waits as pending_change; the proxy's APPLIED route outcome shows on the record and in the watch with the new address and last_change.actor = the router's name", caseRouterRetargetsConnect},
 	{"router_silent_fails_open", "a query the router leaves unanswered ends in a timed-out no-change RouteDecision within the sidecar's share of the proxy's route deadline; the server keeps its address and a late answer is ignored", caseRouterSilentFailsOpen},
 	{"router_standby_takes_over", "a second router is a standby naming the active one and a duplicate name fails ALREADY_EXISTS; when the active router leaves, the standby is told it is active, RoutingState names it and it gets the next query", caseRouterStandbyTakesOver},
+	{"informer_converges", "the informer/reflector converges to exactly the server's List after a churn of creates, changes and deletes, after a compaction and after a sidecar restart, with handler calls matching the changes and no missed delete", caseInformerConverges},
+	{"router_helper_retargets", "a router written with the helper in under 30 lines retargets a server connect: the decision reaches the proxy and settles APPLIED on the record", caseRouterHelperRetargets},
+	{"typed_errors", "every sentinel/typed error matches its status: not found, connection open, etag mismatch, compacted, invalid argument with field violations, permission denied", caseTypedErrors},
 }
 
 const actor = "interop-go"
@@ -527,7 +531,7 @@ func caseWatchResumeNoGap(ctx context.Context, e *env) error {
 	cutWhileWriting := !w.finished()
 
 	// Resume on a new connection, as a restarted consumer would.
-	resumed, err := connmeta.Dial(e.target)
+	resumed, err := connmeta.Dial(e.target, e.dial...)
 	if err != nil {
 		return err
 	}
@@ -572,7 +576,7 @@ func caseWatchCompacted(ctx context.Context, e *env) error {
 	}
 	oldest, perr := strconv.ParseInt(d.Metadata(connmeta.MetaOldestRevision), 10, 64)
 	if perr != nil || oldest <= start || oldest > last {
-		return fmt.Errorf("ErrorInfo metadata oldest_revision = %q, want a revision in (%d, %d]", d.Metadata(connmeta.MetaOldestRevision), start, last)
+		return fmt.Errorf("ErrorInfo metadata oldestRevision = %q, want a revision in (%d, %d]", d.Metadata(connmeta.MetaOldestRevision), start, last)
 	}
 
 	// The helper recovers: relist, then watch from the listing's revision.
@@ -645,8 +649,8 @@ func caseWatchSlowConsumer(ctx context.Context, e *env) error {
 	// Small, fixed windows: with grpc-go's default dynamic window (BDP
 	// estimation) the client would buffer megabytes on the server's behalf
 	// before any backpressure reached the server.
-	slow, err := connmeta.Dial(e.target, connmeta.WithDialOptions(
-		grpc.WithInitialWindowSize(64<<10), grpc.WithInitialConnWindowSize(64<<10)))
+	slow, err := connmeta.Dial(e.target, append(slices.Clone(e.dial), connmeta.WithDialOptions(
+		grpc.WithInitialWindowSize(64<<10), grpc.WithInitialConnWindowSize(64<<10)))...)
 	if err != nil {
 		return err
 	}
@@ -726,14 +730,14 @@ func caseWatchSlowConsumer(ctx context.Context, e *env) error {
 	}
 	named, perr := strconv.ParseInt(d.Metadata(connmeta.MetaLastRevision), 10, 64)
 	if perr != nil {
-		return fmt.Errorf("ErrorInfo metadata last_revision = %q, want a revision", d.Metadata(connmeta.MetaLastRevision))
+		return fmt.Errorf("ErrorInfo metadata lastRevision = %q, want a revision", d.Metadata(connmeta.MetaLastRevision))
 	}
 	lastGot := start
 	if len(got) > 0 {
 		lastGot = got[len(got)-1]
 	}
 	if named != lastGot {
-		return fmt.Errorf("last_revision = %d but the last revision received was %d: resuming from it would lose or repeat changes", named, lastGot)
+		return fmt.Errorf("lastRevision = %d but the last revision received was %d: resuming from it would lose or repeat changes", named, lastGot)
 	}
 	if named >= final {
 		return fmt.Errorf("watcher was ended only after receiving everything (last_revision %d, final write %d)", named, final)
@@ -756,7 +760,11 @@ func caseWatchSlowConsumer(ctx context.Context, e *env) error {
 
 func caseKeepalive(ctx context.Context, e *env) error {
 	counter := &pingCounter{}
-	c, err := connmeta.Dial(e.target, connmeta.WithKeepalive(10*time.Second), connmeta.WithDialOptions(countingDialer(e.target, counter)))
+	counting, err := countingOptions(e, counter)
+	if err != nil {
+		return err
+	}
+	c, err := connmeta.Dial(e.target, append(counting, connmeta.WithKeepalive(10*time.Second))...)
 	if err != nil {
 		return err
 	}
@@ -854,7 +862,7 @@ func caseUnixSocket(ctx context.Context, e *env) error {
 	if err != nil {
 		return err
 	}
-	uds, err := connmeta.Dial(target)
+	uds, err := connmeta.Dial(target, e.dial...)
 	if err != nil {
 		return err
 	}

@@ -8,6 +8,9 @@ import (
 	"sync/atomic"
 
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
+
+	"github.com/connmeta/connmeta/clients/go/connmeta"
 )
 
 // pingCounter counts the HTTP/2 PING frames (not PING acks) the client
@@ -78,10 +81,50 @@ func countingDialer(target string, counter *pingCounter) grpc.DialOption {
 		if err != nil {
 			return nil, err
 		}
-		counter.mu.Lock()
-		counter.preface = len(http2Preface)
-		counter.header, counter.skipBody = nil, 0
-		counter.mu.Unlock()
+		counter.reset()
 		return countingConn{conn, counter}, nil
 	})
+}
+
+// reset starts following a new connection's byte stream.
+func (p *pingCounter) reset() {
+	p.mu.Lock()
+	p.preface = len(http2Preface)
+	p.header, p.skipBody = nil, 0
+	p.mu.Unlock()
+}
+
+// countingTLS counts the pings inside TLS: it wraps the connection the TLS
+// handshake returns, where HTTP/2 frames are still plaintext.
+type countingTLS struct {
+	credentials.TransportCredentials
+	counter *pingCounter
+}
+
+func (c countingTLS) ClientHandshake(ctx context.Context, authority string, raw net.Conn) (net.Conn, credentials.AuthInfo, error) {
+	conn, info, err := c.TransportCredentials.ClientHandshake(ctx, authority, raw)
+	if err != nil {
+		return nil, nil, err
+	}
+	c.counter.reset()
+	return countingConn{conn, c.counter}, info, nil
+}
+
+func (c countingTLS) Clone() credentials.TransportCredentials {
+	return countingTLS{c.TransportCredentials.Clone(), c.counter}
+}
+
+// countingOptions are the Dial options of a connection to e.target whose
+// outgoing pings counter counts, over mutual TLS when the case runs with it.
+func countingOptions(e *env, counter *pingCounter) ([]connmeta.Option, error) {
+	if e.tls == nil || strings.HasPrefix(e.target, "unix:") {
+		return []connmeta.Option{connmeta.WithDialOptions(countingDialer(e.target, counter))}, nil
+	}
+	cfg, err := e.tls.Config()
+	if err != nil {
+		return nil, err
+	}
+	// Given last, these credentials replace the plaintext ones Dial sets.
+	return []connmeta.Option{connmeta.WithDialOptions(
+		grpc.WithTransportCredentials(countingTLS{credentials.NewTLS(cfg), counter}))}, nil
 }

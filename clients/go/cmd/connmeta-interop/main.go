@@ -4,6 +4,8 @@
 // consumer through the connmeta client package.
 //
 //	connmeta-interop --target 127.0.0.1:50051 --case get_not_found
+//	connmeta-interop --target 127.0.0.1:50051 --tls-ca certs/ca.pem \
+//	    --tls-cert certs/writer.pem --tls-key certs/writer.key --case health
 //	connmeta-interop --list
 //
 // It exits 0 when the case passed, 1 with a message saying what differed
@@ -26,8 +28,13 @@ type env struct {
 	target     string
 	unixTarget string
 	keepalive  time.Duration // how long the keepalive case holds its idle watch
-	client     *connmeta.Client
-	proxy      *proxy
+	// dial is what every connection of a case is dialed with: mutual TLS
+	// for TCP targets when --tls-ca is given (Unix sockets ignore it).
+	dial     []connmeta.Option
+	tls      *connmeta.TLSFiles // the files behind dial, nil for plaintext
+	rolesDir string             // case authz_roles: ca.pem and <role>.pem/.key
+	client   *connmeta.Client
+	proxy    *proxy
 }
 
 type interopCase struct {
@@ -42,6 +49,10 @@ func main() {
 	list := flag.Bool("list", false, "print the cases, one per line: name<TAB>what it proves")
 	keepaliveFor := flag.Duration("keepalive-duration", durationFromEnv("CONNMETA_INTEROP_KEEPALIVE_SECONDS", 60*time.Second),
 		"how long case keepalive keeps an idle watch open (env CONNMETA_INTEROP_KEEPALIVE_SECONDS)")
+	tlsCA := flag.String("tls-ca", "", "CA of the server's certificate (PEM): TCP connections use mutual TLS")
+	tlsCert := flag.String("tls-cert", "", "client certificate (PEM) for mutual TLS")
+	tlsKey := flag.String("tls-key", "", "client certificate's key (PEM) for mutual TLS")
+	rolesDir := flag.String("roles-dir", "", "directory of `connmeta certs init` (ca.pem, <role>.pem/.key; case authz_roles)")
 	flag.Parse()
 
 	if *list {
@@ -59,7 +70,12 @@ func main() {
 	// Generous but finite: a hung server must fail the case, not CI.
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second+*keepaliveFor)
 	defer cancel()
-	err := runCase(ctx, c, &env{target: *target, unixTarget: *unixTarget, keepalive: *keepaliveFor})
+	e := &env{target: *target, unixTarget: *unixTarget, keepalive: *keepaliveFor, rolesDir: *rolesDir}
+	if *tlsCA != "" {
+		e.tls = &connmeta.TLSFiles{CA: *tlsCA, Cert: *tlsCert, Key: *tlsKey}
+		e.dial = append(e.dial, connmeta.WithTLSFiles(*e.tls))
+	}
+	err := runCase(ctx, c, e)
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "FAIL go %s: %v\n", c.name, err)
 		os.Exit(1)
@@ -68,7 +84,7 @@ func main() {
 }
 
 func runCase(ctx context.Context, c *interopCase, e *env) error {
-	client, err := connmeta.Dial(e.target)
+	client, err := connmeta.Dial(e.target, e.dial...)
 	if err != nil {
 		return err
 	}

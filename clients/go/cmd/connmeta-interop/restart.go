@@ -145,7 +145,7 @@ func caseWatchSurvivesSidecarRestart(ctx context.Context, e *env) error {
 	if e.unixTarget != "" {
 		target = e.unixTarget
 	}
-	consumer, err := connmeta.Dial(target)
+	consumer, err := connmeta.Dial(target, e.dial...)
 	if err != nil {
 		return err
 	}

@@ -7,6 +7,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures_util::TryStreamExt;
+
 use connmeta::health::{HealthCheckRequest, ServingStatus};
 use connmeta::v1::{
     Address, ChangeStatus, ConnectionFilter, ConnectionRecord, ConnectionState,
@@ -21,13 +23,17 @@ use connmeta::{
 use tonic::{Code, Status};
 
 use crate::Env;
+use crate::authz::authz_roles;
+use crate::errors::typed_errors;
+use crate::informer::informer_converges;
 use crate::keepalive::{PingCounter, counting_channel};
 use crate::proxy::{
     Proxy, addr, applied_at, client_snapshot, new_id, padded, resync_client, server_snapshot,
 };
 use crate::restart::watch_survives_sidecar_restart;
 use crate::router::{
-    router_retargets_connect, router_silent_fails_open, router_standby_takes_over,
+    router_helper_retargets, router_retargets_connect, router_silent_fails_open,
+    router_standby_takes_over,
 };
 
 type R = Result<(), String>;
@@ -92,12 +98,12 @@ pub static CASES: &[Case] = &[
     ),
     case!(
         "watch_compacted",
-        "watching from a revision older than the history fails OUT_OF_RANGE with ErrorInfo REVISION_COMPACTED and oldest_revision; relist then watch recovers",
+        "watching from a revision older than the history fails OUT_OF_RANGE with ErrorInfo REVISION_COMPACTED and oldestRevision; relist then watch recovers",
         watch_compacted
     ),
     case!(
         "watch_slow_consumer",
-        "a watcher that stops reading is ended RESOURCE_EXHAUSTED with ErrorInfo WATCHER_TOO_SLOW and last_revision; resuming from it loses nothing",
+        "a watcher that stops reading is ended RESOURCE_EXHAUSTED with ErrorInfo WATCHER_TOO_SLOW and lastRevision; resuming from it loses nothing",
         watch_slow_consumer
     ),
     case!(
@@ -109,6 +115,11 @@ pub static CASES: &[Case] = &[
         "keepalive",
         "keepalive pings every 10 s on an idle watch do not get the connection closed (too_many_pings); the watch still delivers afterwards",
         keepalive
+    ),
+    case!(
+        "authz_roles",
+        "with the example policy, each role's certificate may call exactly the methods the policy gives it: the others fail PERMISSION_DENIED with ErrorInfo naming the method; the Unix socket may write; a connection without a client certificate fails the TLS handshake (UNAVAILABLE)",
+        authz_roles
     ),
     case!(
         "health",
@@ -145,21 +156,68 @@ pub static CASES: &[Case] = &[
         "a second router is a standby naming the active one and a duplicate name fails ALREADY_EXISTS; when the active router leaves, the standby is told it is active, RoutingState names it and it gets the next query",
         router_standby_takes_over
     ),
+    case!(
+        "informer_converges",
+        "the informer/reflector converges to exactly the server's List after a churn of creates, changes and deletes, after a compaction and after a sidecar restart, with handler calls matching the changes and no missed delete",
+        informer_converges
+    ),
+    case!(
+        "router_helper_retargets",
+        "a router written with the helper in under 30 lines retargets a server connect: the decision reaches the proxy and settles APPLIED on the record",
+        router_helper_retargets
+    ),
+    case!(
+        "typed_errors",
+        "every sentinel/typed error matches its status: not found, connection open, etag mismatch, compacted, invalid argument with field violations, permission denied",
+        typed_errors
+    ),
 ];
 
 const ACTOR: &str = "interop-rust";
 const OPEN: ConnectionState = ConnectionState::Open;
 const CLOSED: ConnectionState = ConnectionState::Closed;
 
+/// The next item of a watcher, which never ends: `try_next` without the
+/// Option.
+pub trait NextItem {
+    fn item(&mut self) -> impl Future<Output = Result<WatchItem, connmeta::Error>> + Send;
+}
+
+impl NextItem for connmeta::Watcher {
+    async fn item(&mut self) -> Result<WatchItem, connmeta::Error> {
+        Ok(self.try_next().await?.expect("a Watcher never ends"))
+    }
+}
+
+/// A raw stub's status or the helper's error: the cases check both alike.
+pub trait Details {
+    fn details(&self) -> ErrorDetails;
+}
+
+impl Details for Status {
+    fn details(&self) -> ErrorDetails {
+        ErrorDetails::from_status(self)
+    }
+}
+
+impl Details for connmeta::Error {
+    fn details(&self) -> ErrorDetails {
+        match connmeta::Error::details(self) {
+            Some(d) => d.clone(),
+            None => ErrorDetails::from_status(&Status::unavailable(self.to_string())),
+        }
+    }
+}
+
 /// Checks that `result` failed with this code and ErrorInfo reason (domain
 /// connmeta.v1); returns the decoded details.
-pub fn expect_error<T: std::fmt::Debug>(
+pub fn expect_error<T: std::fmt::Debug, E: Details>(
     what: &str,
-    result: Result<T, Status>,
+    result: Result<T, E>,
     code: Code,
     reason: &str,
 ) -> Result<ErrorDetails, String> {
-    let status = match result {
+    let error = match result {
         Ok(v) => {
             return Err(format!(
                 "{what}: succeeded ({v:?}), want {code:?} with ErrorInfo reason {reason}"
@@ -167,7 +225,7 @@ pub fn expect_error<T: std::fmt::Debug>(
         }
         Err(s) => s,
     };
-    let d = ErrorDetails::from_status(&status);
+    let d = error.details();
     if d.code != code {
         return Err(format!(
             "{what}: got {:?} ({}), want {code:?}",
@@ -191,8 +249,11 @@ pub fn expect_error<T: std::fmt::Debug>(
     Ok(d)
 }
 
-fn ctx(what: &str) -> impl FnOnce(Status) -> String + '_ {
-    move |s: Status| format!("{what}: {:?}: {}", s.code(), s.message())
+fn ctx<E: Details>(what: &str) -> impl FnOnce(E) -> String + '_ {
+    move |e: E| {
+        let d = e.details();
+        format!("{what}: {:?}: {}", d.code, d.message)
+    }
 }
 
 fn conn_id(rec: &ConnectionRecord) -> &str {
@@ -679,7 +740,7 @@ async fn list_pagination(e: &mut Env) -> R {
     let mut pages = e.client.pages(req.clone());
     let (mut got, mut revision, mut n) = (Vec::new(), 0, 0);
     while let Some(page) = pages
-        .next()
+        .try_next()
         .await
         .map_err(|s| format!("page {}: {s:?}", n + 1))?
     {
@@ -859,7 +920,7 @@ async fn watch_resume_no_gap(e: &mut Env) -> R {
     };
     let mut first = Watcher::new(e.client.clone(), opts);
     while got.len() < 20 {
-        if let WatchItem::Event(ev) = first.next().await.map_err(ctx("first watch"))?
+        if let WatchItem::Event(ev) = first.item().await.map_err(ctx("first watch"))?
             && is_change(&ev)
         {
             got.push(ev.revision);
@@ -870,9 +931,7 @@ async fn watch_resume_no_gap(e: &mut Env) -> R {
     let cut_while_writing = !writer.finished();
 
     // Resume on a new connection, as a restarted consumer would.
-    let resumed = connmeta::connect(&e.target)
-        .await
-        .map_err(|e| e.to_string())?;
+    let resumed = e.connect(&e.target).await?;
     let opts = WatchOptions {
         start_after_revision: resume_after,
         filter,
@@ -881,7 +940,7 @@ async fn watch_resume_no_gap(e: &mut Env) -> R {
     };
     let mut second = Watcher::new(resumed, opts);
     loop {
-        if let WatchItem::Event(ev) = second.next().await.map_err(ctx("resumed watch"))? {
+        if let WatchItem::Event(ev) = second.item().await.map_err(ctx("resumed watch"))? {
             if is_change(&ev) {
                 got.push(ev.revision);
             }
@@ -944,7 +1003,7 @@ async fn watch_compacted(e: &mut Env) -> R {
         Some(oldest) if oldest > start && oldest <= last => {}
         _ => {
             return Err(format!(
-                "ErrorInfo metadata oldest_revision = {:?}, want a revision in ({start}, {last}]",
+                "ErrorInfo metadata oldestRevision = {:?}, want a revision in ({start}, {last}]",
                 d.metadata(meta::OLDEST_REVISION)
             ));
         }
@@ -959,7 +1018,7 @@ async fn watch_compacted(e: &mut Env) -> R {
         ..Default::default()
     };
     let mut watcher = Watcher::new(e.client.clone(), opts);
-    let (records, list_rev, cause) = match watcher.next().await.map_err(ctx("watch with relist"))? {
+    let (records, list_rev, cause) = match watcher.item().await.map_err(ctx("watch with relist"))? {
         WatchItem::Relisted {
             records,
             revision,
@@ -994,7 +1053,7 @@ async fn watch_compacted(e: &mut Env) -> R {
         .await?;
     let mut added = 0;
     loop {
-        match watcher.next().await.map_err(ctx("watch after relist"))? {
+        match watcher.item().await.map_err(ctx("watch after relist"))? {
             // The listing's difference to what this watcher returned
             // (nothing): every record as ADDED.
             WatchItem::Event(ev) if ev.revision == list_rev && is_change(&ev) => {
@@ -1036,9 +1095,9 @@ async fn watch_slow_consumer(e: &mut Env) -> R {
     let opts = ConnectOptions {
         initial_stream_window: Some(65_535),
         initial_connection_window: Some(65_535),
-        ..Default::default()
+        ..e.opts.clone()
     };
-    let mut slow = connmeta::connect_with(&e.target, &opts)
+    let slow = connmeta::connect_with(&e.target, &opts)
         .await
         .map_err(|e| e.to_string())?;
     let start = slow
@@ -1131,7 +1190,7 @@ async fn watch_slow_consumer(e: &mut Env) -> R {
     let last_got = got.last().copied().unwrap_or(start);
     if named != last_got {
         return Err(format!(
-            "last_revision = {named} but the last revision received was {last_got}: resuming from it would lose or repeat changes"
+            "lastRevision = {named} but the last revision received was {last_got}: resuming from it would lose or repeat changes"
         ));
     }
     if named >= final_rev {
@@ -1148,7 +1207,7 @@ async fn watch_slow_consumer(e: &mut Env) -> R {
     let mut watcher = Watcher::new(e.client.clone(), opts);
     while watcher.last_revision() < final_rev {
         if let WatchItem::Event(ev) = watcher
-            .next()
+            .item()
             .await
             .map_err(ctx("resume from last_revision"))?
             && is_change(&ev)
@@ -1163,10 +1222,10 @@ async fn keepalive(e: &mut Env) -> R {
     let counter = PingCounter::default();
     let opts = ConnectOptions {
         keepalive: Duration::from_secs(10),
-        ..Default::default()
+        ..e.opts.clone()
     };
     let channel = counting_channel(&e.target, &opts, counter.clone()).await?;
-    let mut c = connmeta::Client::new(channel);
+    let c = connmeta::Client::new(channel);
     let client_id = new_id();
     e.proxy.report(vec![client_snapshot(&client_id)]).await?;
     let start = c
@@ -1291,9 +1350,7 @@ async fn unix_socket(e: &mut Env) -> R {
     }
     let (_, id) = report_server(e, OPEN, "origin.example", 443).await?;
     let over_tcp = e.client.get(&id).await.map_err(ctx("get"))?;
-    let mut uds = connmeta::connect(&target)
-        .await
-        .map_err(|e| e.to_string())?;
+    let mut uds = e.connect(&target).await?;
     let over_uds = uds
         .get(&id)
         .await

@@ -8,10 +8,15 @@ use std::sync::Arc;
 use std::sync::Mutex;
 use std::task::{Context, Poll};
 
-use connmeta::{ConnectOptions, Target};
+use connmeta::{ConnectOptions, Target, TlsConfig};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
+use tokio_rustls::TlsConnector;
+use tokio_rustls::rustls::crypto::ring;
+use tokio_rustls::rustls::pki_types::pem::PemObject;
+use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tokio_rustls::rustls::{ClientConfig, RootCertStore};
 use tonic::transport::{Channel, Uri};
 
 const PREFACE_LEN: usize = 24; // "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -104,16 +109,27 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counting<S> {
     }
 }
 
-/// A channel to `target` whose outgoing PINGs are counted.
+/// A channel to `target` whose outgoing PINGs are counted. With
+/// `opts.tls` (and a TCP target) it makes the TLS connection itself and
+/// counts inside it, where the HTTP/2 frames are still plaintext.
 pub async fn counting_channel(
     target: &str,
     opts: &ConnectOptions,
     counter: PingCounter,
 ) -> Result<Channel, String> {
     let parsed = Target::parse(target).map_err(|e| e.to_string())?;
-    let endpoint = opts.endpoint(&parsed).map_err(|e| e.to_string())?;
+    let tls = match (&parsed, &opts.tls) {
+        (Target::Tcp(_), Some(tls)) => Some(rustls_connector(tls)?),
+        _ => None,
+    };
+    // tonic must not wrap TLS around ours: a plain http:// endpoint.
+    let plain = ConnectOptions {
+        tls: None,
+        ..opts.clone()
+    };
+    let endpoint = plain.endpoint(&parsed).map_err(|e| e.to_string())?;
     let connector = tower::service_fn(move |uri: Uri| {
-        let (parsed, counter) = (parsed.clone(), counter.clone());
+        let (parsed, counter, tls) = (parsed.clone(), counter.clone(), tls.clone());
         async move {
             {
                 let mut p = counter.0.lock().unwrap();
@@ -126,11 +142,17 @@ pub async fn counting_channel(
             let io: Pin<Box<dyn AsyncReadWrite>> = match parsed {
                 Target::Unix(path) => Box::pin(UnixStream::connect(path).await?),
                 Target::Tcp(_) => {
-                    let authority = uri
-                        .authority()
-                        .map(|a| a.as_str().to_owned())
-                        .unwrap_or_default();
-                    Box::pin(TcpStream::connect(authority).await?)
+                    let tcp = TcpStream::connect(authority(&uri)).await?;
+                    match tls {
+                        None => Box::pin(tcp),
+                        Some(tls) => {
+                            let host = uri.host().unwrap_or_default();
+                            let host = host.trim_start_matches('[').trim_end_matches(']');
+                            let name = ServerName::try_from(host.to_owned())
+                                .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+                            Box::pin(tls.connect(name, tcp).await?)
+                        }
+                    }
                 }
             };
             Ok::<_, io::Error>(TokioIo::new(Counting { inner: io, counter }))
@@ -140,6 +162,43 @@ pub async fn counting_channel(
         .connect_with_connector(connector)
         .await
         .map_err(|e| format!("connect {target}: {e:?}"))
+}
+
+fn authority(uri: &Uri) -> String {
+    uri.authority()
+        .map(|a| a.as_str().to_owned())
+        .unwrap_or_default()
+}
+
+/// A rustls client for `tls`'s files, offering HTTP/2 (ALPN h2), as
+/// tonic's own connector does.
+fn rustls_connector(tls: &TlsConfig) -> Result<TlsConnector, String> {
+    let pem_err = |what: &str, e: &dyn std::fmt::Display| format!("{what}: {e}");
+    let mut roots = RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(&tls.ca).map_err(|e| pem_err("CA", &e))? {
+        roots
+            .add(cert.map_err(|e| pem_err("CA", &e))?)
+            .map_err(|e| pem_err("CA", &e))?;
+    }
+    let builder = ClientConfig::builder_with_provider(Arc::new(ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots);
+    let mut config = match &tls.identity {
+        None => builder.with_no_client_auth(),
+        Some((cert, key)) => {
+            let chain = CertificateDer::pem_file_iter(cert)
+                .map_err(|e| pem_err("client certificate", &e))?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| pem_err("client certificate", &e))?;
+            let key = PrivateKeyDer::from_pem_file(key).map_err(|e| pem_err("client key", &e))?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| e.to_string())?
+        }
+    };
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(TlsConnector::from(Arc::new(config)))
 }
 
 trait AsyncReadWrite: AsyncRead + AsyncWrite + Send {}

@@ -5,13 +5,18 @@
 //!
 //! ```text
 //! cargo run --example interop -- --target 127.0.0.1:50051 --case get_not_found
+//! cargo run --example interop -- --target 127.0.0.1:50051 --tls-ca certs/ca.pem \
+//!     --tls-cert certs/writer.pem --tls-key certs/writer.key --case health
 //! cargo run --example interop -- --list
 //! ```
 //!
 //! Exits 0 when the case passed, 1 with a message saying what differed when
 //! it failed, 2 on a usage error.
 
+mod authz;
 mod cases;
+mod errors;
+mod informer;
 mod keepalive;
 mod proxy;
 mod restart;
@@ -27,9 +32,23 @@ pub struct Env {
     pub keepalive: Duration,
     pub client: connmeta::Client,
     pub proxy: proxy::Proxy,
+    /// What every connection of a case is made with: mutual TLS for TCP
+    /// targets when --tls-ca is given (Unix sockets ignore it).
+    pub opts: connmeta::ConnectOptions,
+    /// Case authz_roles: ca.pem and <role>.pem/.key.
+    pub roles_dir: String,
 }
 
-const USAGE: &str = "usage: interop --target ADDR [--unix-target unix:///path] --case NAME [--keepalive-duration SECONDS] | --list";
+impl Env {
+    /// Connects to `target` with the case's options (TLS included).
+    pub async fn connect(&self, target: &str) -> Result<connmeta::Client, String> {
+        connmeta::connect_with(target, &self.opts)
+            .await
+            .map_err(|e| e.to_string())
+    }
+}
+
+const USAGE: &str = "usage: interop --target ADDR [--unix-target unix:///path] [--tls-ca CA --tls-cert CERT --tls-key KEY] [--roles-dir DIR] --case NAME [--keepalive-duration SECONDS] | --list";
 
 struct Args {
     target: String,
@@ -37,6 +56,10 @@ struct Args {
     case: String,
     list: bool,
     keepalive: Duration,
+    tls_ca: String,
+    tls_cert: String,
+    tls_key: String,
+    roles_dir: String,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -54,6 +77,10 @@ fn parse_args() -> Result<Args, String> {
             Ok(v) if !v.is_empty() => secs(&v, "CONNMETA_INTEROP_KEEPALIVE_SECONDS")?,
             _ => Duration::from_secs(60),
         },
+        tls_ca: String::new(),
+        tls_cert: String::new(),
+        tls_key: String::new(),
+        roles_dir: String::new(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -73,9 +100,16 @@ fn parse_args() -> Result<Args, String> {
             "unix-target" => args.unix_target = value()?,
             "case" => args.case = value()?,
             "keepalive-duration" => args.keepalive = secs(&value()?, "--keepalive-duration")?,
+            "tls-ca" => args.tls_ca = value()?,
+            "tls-cert" => args.tls_cert = value()?,
+            "tls-key" => args.tls_key = value()?,
+            "roles-dir" => args.roles_dir = value()?,
             "list" => args.list = true,
             _ => return Err(format!("unknown flag {flag}")),
         }
+    }
+    if args.tls_cert.is_empty() != args.tls_key.is_empty() {
+        return Err("--tls-cert and --tls-key go together".into());
     }
     Ok(args)
 }
@@ -128,7 +162,16 @@ async fn main() -> ExitCode {
 }
 
 async fn run(case: &cases::Case, args: Args) -> Result<(), String> {
-    let client = connmeta::connect(&args.target)
+    let mut opts = connmeta::ConnectOptions::default();
+    if !args.tls_ca.is_empty() {
+        opts.tls = Some(connmeta::TlsConfig {
+            ca: args.tls_ca.into(),
+            identity: (!args.tls_cert.is_empty())
+                .then(|| (args.tls_cert.into(), args.tls_key.into())),
+            server_name: None,
+        });
+    }
+    let client = connmeta::connect_with(&args.target, &opts)
         .await
         .map_err(|e| e.to_string())?;
     let _ = proxy::CASE_NAME.set(case.name);
@@ -139,6 +182,8 @@ async fn run(case: &cases::Case, args: Args) -> Result<(), String> {
         keepalive: args.keepalive,
         client,
         proxy,
+        opts,
+        roles_dir: args.roles_dir,
     };
     (case.run)(&mut env).await
 }

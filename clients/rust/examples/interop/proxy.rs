@@ -100,6 +100,8 @@ impl Proxy {
                 String::new()
             },
             message: Some(message),
+            // The addon's counters; the interop proxies have none to send.
+            proxy_stats: None,
         };
         self.tx
             .send(req)

@@ -14,7 +14,7 @@ use tonic::Code;
 use tonic::metadata::MetadataMap;
 
 use crate::Env;
-use crate::cases::{expect_error, is_change};
+use crate::cases::{NextItem, expect_error, is_change};
 use crate::proxy::{Proxy, client_snapshot, new_id, server_snapshot};
 
 /// The line a case prints on stdout to have the harness kill -9 the server
@@ -25,7 +25,7 @@ const RESTART_REQUEST: &str = "connmeta-interop: restart-server";
 const INCARNATION_KEY: &str = "connmeta-incarnation";
 const CLOSED: connmeta::v1::ConnectionState = connmeta::v1::ConnectionState::Closed;
 
-async fn restart_server() -> Result<(), String> {
+pub async fn restart_server() -> Result<(), String> {
     println!("{RESTART_REQUEST}");
     eprintln!(
         "connmeta-interop: kill -9 the server, start it again on the same addresses, then press Enter"
@@ -74,11 +74,11 @@ fn start_informer(client: connmeta::Client, filter: ConnectionFilter) -> Arc<Mut
     );
     tokio::spawn(async move {
         loop {
-            let item = watcher.next().await;
+            let item = watcher.item().await;
             let mut seen = shared.lock().unwrap();
             match item {
-                Err(status) => {
-                    seen.ended = Some(format!("{:?}: {}", status.code(), status.message()));
+                Err(error) => {
+                    seen.ended = Some(error.to_string());
                     return;
                 }
                 Ok(WatchItem::Relisted {
@@ -171,7 +171,7 @@ async fn list_all(e: &Env, filter: &ConnectionFilter) -> Result<Vec<ConnectionRe
         .list_all(req)
         .await
         .map(|(records, _)| records)
-        .map_err(|s| format!("list: {:?}: {}", s.code(), s.message()))
+        .map_err(|e| format!("list: {e}"))
 }
 
 pub async fn watch_survives_sidecar_restart(e: &mut Env) -> Result<(), String> {
@@ -196,7 +196,7 @@ pub async fn watch_survives_sidecar_restart(e: &mut Env) -> Result<(), String> {
     } else {
         &e.unix_target
     };
-    let consumer = connmeta::connect(target).await.map_err(|e| e.to_string())?;
+    let consumer = e.connect(target).await?;
     let seen = start_informer(consumer, filter.clone());
 
     // One change while it watches, then the resume points of this

@@ -12,7 +12,7 @@ use connmeta::v1::{
     report_request, report_response, route_request, route_response,
     router_service_client::RouterServiceClient,
 };
-use connmeta::{ConnectOptions, Target, WatchItem, WatchOptions, Watcher};
+use connmeta::{WatchItem, WatchOptions, Watcher};
 use tokio::sync::mpsc;
 use tokio::time::timeout;
 use tokio_stream::wrappers::ReceiverStream;
@@ -20,6 +20,7 @@ use tonic::transport::Channel;
 use tonic::{Code, Status, Streaming};
 
 use crate::Env;
+use crate::cases::{Details, NextItem};
 use crate::proxy::{addr, applied_at, client_snapshot, new_id, new_proxy_id, server_snapshot};
 
 type R = Result<(), String>;
@@ -28,8 +29,9 @@ type R = Result<(), String>;
 /// that has not come by then is not coming.
 const STEP: Duration = Duration::from_secs(5);
 
-fn status_text(s: &Status) -> String {
-    format!("{:?}: {}", s.code(), s.message())
+fn status_text<E: Details>(e: &E) -> String {
+    let d = e.details();
+    format!("{:?}: {}", d.code, d.message)
 }
 
 /// The next message of a stream within `within`.
@@ -51,12 +53,8 @@ async fn next_within<T>(s: &mut Streaming<T>, within: Duration, what: &str) -> R
 
 /// A channel of its own for RouterService (the crate's Client has no stub
 /// for it).
-async fn router_channel(target: &str) -> Result<Channel, String> {
-    let target = Target::parse(target).map_err(|e| e.to_string())?;
-    let endpoint = ConnectOptions::default()
-        .endpoint(&target)
-        .map_err(|e| e.to_string())?;
-    match timeout(STEP, endpoint.connect()).await {
+async fn router_channel(e: &Env) -> Result<Channel, String> {
+    match timeout(STEP, connmeta::connect_channel(&e.target, &e.opts)).await {
         Ok(Ok(ch)) => Ok(ch),
         Ok(Err(e)) => Err(format!("connect for RouterService: {e}")),
         Err(_) => Err(format!("connect for RouterService: not within {STEP:?}")),
@@ -258,6 +256,8 @@ impl RoutingProxy {
                 String::new()
             },
             message: Some(message),
+            // The addon's counters; the interop proxies have none to send.
+            proxy_stats: None,
         };
         self.tx
             .send(req)
@@ -428,7 +428,7 @@ pub async fn router_retargets_connect(e: &mut Env) -> R {
     let route_deadline = Duration::from_secs(2);
     let target = addr("origin-b", 8443);
 
-    let ch = router_channel(&e.target).await?;
+    let ch = router_channel(e).await?;
     let mut r = Router::active(&ch, NAME).await?;
     let mut p = RoutingProxy::open(&e.client).await?;
     p.await_router(NAME).await?;
@@ -455,7 +455,7 @@ pub async fn router_retargets_connect(e: &mut Env) -> R {
     let watch = tokio::spawn(async move {
         let mut modified = Vec::new();
         loop {
-            match watcher.next().await {
+            match watcher.item().await {
                 Ok(WatchItem::Event(ev))
                     if ev.r#type == WatchEventType::Modified as i32
                         && ev.connection.as_ref().is_some_and(|c| {
@@ -621,7 +621,7 @@ pub async fn router_silent_fails_open(e: &mut Env) -> R {
     let route_deadline = Duration::from_secs(1);
     let bound = Duration::from_secs(2);
 
-    let ch = router_channel(&e.target).await?;
+    let ch = router_channel(e).await?;
     let mut r = Router::active(&ch, NAME).await?;
     let mut p = RoutingProxy::open(&e.client).await?;
     p.await_router(NAME).await?;
@@ -676,7 +676,7 @@ pub async fn router_silent_fails_open(e: &mut Env) -> R {
 pub async fn router_standby_takes_over(e: &mut Env) -> R {
     const FIRST: &str = "rust-router-a";
     const SECOND: &str = "rust-router-b";
-    let ch = router_channel(&e.target).await?;
+    let ch = router_channel(e).await?;
     let a = Router::active(&ch, FIRST).await?;
     let (mut b, sub) = Router::subscribe(&ch, SECOND)
         .await
@@ -735,4 +735,102 @@ pub async fn router_standby_takes_over(e: &mut Env) -> R {
         ));
     }
     Ok(())
+}
+
+/// The router of examples/router.rs (its `main` is that example's).
+#[allow(dead_code)]
+#[path = "../router.rs"]
+mod example;
+
+/// The example router (the helper and a function) against a real connect:
+/// its decision reaches the proxy, which applies it; the record settles
+/// APPLIED with the router as actor.
+pub async fn router_helper_retargets(e: &mut Env) -> R {
+    const NAME: &str = "rust-helper-router";
+    let route_deadline = Duration::from_secs(2);
+    let target = addr("origin-b", 8443);
+
+    let client = e.client.clone();
+    let router = tokio::spawn(async move { example::route(&client, NAME).await });
+    // Aborted however the case ends: the next case's router must not find
+    // this one active.
+    let _stop = AbortOnDrop(router.abort_handle());
+
+    let mut p = RoutingProxy::open(&e.client).await?;
+    let until = Instant::now() + STEP;
+    while !p.state.active || p.state.router != NAME {
+        if router.is_finished() {
+            return Err(format!("the helper's router ended: {:?}", router.await));
+        }
+        let what = format!(
+            "RoutingState naming the helper's router (latest: {:?})",
+            p.state
+        );
+        p.receive(until.saturating_duration_since(Instant::now()), &what)
+            .await?;
+    }
+    p.resync(route_deadline).await?;
+    let (client_id, server_id) = (new_id(), new_id());
+    let (sent, _) = p.routed_connect(&client_id, &server_id).await?;
+    let d = p
+        .await_decision(&server_id, route_deadline.saturating_sub(sent.elapsed()))
+        .await?;
+    if d.query_id.is_empty()
+        || d.actor != NAME
+        || d.timed_out
+        || mask_paths(&d) != ["address"]
+        || d.address.as_ref() != Some(&target)
+    {
+        return Err(format!(
+            "RouteDecision is {d:?}, want a query id, actor {NAME:?}, update_mask [address], address origin-b:8443, not timed out"
+        ));
+    }
+    let pending = e
+        .client
+        .get(&server_id)
+        .await
+        .map_err(|s| format!("get {server_id}: {}", status_text(&s)))?;
+    let pending_rev = pending.metadata.clone().unwrap_or_default().revision;
+
+    // The proxy applies it in server_connect, as the addon does.
+    let batch = report_request::Message::Batch(ReportBatch {
+        snapshots: vec![applied_at(
+            &server_id,
+            &client_id,
+            &target,
+            &d.query_id,
+            NAME,
+        )],
+    });
+    let seq = p.send(batch).await?;
+    let applied_rev = p.await_ack(seq).await?;
+    let rec = e
+        .client
+        .get(&server_id)
+        .await
+        .map_err(|s| format!("get {server_id}: {}", status_text(&s)))?;
+    let meta = rec.metadata.clone().unwrap_or_default();
+    let lc = meta.last_change.clone().unwrap_or_default();
+    if record_server(&rec).address.as_ref() != Some(&target)
+        || meta.revision != applied_rev
+        || meta.pending_change.is_some()
+        || lc.actor != NAME
+        || lc.query_id != d.query_id
+        || lc.status != ChangeStatus::Applied as i32
+        || lc.revision != pending_rev
+    {
+        return Err(format!(
+            "after the APPLIED outcome (ack revision {applied_rev}): {rec:?}, want address origin-b:8443 at {applied_rev}, no pending_change, last_change {{actor {NAME:?}, query_id {}, APPLIED, revision {pending_rev}}}",
+            d.query_id
+        ));
+    }
+    Ok(())
+}
+
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
