@@ -328,6 +328,18 @@ def get(proxy: str, url: str, cafile: Path | None = None, timeout: float = 10) -
         return str(response.read().decode())
 
 
+async def routing_reached(proxy: Mitmdump, active: bool = True, within: float = 10) -> None:
+    """Until the proxy's addon knows whether a router is subscribed (the
+    routing state travels sidecar → report stream → addon)."""
+    want = "active" if active else "inactive"
+
+    async def reached() -> bool:
+        url = "http://connmeta-control.invalid/routing"
+        return await asyncio.to_thread(get, proxy.proxy, url) == want
+
+    await async_wait_for(reached, within, f"routing {want} in the proxy")
+
+
 def _read_http_body(sock: socket.socket) -> str:
     """The body of one HTTP/1.1 response sent with Connection: close."""
     chunks = []

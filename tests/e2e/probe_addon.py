@@ -96,6 +96,13 @@ class Probe:
 
     async def request(self, flow: http.HTTPFlow) -> None:
         if flow.request.host == CONTROL_HOST:
+            if flow.request.path == "/routing":
+                # Whether the connmeta addon knows a router is subscribed: a
+                # test waits for it instead of sleeping a guessed while.
+                addon: Any = ctx.master.addons.get("connmetaaddon")  # type: ignore[no-untyped-call]
+                active = bool(addon is not None and addon._routing_active)
+                flow.response = http.Response.make(200, b"active" if active else b"inactive")
+                return
             # Options set at runtime, as an operator would with mitmweb:
             # answered here, so no server connection is made.
             # Parsed as --set parses them, so numbers work too.

@@ -14,7 +14,16 @@ from connmeta.v1 import connection_pb2 as pb
 from connmeta.v1 import connection_service_pb2 as cs
 from connmeta.v1 import router_service_pb2 as rt
 from tests.e2e.conftest import ROUTE_DEADLINE_MS
-from tests.e2e.harness import Decide, Mitmdump, Origin, RouterClient, async_wait_for, get, stub
+from tests.e2e.harness import (
+    Decide,
+    Mitmdump,
+    Origin,
+    RouterClient,
+    async_wait_for,
+    get,
+    routing_reached,
+    stub,
+)
 from tests.e2e.sidecar_view import records, watching
 
 pytestmark = pytest.mark.e2e
@@ -44,7 +53,7 @@ async def test_router_retargets_a_request_from_origin_a_to_origin_b(
         RouterClient(channel, "e2e-retarget", retarget(origin_a, origin_b)) as router,
         watching(channel) as watch,
     ):
-        await asyncio.sleep(0.2)  # RoutingState reaches the proxy
+        await routing_reached(proxy)
         assert await asyncio.to_thread(get, proxy.proxy, origin_a.url + "/r") == "B:/r"
         query = router.queries[-1]
         server_id = query.server.server.connection.id
@@ -73,7 +82,7 @@ async def test_router_that_never_answers_delays_the_connect_by_the_deadline_and_
 ) -> None:
     baseline = statistics.median([(await timed_get(proxy, origin_a.url))[1] for _ in range(3)])
     async with RouterClient(channel, "e2e-silent", lambda query: None) as router:
-        await asyncio.sleep(0.2)
+        await routing_reached(proxy)
         results = [await timed_get(proxy, origin_a.url + "/s") for _ in range(3)]
     assert len(router.queries) >= 3
     deadline = ROUTE_DEADLINE_MS / 1000
@@ -87,7 +96,7 @@ async def test_update_while_the_server_waits_for_a_route_is_applied_before_conne
     proxy: Mitmdump, origin_a: Origin, origin_b: Origin, channel: grpc.aio.Channel
 ) -> None:
     async with RouterClient(channel, "e2e-hold", lambda query: None), watching(channel) as watch:
-        await asyncio.sleep(0.2)
+        await routing_reached(proxy)
         pending = asyncio.create_task(timed_get(proxy, origin_a.url + "/u"))
 
         async def waiting_server() -> str | None:

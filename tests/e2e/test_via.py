@@ -11,7 +11,7 @@ import pytest
 
 from connmeta.v1 import connection_pb2 as pb
 from connmeta.v1 import router_service_pb2 as rt
-from tests.e2e.harness import Mitmdump, Origin, RouterClient, async_wait_for, get
+from tests.e2e.harness import Mitmdump, Origin, RouterClient, async_wait_for, get, routing_reached
 from tests.e2e.sidecar_view import records
 
 pytestmark = pytest.mark.e2e
@@ -44,7 +44,7 @@ async def test_router_via_sends_an_https_request_through_the_upstream_proxy(
         return answer
 
     async with RouterClient(channel, "e2e-via", decide) as router:
-        await asyncio.sleep(0.2)
+        await routing_reached(proxy)
         body = await asyncio.to_thread(get, proxy.proxy, origin_tls.url + "/v", proxy.ca)
     assert body == "S:/v"
     assert [e["target"] for e in upstream.hooks() if e["hook"] == "http_connect"] == [
