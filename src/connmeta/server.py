@@ -33,10 +33,12 @@ from connmeta.watch import WatchHub
 
 if TYPE_CHECKING:
     from connmeta.export.otlp import OtlpExport
+    from connmeta.export.otlp_metrics import OtlpMetrics
 
 log = logging.getLogger("connmeta.server")
 
 MiB = 1024 * 1024
+OTLP_METRICS_REFRESH_SECONDS = 1.0
 
 SERVICE_NAMES = (
     connection_service.CONNECTION_SERVICE,
@@ -231,6 +233,7 @@ class Sidecar:
             self.reports,
             otlp_dropped=(lambda: otlp.dropped) if otlp is not None else None,
         )
+        self.otlp_metrics = _start_otlp_metrics(config, self) if otlp is not None else None
         self._metrics_server: MetricsServer | None = None
         self.metrics_address = ""
         self.health = HealthServicer()
@@ -303,6 +306,10 @@ class Sidecar:
         self._tasks.append(asyncio.create_task(self._expire_loop(), name="connmeta-expire"))
         if self.policy is not None:
             self._tasks.append(asyncio.create_task(self._policy_loop(), name="connmeta-policy"))
+        if self.otlp_metrics is not None:
+            self._tasks.append(
+                asyncio.create_task(self._otlp_metrics_loop(), name="connmeta-otlp-metrics")
+            )
 
     async def _start_metrics(self, address: str) -> str:
         host, sep, port = address.rpartition(":")
@@ -341,6 +348,14 @@ class Sidecar:
         while True:
             await asyncio.sleep(POLICY_POLL_SECONDS)
             self.policy.check()
+
+    async def _otlp_metrics_loop(self) -> None:
+        # The registry reads the store, which only this loop may touch: the
+        # OTLP reader thread exports the snapshot taken here (a second old at most).
+        assert self.otlp_metrics is not None
+        while True:
+            self.otlp_metrics.refresh()
+            await asyncio.sleep(OTLP_METRICS_REFRESH_SECONDS)
 
     async def _expire_loop(self) -> None:
         while True:
@@ -390,6 +405,9 @@ class Sidecar:
         if self._metrics_server is not None:
             # Last: a scrape during the grace period still sees the drain.
             await self._metrics_server.stop()
+        if self.otlp_metrics is not None:
+            self.otlp_metrics.refresh()  # the final values, as the last scrape would see
+            await asyncio.to_thread(self.otlp_metrics.close, grace)
         if self.otlp is not None:
             await asyncio.to_thread(self.otlp.close, grace)
         if self.state is not None:
@@ -418,6 +436,20 @@ def _start_otlp(config: Config, store: Store) -> OtlpExport | None:
     from connmeta.export.otlp import OtlpExport  # the SDK (0.4 s to import) only when used
 
     return OtlpExport(store.subscribe, endpoint=endpoint, incarnation=store.incarnation)
+
+
+def _start_otlp_metrics(config: Config, sidecar: Sidecar) -> OtlpMetrics | None:
+    """The metrics over the log export's OTLP connection, unless OTEL_METRICS_EXPORTER=none."""
+    from connmeta.export.otlp_metrics import OtlpMetrics, metrics_enabled
+
+    if not metrics_enabled():
+        return None
+    return OtlpMetrics(
+        sidecar.metrics.registry,
+        # "" lets the SDK read OTEL_EXPORTER_OTLP_(METRICS_)ENDPOINT itself.
+        endpoint=config.otlp_endpoint,
+        incarnation=sidecar.store.incarnation,
+    )
 
 
 async def serve(config: Config) -> None:

@@ -71,6 +71,9 @@ exporters:
   file:
     path: {path}
     flush_interval: 100ms
+  file/metrics:
+    path: {metrics_path}
+    flush_interval: 100ms
 service:
   telemetry:
     metrics:
@@ -81,6 +84,9 @@ service:
     logs:
       receivers: [otlp]
       exporters: [file]
+    metrics:
+      receivers: [otlp]
+      exporters: [file/metrics]
 """
 
 
@@ -115,8 +121,11 @@ class Collector:
     def __init__(self, binary: Path, directory: Path) -> None:
         self.port = _free_port()
         self.output = directory / "logs.json"
+        self.metrics_output = directory / "metrics.json"
         config = directory / "config.yaml"
-        config.write_text(CONFIG.format(port=self.port, path=self.output))
+        config.write_text(
+            CONFIG.format(port=self.port, path=self.output, metrics_path=self.metrics_output)
+        )
         self._log = (directory / "collector.log").open("wb")
         self.proc = subprocess.Popen(
             [str(binary), "--config", str(config)], stdout=self._log, stderr=self._log
@@ -142,6 +151,26 @@ class Collector:
                     out.extend((resource, r) for r in scope_logs["logRecords"])
         return out
 
+    def metrics(self) -> dict[str, tuple[dict[str, Any], dict[str, Any], list[Point]]]:
+        """name -> (resource attributes, metric, its points in the last export received)."""
+        if not self.metrics_output.exists():
+            return {}
+        out: dict[str, tuple[dict[str, Any], dict[str, Any], list[Point]]] = {}
+        for line in self.metrics_output.read_text().splitlines():
+            if not line.strip():
+                continue
+            for resource_metrics in json.loads(line)["resourceMetrics"]:
+                resource = _attributes(resource_metrics["resource"].get("attributes", []))
+                for scope_metrics in resource_metrics["scopeMetrics"]:
+                    for metric in scope_metrics["metrics"]:
+                        data = metric.get("gauge") or metric.get("sum") or {}
+                        points = [
+                            (_attributes(p.get("attributes", [])), _number(p))
+                            for p in data.get("dataPoints", [])
+                        ]
+                        out[metric["name"]] = (resource, metric, points)  # later lines win
+        return out
+
     def stop(self) -> None:
         self.proc.terminate()
         try:
@@ -163,6 +192,14 @@ def _value(value: dict[str, Any]) -> Any:
     if "arrayValue" in value:
         return [_value(v) for v in value["arrayValue"].get("values", [])]
     raise AssertionError(f"unexpected attribute value {value}")
+
+
+Point = tuple[dict[str, Any], float]
+
+
+def _number(point: dict[str, Any]) -> float:
+    """An OTLP/JSON NumberDataPoint's value (int64 travels as a string)."""
+    return float(point["asDouble"]) if "asDouble" in point else float(point["asInt"])
 
 
 def _attributes(items: list[dict[str, Any]]) -> dict[str, Any]:
@@ -206,6 +243,7 @@ async def test_collector_receives_one_event_per_change_with_mitmproxys_values(
     collector = Collector(otelcol, tmp_path)
     # Inherited by the sidecar: batches every 100 ms, and the standard variables.
     monkeypatch.setenv("OTEL_BLRP_SCHEDULE_DELAY", "100")
+    monkeypatch.setenv("OTEL_METRIC_EXPORT_INTERVAL", "300")
     monkeypatch.setenv("OTEL_SERVICE_NAME", "connmeta-e2e")
     monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment.name=ci")
     sidecar = SidecarProcess(
@@ -241,6 +279,7 @@ async def test_collector_receives_one_event_per_change_with_mitmproxys_values(
                 )
 
             await async_wait_for(caught_up, 10, "the sidecar to hold every final state")
+            inventory = await records(channel)
             await asyncio.sleep(0.3)  # the watch's last events
             changes = {
                 record.metadata.revision: (kind, record)
@@ -254,6 +293,32 @@ async def test_collector_receives_one_event_per_change_with_mitmproxys_values(
             }
 
         await async_wait_for(lambda: asyncio.sleep(0, all_exported()), 15, "the collector")
+
+        # The metrics, bridged from the Prometheus registry: the census of a List.
+        census: dict[tuple[str, str], float] = {}
+        for entry in inventory.values():
+            side = "server" if entry.HasField("server") else "client"
+            state = pb.ConnectionState.Name(conn_of(entry).state)
+            key = (side, state.removeprefix("CONNECTION_STATE_").lower())
+            census[key] = census.get(key, 0) + 1
+        last_revision = max(changes)
+
+        def metrics_exported() -> bool:
+            metrics = collector.metrics()
+            if "connmeta_connections" not in metrics or "connmeta_store_revision" not in metrics:
+                return False
+            points = metrics["connmeta_connections"][2]
+            exported = {(a["kind"], a["state"]): v for a, v in points if v}
+            [(_, revision)] = metrics["connmeta_store_revision"][2]
+            # This test's ListConnections calls, once a refresh after them was exported.
+            handled = metrics.get("grpc_server_handled", ({}, {}, []))[2]
+            listed = any(
+                (a["grpc_method"], a["grpc_code"]) == ("ListConnections", "OK") and v >= 1
+                for a, v in handled
+            )
+            return exported == census and revision == last_revision and listed
+
+        await async_wait_for(lambda: asyncio.sleep(0, metrics_exported()), 15, "the metrics")
     finally:
         await channel.close(None)
         proxy.stop()
@@ -281,6 +346,20 @@ async def test_collector_receives_one_event_per_change_with_mitmproxys_values(
         )
         assert resource["service.name"] == "connmeta-e2e"
         assert resource["deployment.environment.name"] == "ci"
+
+    metrics = collector.metrics()
+    resource, _, _ = metrics["connmeta_connections"]
+    assert resource["service.name"] == "connmeta-e2e"
+    assert "gauge" in metrics["connmeta_store_revision"][1]
+    # A counter: OpenTelemetry's name (no _total), a cumulative monotonic sum.
+    _, snapshots, points = metrics["connmeta_report_snapshots"]
+    assert snapshots["sum"]["isMonotonic"] is True
+    assert snapshots["sum"]["aggregationTemporality"] == 2  # CUMULATIVE
+    assert [a for a, _ in points] == [{"proxy": points[0][0]["proxy"]}]
+    assert points[0][1] >= len(views)  # at least one snapshot per connection
+    assert "connmeta_report_snapshots_total" not in metrics
+    assert metrics["grpc_server_handled"][1]["sum"]["isMonotonic"] is True
+    assert "connmeta_route_wait_seconds" not in metrics  # histograms: /metrics only
 
     # The values mitmproxy had, from its own objects (the probe's get_state()).
     def last_record(id: str) -> dict[str, Any]:
