@@ -31,7 +31,12 @@ async def test_update_of_an_open_server_is_refused_and_the_proxy_keeps_its_targe
         server_id = connected[-1]["id"]
 
         async def open_in_sidecar() -> pb.ConnectionRecord | None:
-            record = await get(channel, server_id)
+            try:
+                record = await get(channel, server_id)
+            except grpc.aio.AioRpcError as error:
+                if error.code() is grpc.StatusCode.NOT_FOUND:
+                    return None  # the addon's batch has not arrived yet
+                raise
             return record if record.server.connection.state == pb.CONNECTION_STATE_OPEN else None
 
         before = await async_wait_for(open_in_sidecar, 5, "the server OPEN in the sidecar")

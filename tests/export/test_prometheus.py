@@ -339,7 +339,12 @@ async def test_a_metrics_address_that_is_not_host_port_stops_serve_naming_it(
     await sidecar.stop(grace=0)
 
 
-async def test_with_otlp_export_on_its_drops_are_exported_by_reason(tmp_path: Path) -> None:
+async def test_with_otlp_export_on_its_drops_are_exported_by_reason(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # No metrics export to the dead endpoint: its exporter would go on retrying
+    # (and logging) in a thread of this process after the test.
+    monkeypatch.setenv("OTEL_METRICS_EXPORTER", "none")
     sidecar = Sidecar(
         Config(
             listen="",
