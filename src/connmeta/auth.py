@@ -39,7 +39,7 @@ from cryptography.hazmat.primitives import serialization
 
 from connmeta.errors import abort, rich_status
 from connmeta.policy import Peer, PolicyFile
-from connmeta.service import Context
+from connmeta.service import Context, rewrap
 from connmeta.validation import escape
 
 __all__ = [
@@ -301,11 +301,12 @@ class AuthzInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return handler
         method = handler_call_details.method
-        fields = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
-        name = next(f for f in fields if getattr(handler, f) is not None)
-        streaming = name in ("unary_stream", "stream_stream")
-        wrapped = self._wrap(getattr(handler, name), method, streaming)
-        return handler._replace(**{name: wrapped})  # type: ignore[attr-defined, no-any-return]
+        return rewrap(
+            handler,
+            lambda kind, behavior: self._wrap(
+                behavior, method, kind in ("unary_stream", "stream_stream")
+            ),
+        )
 
     async def _admit(self, context: Context, method: str) -> Caller:
         """The caller, if it may call ``method``; else the call ends here."""

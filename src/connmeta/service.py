@@ -41,6 +41,7 @@ __all__ = [
     "decoder",
     "guarded",
     "identity",
+    "rewrap",
 ]
 
 log = logging.getLogger("connmeta.service")
@@ -117,6 +118,20 @@ def guarded(
     return handle
 
 
+_BEHAVIOR_KINDS = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
+
+
+def rewrap(
+    handler: grpc.RpcMethodHandler[Any, Any],
+    wrap: Callable[[str, Callable[..., Any]], Callable[..., Any]],
+) -> grpc.RpcMethodHandler[Any, Any]:
+    """``handler`` with its behavior replaced by ``wrap(kind, behavior)``, where
+    kind is the handler field that holds it ("unary_unary", ..., "stream_stream"):
+    what every interceptor of this server does to a handler."""
+    kind = next(k for k in _BEHAVIOR_KINDS if getattr(handler, k) is not None)
+    return handler._replace(**{kind: wrap(kind, getattr(handler, kind))})  # type: ignore[attr-defined, no-any-return]
+
+
 IDENTITY_KEY = "connmeta-incarnation"
 """The response metadata key that names the store on every call."""
 
@@ -139,10 +154,7 @@ class IdentityInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
-        fields = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
-        name = next(f for f in fields if getattr(handler, f) is not None)
-        wrapped = self._wrap(getattr(handler, name))
-        return handler._replace(**{name: wrapped})  # type: ignore[attr-defined, no-any-return]
+        return rewrap(handler, lambda kind, behavior: self._wrap(behavior))
 
     def _wrap(self, behavior: Callable[..., Any]) -> Callable[..., Any]:
         metadata = self._metadata

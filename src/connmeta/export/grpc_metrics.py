@@ -26,6 +26,8 @@ from typing import Any, Final
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
+from connmeta.service import rewrap
+
 __all__ = ["UPDATE_OUTCOMES", "GrpcMetricsInterceptor", "code_name"]
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -152,13 +154,15 @@ class GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler  # unknown method: grpcio answers UNIMPLEMENTED, not a label value
-        kind = next(f for f in _TYPES if getattr(handler, f) is not None)
         method = handler_call_details.method
-        entry = self._methods.get(method)
-        if entry is None:
-            entry = self._methods[method] = _Method(self, method, kind)
-        wrapped = _wrap(getattr(handler, kind), entry)
-        return handler._replace(**{kind: wrapped})  # type: ignore[attr-defined, no-any-return]
+
+        def wrap(kind: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
+            entry = self._methods.get(method)
+            if entry is None:
+                entry = self._methods[method] = _Method(self, method, kind)
+            return _wrap(behavior, entry)
+
+        return rewrap(handler, wrap)
 
 
 def _wrap(behavior: Callable[..., Any], entry: _Method) -> Callable[..., Any]:
