@@ -7,6 +7,7 @@ import asyncio
 import os
 import re
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -32,34 +33,32 @@ class Process:
 
 @asynccontextmanager
 async def server(kind: str, *args: str) -> AsyncIterator[Process]:
-    """``kind`` is ``connmeta`` or ``bare``; yields once it is serving."""
-    module = (
-        ["-m", "connmeta", "serve", "--unix-socket", ""]
-        if kind == "connmeta"
-        else [
-            "-m",
-            "bench.bare",
-        ]
-    )
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        *module,
-        "--listen",
-        "127.0.0.1:0",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-    )
-    assert process.stdout is not None
-    line = (await asyncio.wait_for(process.stdout.readline(), 30)).decode()
-    match = re.search(r"tcp=(\S+)", line)
-    if not match:
-        process.kill()
-        raise RuntimeError(f"{kind} did not start: {line!r}")
-    try:
-        yield Process(process.pid, match.group(1))
-    finally:
-        process.terminate()
-        await process.wait()
+    """``kind`` is ``connmeta`` or ``bare``; yields once it is serving.
+
+    Both serve on a Unix socket, as the sidecar serves its proxy in a pod
+    (plaintext TCP is read-only by default since issue 11).
+    """
+    with tempfile.TemporaryDirectory(prefix="connmeta-bench-") as directory:
+        path = os.path.join(directory, "bench.sock")
+        module = (
+            ["-m", "connmeta", "serve", "--listen", "", "--unix-socket", path]
+            if kind == "connmeta"
+            else ["-m", "bench.bare", "--listen", f"unix:{path}"]
+        )
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, *module, *args, stdout=asyncio.subprocess.PIPE
+        )
+        assert process.stdout is not None
+        line = (await asyncio.wait_for(process.stdout.readline(), 30)).decode()
+        match = re.search(r"unix=(\S+)", line)
+        if not match:
+            process.kill()
+            raise RuntimeError(f"{kind} did not start: {line!r}")
+        try:
+            yield Process(process.pid, f"unix:{match.group(1)}")
+        finally:
+            process.terminate()
+            await process.wait()
 
 
 def server_snapshot(index: int, *, stamp_ns: int = 0) -> rs.ConnectionSnapshot:

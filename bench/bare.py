@@ -128,7 +128,8 @@ async def main(listen: str) -> None:
     )
     port = server.add_insecure_port(listen)
     await server.start()
-    print(f"bare serving tcp={listen.rsplit(':', 1)[0]}:{port}", flush=True)
+    where = listen if listen.startswith("unix:") else f"tcp={listen.rsplit(':', 1)[0]}:{port}"
+    print(f"bare serving {where.replace('unix:', 'unix=', 1)}", flush=True)
     await server.wait_for_termination()
 
 

@@ -15,6 +15,7 @@ import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
 from bench._harness import Process, batch, percentile, server
+from bench._report import Figure, verdict
 from connmeta.v1 import connection_pb2 as pb
 from connmeta.v1 import connection_service_pb2 as cs
 from connmeta.v1 import report_service_pb2 as rs
@@ -216,3 +217,65 @@ async def unary_get(kind: str, calls: int = 3000) -> float:
 
 
 __all__ = ["FanOut", "Ingest", "Process", "fan_out", "ingest", "unary_get"]
+
+
+COMMAND = ".venv/bin/python -m bench transport"
+
+
+async def _figures(quick: bool) -> list[Figure]:
+    scale = 0.2 if quick else 1.0
+    out: list[Figure] = []
+    ours, bare = await ingest("connmeta", int(200 * scale)), await ingest("bare", int(200 * scale))
+    ratio = ours.records_per_second / bare.records_per_second
+    out.append(
+        Figure(
+            "batched ingest (500/batch), records/s",
+            f"{ours.records_per_second:,.0f}/s",
+            f"{bare.records_per_second:,.0f}/s (bare grpcio)",
+            f"{ratio:.2f}",
+            verdict(ratio, 0.25, higher_is_better=True, unit="x"),
+            COMMAND,
+        )
+    )
+    out.append(
+        Figure(
+            "batched ingest, server CPU per record",
+            f"{ours.server_cpu_us_per_record:.2f} µs",
+            f"{bare.server_cpu_us_per_record:.2f} µs (bare grpcio)",
+            f"{ours.server_cpu_us_per_record / bare.server_cpu_us_per_record:.1f}",
+            verdict(ours.server_cpu_us_per_record, 2.5, higher_is_better=False, unit=" µs"),
+            COMMAND,
+        )
+    )
+    for watchers, events, goal in ((10, 50_000, 50_000), (100, 10_000, 5_000)):
+        events = int(events * scale)
+        o, b = await fan_out("connmeta", watchers, events), await fan_out("bare", watchers, events)
+        out.append(
+            Figure(
+                f"watch fan-out, {watchers} watchers, events/s (lost {o.lost}; "
+                f"delivery p50 {o.p50_ms:.1f} ms, p99 {o.p99_ms:.1f} ms)",
+                f"{o.events_per_second:,.0f}/s",
+                f"{b.events_per_second:,.0f}/s (bare grpcio)",
+                f"{o.events_per_second / b.events_per_second:.2f}",
+                verdict(o.events_per_second, goal, higher_is_better=True, unit="/s"),
+                COMMAND,
+            )
+        )
+    calls = int(3000 * scale)
+    o_get, b_get = await unary_get("connmeta", calls), await unary_get("bare", calls)
+    out.append(
+        Figure(
+            "unary GetConnection, calls/s",
+            f"{o_get:,.0f}/s",
+            f"{b_get:,.0f}/s (bare unary echo)",
+            f"{o_get / b_get:.2f}",
+            verdict(o_get / b_get, 0.85, higher_is_better=True, unit="x"),
+            COMMAND,
+        )
+    )
+    return out
+
+
+def figures(quick: bool) -> list[Figure]:
+    """connmeta and bare grpcio through gRPC, side by side (see bench/_report.py)."""
+    return asyncio.run(_figures(quick))
