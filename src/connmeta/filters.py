@@ -7,14 +7,14 @@ hold; an empty filter matches everything.
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Final, NamedTuple
 
 from connmeta.records import InvalidArgument, Kind, Record
 from connmeta.v1 import connection_pb2 as pb
 from connmeta.v1 import connection_service_pb2 as cs
 from connmeta.validation import MAX_HOST_BYTES, id_problem, shown
 
-__all__ = ["Filter"]
+__all__ = ["Filter", "NameTerm", "Terms"]
 
 _STATES: Final = frozenset(pb.ConnectionState.values())
 _KINDS: Final = frozenset(cs.ConnectionKind.values())
@@ -48,6 +48,21 @@ class _Name:
 
     def key(self) -> tuple[str | None, str | None]:
         return (self.exact, self.suffix)
+
+
+NameTerm = _Name
+"""A host or SNI condition as the index planner reads it: ``exact`` or ``suffix``."""
+
+
+class Terms(NamedTuple):
+    """A filter's conditions, for planning which index a List reads (``connmeta.index``)."""
+
+    kind: Kind | None
+    states: frozenset[int]
+    host: NameTerm | None
+    sni: NameTerm | None
+    port: int
+    client_id: str
 
 
 def _wildcard_help(pattern: str) -> str:
@@ -144,6 +159,10 @@ class Filter:
         if self._host is not None and not self._host.matches(record.host):
             return False
         return self._sni is None or (bool(record.sni) and self._sni.matches(record.sni))
+
+    def terms(self) -> Terms:
+        """The conditions, for the index planner; ``matches`` stays the definition."""
+        return Terms(self._kind, self._states, self._host, self._sni, self._port, self._client_id)
 
     def _key(self) -> tuple[object, ...]:
         return (

@@ -245,7 +245,7 @@ class StateFile:
                     continue
                 try:
                     record = Record.from_data(data)
-                    valid = record.id == id and record.revision == revision
+                    valid = record.id == id and _revision_of(data) == revision
                 except (ValueError, IndexError) as error:
                     self._damaged(f"revision {revision} holds no valid record ({error})")
                 if not valid:

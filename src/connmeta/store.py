@@ -18,7 +18,6 @@ Listeners are called synchronously after each change with the new events.
 
 from __future__ import annotations
 
-import bisect
 import builtins
 import heapq
 import itertools
@@ -33,6 +32,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from connmeta import certs, changes, validation
 from connmeta.filters import Filter
 from connmeta.guard import address_value, guard_refuses, value_text, via_value
+from connmeta.index import Index
 from connmeta.records import (
     TERMINAL_HOOKS,
     Compacted,
@@ -179,11 +179,9 @@ class Store:
         # Ids whose record has a pending change: what a proxy is sent on attach.
         self._pending: set[str] = set()
         self._proxy_fields: dict[str, bytes] = {}
-        # Ids in id order, built lazily: new ids wait in _unsorted, deleted
-        # ones stay in _sorted (skipped) until enough pile up in _deleted.
-        self._sorted: list[str] = []
-        self._unsorted: list[str] = []
-        self._deleted: set[str] = set()
+        # Ids in order and by what a List filters on, kept from the events in
+        # _commit (connmeta.index).
+        self._index = Index()
         self._overlays: dict[int, tuple[int, dict[str, Record | None]]] = {}
         # Hosts, SNIs and ports repeat across connections; share one object each.
         self._interned: dict[Any, Any] = {}
@@ -239,7 +237,7 @@ class Store:
         for record in terminal:
             store._terminal[record.id] = record.message().metadata.update_time.ToNanoseconds() / 1e9
             store._terminal_bytes += len(record.data)
-        store._sorted = sorted(current)
+        store._index = Index(current.values())
         store.note_absent_proxies()
         return store
 
@@ -305,12 +303,10 @@ class Store:
             overlay = self._overlay(at_revision)
             revision = at_revision
         out: builtins.list[Record] = []
-        match_all = flt.is_empty
-        for record in self._walk(after_id, overlay):
-            if match_all or flt.matches(record):
-                if len(out) == limit:
-                    return out, revision, True
-                out.append(record)
+        for record in self._walk(flt, after_id, overlay):
+            if len(out) == limit:
+                return out, revision, True
+            out.append(record)
         return out, revision, False
 
     def events_after(self, revision: int) -> Sequence[Event]:
@@ -414,8 +410,6 @@ class Store:
         seen_sets = self._resyncs.get(proxy, ())
         live = self._live
         pending_ids = self._pending
-        unsorted = self._unsorted
-        deleted = self._deleted
         interned = self._interned
         if len(interned) >= _INTERN_MAX:
             interned.clear()
@@ -560,10 +554,6 @@ class Store:
                 elif prev is not None and prev.has_pending:
                     pending_ids.discard(id)
                 if prev is None:
-                    if id in deleted:
-                        deleted.discard(id)  # still in _sorted from its previous life
-                    else:
-                        unsorted.append(id)
                     events.append(Event(revision, EventType.ADDED, record, None))
                 else:
                     events.append(Event(revision, EventType.MODIFIED, record, prev))
@@ -789,7 +779,6 @@ class Store:
                 record = self._records.pop(id)
                 self._census[record._bits & 15] -= 1
                 self._terminal_bytes -= len(record.data)
-                self._deleted.add(id)
                 self._pending.discard(id)
                 self._revision += 1
                 events.append(Event(self._revision, EventType.DELETED, record, record))
@@ -830,6 +819,7 @@ class Store:
             if not history:
                 break
         self._history_bytes = size
+        self._index.update(events)
         if self._journal is not None:
             # Durable before any watcher sees it or the report is acked; the
             # saved history is trimmed to what the bounds above left.
@@ -889,42 +879,46 @@ class Store:
             self._pending.discard(prev.id)
         return record
 
-    def _sorted_ids(self) -> builtins.list[str]:
-        ids = self._sorted
-        if self._unsorted:
-            ids.extend(self._unsorted)
-            self._unsorted.clear()
-            ids.sort()  # timsort: merges the two runs in linear time
-        if len(self._deleted) * 8 > len(ids):
-            records = self._records
-            ids = self._sorted = [i for i in ids if i in records]
-            self._deleted.clear()
-        return ids
+    def _walk(
+        self, flt: Filter, after_id: str, overlay: dict[str, Record | None] | None
+    ) -> Iterator[Record]:
+        """The records ``flt`` matches in id order after ``after_id``: current ones,
+        or as of an overlay's revision.
 
-    def _walk(self, after_id: str, overlay: dict[str, Record | None] | None) -> Iterator[Record]:
-        """Records in id order after ``after_id``: current ones, or as of an overlay's revision."""
-        ids = self._sorted_ids()
-        start = bisect.bisect_right(ids, after_id) if after_id else 0
+        Candidates come from the smallest index covering a condition of
+        ``flt`` (``Index.candidates``, a superset); ``Filter.matches`` decides.
+        """
+        index = self._index
         records = self._records
-        candidates: Iterator[str] = itertools.islice(ids, start, None)
-        if overlay is not None:
-            gone = sorted(i for i, r in overlay.items() if r is not None and i not in records)
-            gone_start = bisect.bisect_right(gone, after_id) if after_id else 0
-            candidates = heapq.merge(candidates, gone[gone_start:])
+        if not index.names_active and index.needs_names(flt):
+            # The first List filtering on host, SNI or port: from now on they
+            # are indexed (and read from each new version's bytes, unless
+            # ingest supplied them).
+            index.activate_names(records.values())
+        candidates = index.candidates(flt, after_id)
+        match_all = flt.is_empty
+        if overlay is None:
+            for id in candidates:
+                record = records[id]
+                if match_all or flt.matches(record):
+                    yield record
+            return
+        # As of the overlay's revision: an id changed since then is shown as it
+        # was (None: absent then), and a version then that matches may belong
+        # to an id the index no longer lists under this filter, or at all.
+        then = sorted(
+            i
+            for i, r in overlay.items()
+            if r is not None and i > after_id and (match_all or flt.matches(r))
+        )
         last: str | None = None
-        for id in candidates:
-            # A deleted id may still be in ``ids`` (it leaves only when enough
-            # deletions pile up) as well as in ``gone``: the merge then yields
-            # it twice, side by side.
-            if id == last:
+        for id in heapq.merge(candidates, then):
+            if id == last:  # in both: side by side in the merge
                 continue
             last = id
-            record = records.get(id)
-            if overlay is not None:
-                past = overlay.get(id, _MISSING)
-                if past is not _MISSING:
-                    record = past  # type: ignore[assignment]
-            if record is not None:
+            past = overlay.get(id, _MISSING)
+            record = records.get(id) if past is _MISSING else past  # type: ignore[assignment]
+            if record is not None and (match_all or flt.matches(record)):
                 yield record
 
     def _overlay(self, revision: int) -> dict[str, Record | None]:
