@@ -254,7 +254,7 @@ def _restart(store: Store) -> float:
 
 def _ingest_cost(work: Workload, n: int = 20_000) -> dict[str, float]:
     """µs per new connection through apply(): indexes kept vs not, interleaved
-    batch by batch; and with the host/SNI/port index started."""
+    batch by batch; and with the host/SNI index started."""
 
     from connmeta.index import Index
 
@@ -302,7 +302,7 @@ def figures(quick: bool) -> list[Figure]:
         while len(store) < size:
             _apply(store, work.batch(min(BATCH, size - len(store))))
         build[size] = time.perf_counter() - t0
-        # The first List by host starts the host/SNI/port index (timed apart).
+        # The first List by host starts the host/SNI index (timed apart).
         t0 = time.perf_counter()
         store.list(Filter(host="x.invalid"), limit=1)
         first_host_list = time.perf_counter() - t0
@@ -314,9 +314,7 @@ def figures(quick: bool) -> list[Figure]:
             file=sys.stderr,
         )
         results[size] = _measure(store, work)
-        results[size]["first List by host (starts the host/SNI/port index at 10k)"] = (
-            first_host_list
-        )
+        results[size]["first List by host (starts the host/SNI index at 10k)"] = first_host_list
         restart[size] = _restart(store)
     ingest = _ingest_cost(Workload(seed=15))
     small, big = sizes[0], sizes[-1]
@@ -367,7 +365,7 @@ def figures(quick: bool) -> list[Figure]:
     rows.append(
         Figure(
             "scale: apply() per new connection, indexes kept (ids, kind/state, client id)",
-            f"{ingest['indexed']:.2f} µs (with host/SNI/port index: {ingest['names']:.2f} µs)",
+            f"{ingest['indexed']:.2f} µs (with host/SNI index: {ingest['names']:.2f} µs)",
             f"{ingest['none']:.2f} µs without indexes",
             f"{ingest['indexed'] / ingest['none']:.2f}",
             f"+{ingest['indexed'] - ingest['none']:.2f} µs (+{ingest['names'] - ingest['none']:.2f}"

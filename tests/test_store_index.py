@@ -82,13 +82,10 @@ def _check_index(store: Store) -> None:
     assert [list(s) for s in index.by_slot] == [list(s) for s in fresh.by_slot]
     for mine, theirs in (
         (index.by_client, fresh.by_client),
-        (index.by_port, fresh.by_port),
-        (index.by_host.postings, fresh.by_host.postings),
-        (index.by_sni.postings, fresh.by_sni.postings),
+        (index.by_name.postings, fresh.by_name.postings),
     ):
         assert _postings(mine) == _postings(theirs)
-    assert index.by_host.reversed == fresh.by_host.reversed
-    assert index.by_sni.reversed == fresh.by_sni.reversed
+    assert index.by_name.reversed == fresh.by_name.reversed
 
 
 def _paged(store: Store, f: Filter, limit: int, at_revision: int | None) -> list[str]:

@@ -17,13 +17,16 @@ records a scan of every record (785 ms at a million, issue 14). Here:
   ``SortedIds``: most keys (a client's id, a rare host) cost a dict entry and
   no container.
 - ``Index``: every current id; ids by ``kind | state << 2`` (the record's
-  census slot); by client_id; and, once a List first filters on them, by
-  lowercased host, by lowercased SNI (both with their distinct keys reversed
-  in a sorted list, so that ``*.example.com`` is a range of keys) and by
-  port. Host, SNI and port are not indexed before that: ingest leaves them
-  in the record's bytes (reading them cost a quarter of ingest), and reading
-  each new version's once the name index exists costs what
-  ``Record.host`` costs unless ingest supplied them.
+  census slot); by client_id; and, once a List first filters on host or
+  SNI, by name: lowercased host and SNI in one index (the distinct names
+  also reversed in a sorted list, so that ``*.example.com`` is a range of
+  them). Names are not indexed before that: ingest leaves them in the
+  record's bytes (reading them cost a quarter of ingest), and once the name
+  index exists, each new version's are read (``Record.host``, ~3 µs) unless
+  ingest supplied them. Port is not indexed: a port alone is rarely
+  selective (443), and each membership costs 8-40 bytes per record; a
+  port condition is checked on the candidates of another index, or on
+  every record when it is the only condition.
 
 The store keeps it current from its events, in ``Store._commit``: the one
 place every change passes through. Reads choose the smallest source
@@ -271,7 +274,7 @@ def _merge(sources: list[Iterator[str]]) -> Iterator[str]:
 class Index:
     """Current ids, in order and by what a List filters on (see the module's docstring)."""
 
-    __slots__ = ("by_client", "by_host", "by_port", "by_slot", "by_sni", "ids", "names_active")
+    __slots__ = ("by_client", "by_name", "by_slot", "ids", "names_active")
 
     def __init__(self, records: Iterable[Record] = ()) -> None:
         by_slot: list[list[str]] = [[] for _ in range(16)]
@@ -289,14 +292,15 @@ class Index:
         self.by_client = Postings.of(by_client)
         self.ids = SortedIds(everything)
         self.by_slot = [SortedIds(ids) for ids in by_slot]
-        self.by_host = _Names()
-        self.by_sni = _Names()
-        self.by_port = Postings()
+        # Host and SNI share one index: a record is under its host and its SNI,
+        # once when they are the same name (as for most servers), which saves
+        # one membership per record; Filter.matches tells which one matched.
+        self.by_name = _Names()
         self.names_active = False
-        """Whether host, SNI and port are indexed (from the first List filtering on them)."""
+        """Whether host and SNI are indexed (from the first List filtering on them)."""
 
     def activate_names(self, records: Iterable[Record]) -> None:
-        """Index host, SNI and port of ``records`` (every current one), from now on kept."""
+        """Index host and SNI of ``records`` (every current one), from now on kept."""
         if self.names_active:
             return
         for record in records:
@@ -305,19 +309,17 @@ class Index:
 
     def _add_names(self, record: Record) -> None:
         id = record.id
-        self.by_host.add(record.host.lower(), id)
-        self.by_sni.add(record.sni.lower(), id)
-        port = record.port
-        if port:
-            self.by_port.add(port, id)
+        host, sni = record.host.lower(), record.sni.lower()
+        self.by_name.add(host, id)
+        if sni != host:
+            self.by_name.add(sni, id)
 
     def _discard_names(self, record: Record) -> None:
         id = record.id
-        self.by_host.discard(record.host.lower(), id)
-        self.by_sni.discard(record.sni.lower(), id)
-        port = record.port
-        if port:
-            self.by_port.discard(port, id)
+        host, sni = record.host.lower(), record.sni.lower()
+        self.by_name.discard(host, id)
+        if sni != host:
+            self.by_name.discard(sni, id)
 
     def update(self, events: Sequence[Event]) -> None:
         """Follow one change's events, oldest first."""
@@ -343,9 +345,7 @@ class Index:
                 if prev.client_id != record.client_id:
                     by_client.discard(prev.client_id, id)
                     by_client.add(record.client_id, id)
-                if names and (
-                    prev.host != record.host or prev.sni != record.sni or prev.port != record.port
-                ):
+                if names and (prev.host != record.host or prev.sni != record.sni):
                     self._discard_names(prev)
                     self._add_names(record)
             elif type is EventType.DELETED:
@@ -356,9 +356,9 @@ class Index:
                     self._discard_names(record)
 
     def needs_names(self, flt: Filter) -> bool:
-        """Whether planning ``flt`` would use the host, SNI or port index."""
+        """Whether planning ``flt`` would use the host and SNI index."""
         terms = flt.terms()
-        return terms.host is not None or terms.sni is not None or bool(terms.port)
+        return terms.host is not None or terms.sni is not None
 
     def candidates(self, flt: Filter, after_id: str) -> Iterator[str]:
         """Ids after ``after_id`` in order, a superset of the current records ``flt``
@@ -382,7 +382,8 @@ class Index:
             slots = [self.by_slot[k | s << 2] for k in kinds for s in terms.states or range(4)]
             consider(sum(len(s) for s in slots), lambda: _merge([s.after(after_id) for s in slots]))
         if self.names_active:
-            for names, term in ((self.by_host, terms.host), (self.by_sni, terms.sni)):
+            names = self.by_name
+            for term in (terms.host, terms.sni):
                 keys = names.matching(term) if term is not None else None
                 if keys is not None:
                     postings = names.postings
@@ -390,7 +391,4 @@ class Index:
                         sum(postings.size(k) for k in keys),
                         lambda p=postings, ks=keys: _merge([p.after(k, after_id) for k in ks]),  # type: ignore[misc]
                     )
-            port = terms.port
-            if port:
-                consider(self.by_port.size(port), lambda: self.by_port.after(port, after_id))
         return best()

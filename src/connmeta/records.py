@@ -333,37 +333,107 @@ _INTERN_MAX: Final = 1 << 16
 _interned: dict[object, object] = {}
 
 
-def _where_view() -> Any:
-    """A wire-compatible view of ConnectionRecord declaring only what
-    ``Record.host``, ``.port`` and ``.sni`` read (field numbers are
-    connection.proto's); the parser skips every other field. Strings are
-    declared as bytes: stored records were validated as UTF-8 on ingest."""
-    package = "connmeta.internal.where"
-    field = descriptor_pb2.FieldDescriptorProto
+_FIELD: Final = descriptor_pb2.FieldDescriptorProto
+_MESSAGE, _BYTES, _STRING, _UINT32, _ENUM_AS_INT = (
+    _FIELD.TYPE_MESSAGE,
+    _FIELD.TYPE_BYTES,
+    _FIELD.TYPE_STRING,
+    _FIELD.TYPE_UINT32,
+    _FIELD.TYPE_INT32,
+)
+
+
+def _view(
+    package: str, messages: tuple[tuple[str, tuple[tuple[str, int, int, str, bool], ...]], ...]
+) -> Any:
+    """A wire-compatible view of ConnectionRecord declaring only some of its fields
+    (numbers as in connection.proto); the parser skips every other one. The last
+    message named is the view's record."""
     file = descriptor_pb2.FileDescriptorProto(
-        name="connmeta/internal/where.proto", package=package, syntax="proto3"
+        name=f"{package.replace('.', '/')}.proto", package=package, syntax="proto3"
     )
-    message, bytes_, uint32 = field.TYPE_MESSAGE, field.TYPE_BYTES, field.TYPE_UINT32
-    for name, fields in (
-        ("Address", (("host", 1, bytes_, ""), ("port", 2, uint32, ""))),
-        ("Connection", (("peername", 3, message, "Address"), ("sni", 14, bytes_, ""))),
-        ("Client", (("connection", 1, message, "Connection"),)),
-        ("Server", (("connection", 1, message, "Connection"), ("address", 2, message, "Address"))),
-        ("Record", (("client", 2, message, "Client"), ("server", 3, message, "Server"))),
-    ):
+    for name, fields in messages:
         msg = file.message_type.add(name=name)
-        for field_name, number, type_, type_name in fields:
+        for field_name, number, type_, type_name, repeated in fields:
             spec = msg.field.add(
-                name=field_name, number=number, type=type_, label=field.LABEL_OPTIONAL
+                name=field_name,
+                number=number,
+                type=type_,  # type: ignore[arg-type]
+                label=_FIELD.LABEL_REPEATED if repeated else _FIELD.LABEL_OPTIONAL,
             )
             if type_name:
                 spec.type_name = f".{package}.{type_name}"
     pool = descriptor_pool.DescriptorPool()
     pool.Add(file)
-    return message_factory.GetMessageClass(pool.FindMessageTypeByName(f"{package}.Record"))
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName(f"{package}.{name}"))
 
 
-_Where: Final[Any] = _where_view()
+# What Record.host, .port and .sni read. Strings as bytes: stored records
+# were validated as UTF-8 on ingest.
+_Where: Final[Any] = _view(
+    "connmeta.internal.where",
+    (
+        ("Address", (("host", 1, _BYTES, "", False), ("port", 2, _UINT32, "", False))),
+        (
+            "Connection",
+            (("peername", 3, _MESSAGE, "Address", False), ("sni", 14, _BYTES, "", False)),
+        ),
+        ("Client", (("connection", 1, _MESSAGE, "Connection", False),)),
+        (
+            "Server",
+            (
+                ("connection", 1, _MESSAGE, "Connection", False),
+                ("address", 2, _MESSAGE, "Address", False),
+            ),
+        ),
+        (
+            "Record",
+            (("client", 2, _MESSAGE, "Client", False), ("server", 3, _MESSAGE, "Server", False)),
+        ),
+    ),
+)
+# What Record.from_data reads (RecordMetadata's and Connection's numbers).
+# Enums as int32: the same varint, without the enum lookup.
+_Saved: Final[Any] = _view(
+    "connmeta.internal.saved",
+    (
+        ("Present", ()),
+        (
+            "Metadata",
+            (
+                ("client_id", 4, _STRING, "", False),
+                ("last_hook", 5, _ENUM_AS_INT, "", False),
+                ("last_change", 6, _MESSAGE, "Present", False),
+                ("pending_change", 8, _MESSAGE, "Present", False),
+                ("proxy_id", 9, _STRING, "", False),
+            ),
+        ),
+        (
+            "Connection",
+            (
+                ("id", 1, _STRING, "", False),
+                ("state", 2, _ENUM_AS_INT, "", False),
+                ("certificate_list", 8, _MESSAGE, "Present", True),
+            ),
+        ),
+        (
+            "Client",
+            (
+                ("connection", 1, _MESSAGE, "Connection", False),
+                ("mitmcert", 2, _MESSAGE, "Present", False),
+            ),
+        ),
+        ("Server", (("connection", 1, _MESSAGE, "Connection", False),)),
+        (
+            "Record",
+            (
+                ("metadata", 1, _MESSAGE, "Metadata", False),
+                ("client", 2, _MESSAGE, "Client", False),
+                ("server", 3, _MESSAGE, "Server", False),
+            ),
+        ),
+    ),
+)
 
 
 def _shared(value: _V) -> _V:
@@ -440,7 +510,9 @@ class Record:
         metadata.proxy_id, a client's client_id its own id. Decodes once, so
         it is for loading, not for the ingest path.
         """
-        msg = pb.ConnectionRecord.FromString(data)
+        # A view declaring only these fields (_Saved): a restart reads every
+        # saved record, and skipping the rest halves the parse.
+        msg = _Saved.FromString(data)
         meta = msg.metadata
         if msg.HasField("server"):
             kind, conn = Kind.SERVER, msg.server.connection
@@ -459,15 +531,19 @@ class Record:
             None,
             None,
             None,
-            pack_bits(
-                kind,
-                state,
-                hook in TERMINAL_HOOKS or state == pb.CONNECTION_STATE_CLOSED,
-                has_certs,
-                meta.HasField("last_change"),
-                hook,
-                meta.HasField("pending_change"),
-            ),
+            _SHARED_INTS[
+                kind
+                | state << 2
+                | (
+                    _TERMINAL
+                    if hook in TERMINAL_HOOKS or state == pb.CONNECTION_STATE_CLOSED
+                    else 0
+                )
+                | (_HAS_CERTS if has_certs else 0)
+                | (_HAS_LAST_CHANGE if meta.HasField("last_change") else 0)
+                | hook << _HOOK_SHIFT
+                | (_HAS_PENDING if meta.HasField("pending_change") else 0)
+            ],
             data,
             _shared(meta.proxy_id),
         )
