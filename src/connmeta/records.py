@@ -358,7 +358,7 @@ def _view(
             spec = msg.field.add(
                 name=field_name,
                 number=number,
-                type=type_,  # type: ignore[arg-type]
+                type=type_,
                 label=_FIELD.LABEL_REPEATED if repeated else _FIELD.LABEL_OPTIONAL,
             )
             if type_name:
