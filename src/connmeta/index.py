@@ -17,10 +17,10 @@ records a scan of every record (785 ms at a million, issue 14). Here:
   ``SortedIds``: most keys (a client's id, a rare host) cost a dict entry and
   no container.
 - ``Index``: ids by ``kind | state << 2`` (the record's census slot; every
-  id in order is the merge of these few postings); by client_id; and, once a List first filters on host or
-  SNI, by name: lowercased host and SNI in one index (the distinct names
-  also reversed in a sorted list, so that ``*.example.com`` is a range of
-  them). Names are not indexed before that: ingest leaves them in the
+  id in order is the merge of these few postings); by client_id; and, once
+  a List first filters on host or SNI, by name: lowercased host and SNI in
+  one index (the distinct names also reversed in a sorted list, so that
+  ``*.example.com`` is a range of them). Names are not indexed before that: ingest leaves them in the
   record's bytes (reading them cost a quarter of ingest), and once the name
   index exists, each new version's are read (``Record.host``, ~3 µs) unless
   ingest supplied them. Port is not indexed: a port alone is rarely
