@@ -21,12 +21,12 @@ records a scan of every record (785 ms at a million, issue 14). Here:
   a List first filters on host or SNI, by name: lowercased host and SNI in
   one index (the distinct names also reversed in a sorted list, so that
   ``*.example.com`` is a range of them). Names are not indexed before
-  that: ingest leaves them in the record's bytes (reading them cost a quarter of ingest), and once the name
-  index exists, each new version's are read (``Record.host``, ~3 µs) unless
-  ingest supplied them. Port is not indexed: a port alone is rarely
-  selective (443), and each membership costs 8-40 bytes per record; a
-  port condition is checked on the candidates of another index, or on
-  every record when it is the only condition.
+  that: ingest leaves them in the record's bytes (reading them cost a
+  quarter of ingest), and once the name index exists, each new version's
+  are read (``Record.host``, ~3 µs) unless ingest supplied them. Port is
+  not indexed: a port alone is rarely selective (443), and each membership
+  costs 8-40 bytes per record; a port condition is checked on the
+  candidates of another index, or on every record when it is the only one.
 
 The store keeps it current from its events, in ``Store._commit``: the one
 place every change passes through. Reads choose the smallest source
