@@ -495,7 +495,9 @@ class Record:
         self.id = id
         self.client_id = client_id
         self._where = (
-            None if host is None or port is None or sni is None else _shared((host, port, sni))
+            None
+            if host is None or port is None or sni is None
+            else _shared((_shared(host), _shared(port), _shared(sni)))
         )
         self._bits = bits
         self.data = data
@@ -585,8 +587,14 @@ class Record:
         else:
             side = msg.client
             address = side.connection.peername
+        # Each part shared too: a client's tuple is its own (its port), its
+        # host is not (about 90 bytes per client record).
         where = self._where = _shared(
-            (address.host.decode(), address.port, side.connection.sni.decode())
+            (
+                _shared(address.host.decode()),
+                _shared(address.port),
+                _shared(side.connection.sni.decode()),
+            )
         )
         return where
 
