@@ -36,6 +36,7 @@ place every change passes through. Reads choose the smallest source
 
 from __future__ import annotations
 
+import gc
 import heapq
 import itertools
 from bisect import bisect_left, bisect_right, insort
@@ -300,8 +301,16 @@ class Index:
         """Index host and SNI of ``records`` (every current one), from now on kept."""
         if self.names_active:
             return
-        for record in records:
-            self._add_names(record)
+        # Many new objects and no garbage: the collector's full passes would
+        # make this superlinear (as they made loading a saved state).
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            for record in records:
+                self._add_names(record)
+        finally:
+            if collecting:
+                gc.enable()
         self.names_active = True
 
     def _add_names(self, record: Record) -> None:
