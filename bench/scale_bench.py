@@ -353,8 +353,13 @@ def figures(quick: bool) -> list[Figure]:
             file=sys.stderr,
         )
         results[size] = _measure(store, work)
+        print(
+            f"  {size:,}: " + ", ".join(f"{k} {v * 1e3:.3f} ms" for k, v in results[size].items()),
+            file=sys.stderr,
+        )
         results[size]["first List by host or SNI (builds the name index; once)"] = start_names
         restart[size] = _restart(store)
+        print(f"  {size:,}: restart {restart[size]:.2f} s", file=sys.stderr)
     ingest = _ingest_cost(Workload(seed=15))
     small, big = sizes[0], sizes[-1]
     label = {10_000: "10k", 100_000: "100k", 1_000_000: "1M"}
@@ -362,7 +367,7 @@ def figures(quick: bool) -> list[Figure]:
     flat = [k for k in results[small] if k.startswith(("first page", "middle", "last", "pinned"))]
     for key in results[small]:
         series = ", ".join(f"{label[s]} {results[s][key] * 1e3:.3f}" for s in sizes)
-        ratio = results[big][key] / results[small][key]
+        ratio = results[big][key] / results[small][key] if results[small][key] else 0.0
         goal = ""
         if key in flat and not key.startswith("pinned"):
             goal = verdict(ratio, 2, higher_is_better=False, unit="x")
