@@ -231,6 +231,9 @@ class Watcher:
             if wake is None:
                 wake = self._wake = asyncio.Event()
             wake.clear()
+            if timeout is None:  # no bookmarks: no timer to arm (a few µs per wait)
+                await wake.wait()
+                continue
             try:
                 async with asyncio.timeout(timeout):
                     await wake.wait()
