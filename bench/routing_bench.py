@@ -1,0 +1,360 @@
+"""Routing hold: what a subscribed router adds to a server connect.
+
+    .venv/bin/python -m bench routing          (or bench/routing_bench.py [--connects N])
+
+One mitmdump with the connmeta addon reports to a real sidecar over its Unix
+socket, as in the pod. One client makes requests one after another, each on a
+new connection (so each has a server connect), through the proxy to a local
+origin. A router process answers every query at once with "no change"; it
+subscribes and unsubscribes in alternating blocks of connects, so both series
+come from the same run under the same machine load. Two figures per series:
+
+- end-to-end request latency seen by the client: the figure a user sees, the
+  router's share being the difference of the two series;
+- the time ``server_connect`` is held inside the proxy, measured by two timing
+  addons loaded around the connmeta addon.
+
+Each connect is tagged inside the proxy with whether the addon believed a
+router was subscribed when the hook started; a connect whose tag does not
+match its block (the routing state was still on its way) is left out and
+counted.
+
+The router is the leanest we have in Python: grpc.aio in the call's
+``write()``/``read()`` form, one coroutine, no queue, no iterator, answering
+each query before it reads the next (queries come one at a time here). Its
+CPU per query is printed beside the sidecar's and the proxy's, so a slow
+router would show.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from bench._report import Figure, verdict
+
+REPO = Path(__file__).resolve().parent.parent
+GOAL_MS = 1.5
+COMMAND = "python -m bench routing"
+
+
+# -- the mitmdump side ---------------------------------------------------------
+
+
+def _mitmdump_addons() -> list[Any]:
+    from mitmproxy import ctx
+    from mitmproxy.proxy.server_hooks import ServerConnectionHookData
+
+    from connmeta.mitm.addon import ConnmetaAddon
+
+    out = Path(os.environ["BENCH_DIR"])
+    connmeta = ConnmetaAddon()
+    started: dict[str, tuple[float, bool]] = {}
+    held: list[tuple[float, bool]] = []
+
+    class Listen:
+        async def running(self) -> None:
+            proxyserver: Any = ctx.master.addons.get("proxyserver")  # type: ignore[no-untyped-call]
+            (out / "listen.tmp").write_text(json.dumps(proxyserver.listen_addrs()[0][1]))
+            (out / "listen.tmp").rename(out / "listen")
+
+    class Start:
+        async def server_connect(self, data: ServerConnectionHookData) -> None:
+            routing = connmeta._routing_active and connmeta._connected
+            started[data.server.id] = (time.perf_counter(), routing)
+
+    class End:
+        async def server_connect(self, data: ServerConnectionHookData) -> None:
+            start, routing = started.pop(data.server.id)
+            held.append((time.perf_counter() - start, routing))
+
+        async def done(self) -> None:
+            (out / "held.json").write_text(json.dumps(held))
+
+    return [Listen(), Start(), connmeta, End()]
+
+
+if __name__ != "__main__" and "BENCH_DIR" in os.environ:
+    addons = _mitmdump_addons()
+
+
+# -- the router ------------------------------------------------------------------
+
+
+async def _router(target: str) -> None:
+    """Subscribe on "on", leave on "off" (lines on stdin); answer every query
+    at once with "no change". Prints "subscribed" / "left" when done."""
+    import grpc
+
+    from connmeta.v1 import router_service_pb2 as rt
+    from connmeta.v1 import router_service_pb2_grpc as rt_grpc
+
+    loop = asyncio.get_running_loop()
+    channel = grpc.aio.insecure_channel(target)
+    stub = rt_grpc.RouterServiceStub(channel)
+    subscribe = rt.RouteRequest(subscribe=rt.RouteSubscribe(name="bench"))
+    call: Any = None
+    serving: asyncio.Task[None] | None = None
+
+    async def serve(call: Any) -> None:
+        await call.write(subscribe)
+        first = await call.read()
+        assert first.WhichOneof("message") == "subscribed", first
+        print("subscribed", flush=True)
+        while True:
+            response = await call.read()
+            if response is grpc.aio.EOF:
+                return
+            await call.write(rt.RouteRequest(answer=rt.RouteAnswer(query_id=response.query.query_id)))
+
+    while True:
+        line = await loop.run_in_executor(None, sys.stdin.readline)
+        command = line.strip()
+        if command == "on":
+            call = stub.Route()
+            serving = asyncio.create_task(serve(call))
+        elif command == "off" and call is not None and serving is not None:
+            await call.done_writing()
+            await serving
+            print("left", flush=True)
+        else:
+            return
+
+
+# -- the bench side --------------------------------------------------------------
+
+
+class _Origin(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body are two writes
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok")
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _request(proxy_port: int, origin_port: int) -> float:
+    """One request on a new connection through the proxy; seconds taken."""
+    request = (
+        f"GET http://127.0.0.1:{origin_port}/ HTTP/1.1\r\nHost: 127.0.0.1:{origin_port}\r\n"
+        "Connection: close\r\n\r\n"
+    ).encode()
+    started = time.perf_counter()
+    with socket.create_connection(("127.0.0.1", proxy_port)) as conn:
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn.sendall(request)
+        received = b""
+        while not received.endswith(b"ok"):
+            chunk = conn.recv(4096)
+            if not chunk:
+                raise RuntimeError(f"proxy closed early: {received!r}")
+            received += chunk
+    return time.perf_counter() - started
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+class _Run:
+    """Processes of one measurement: sidecar, origin, mitmdump, router."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        sock = tmp / "connmeta.sock"
+        self.target = f"unix://{sock}"
+        self.sidecar = subprocess.Popen(
+            [sys.executable, "-m", "connmeta", "serve", "--listen", "", "--unix-socket", str(sock)],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        )  # fmt: skip
+        assert self.sidecar.stdout is not None
+        self.sidecar.stdout.readline()
+        self.origin = ThreadingHTTPServer(("127.0.0.1", 0), _Origin)
+        self.origin.daemon_threads = True
+        threading.Thread(target=self.origin.serve_forever, daemon=True).start()
+        self.origin_port = int(self.origin.server_address[1])
+        directory = tmp / "proxy"
+        directory.mkdir()
+        env = {**os.environ, "BENCH_DIR": str(directory), "PYTHONPATH": str(REPO)}
+        self.proxy = subprocess.Popen(
+            [str(Path(sys.executable).parent / "mitmdump"), "-q", "--listen-host", "127.0.0.1",
+             "--listen-port", "0", "-s", __file__, "--set", f"confdir={directory / 'conf'}",
+             "--set", f"connmeta_target={self.target}"],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        end = time.monotonic() + 30
+        while not (directory / "listen").exists():
+            if time.monotonic() > end or self.proxy.poll() is not None:
+                raise RuntimeError("mitmdump did not start")
+            time.sleep(0.05)
+        self.proxy_port = int((directory / "listen").read_text())
+        self.router = subprocess.Popen(
+            [sys.executable, "-m", "bench.routing_bench", "--router", self.target],
+            cwd=REPO,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        self.held_file = directory / "held.json"
+
+    def route(self, on: bool) -> None:
+        assert self.router.stdin is not None and self.router.stdout is not None
+        self.router.stdin.write("on\n" if on else "off\n")
+        self.router.stdin.flush()
+        line = self.router.stdout.readline().strip()
+        assert line == ("subscribed" if on else "left"), line
+        time.sleep(0.1)  # the RoutingState reaches the proxy
+
+    def close(self) -> list[tuple[float, bool]]:
+        for proc in (self.router, self.proxy, self.sidecar):
+            proc.terminate()
+            proc.wait(10)
+        for stream in (self.router.stdin, self.router.stdout, self.sidecar.stdout):
+            if stream is not None:
+                stream.close()
+        self.origin.shutdown()
+        self.origin.server_close()
+        held: list[tuple[float, bool]] = [tuple(h) for h in json.loads(self.held_file.read_text())]  # type: ignore[misc]
+        return held
+
+
+def measure(connects: int, block: int = 50) -> dict[str, Any]:
+    """``connects`` per series, in alternating blocks of ``block``."""
+    with tempfile.TemporaryDirectory(prefix="connmeta-bench-") as directory:
+        run = _Run(Path(directory))
+        try:
+            for _ in range(50):  # warm up: the addon's stream, mitmproxy's caches
+                _request(run.proxy_port, run.origin_port)
+            run.route(True)
+            for _ in range(50):
+                _request(run.proxy_port, run.origin_port)
+            run.route(False)
+            warmup = 100
+            e2e: dict[bool, list[float]] = {False: [], True: []}
+            order: list[bool] = []
+            cpu = {
+                routed: dict.fromkeys(("proxy", "sidecar", "router"), 0.0)
+                for routed in (False, True)
+            }
+            pids = {"proxy": run.proxy.pid, "sidecar": run.sidecar.pid, "router": run.router.pid}
+            routed = False
+            while len(e2e[True]) < connects or len(e2e[False]) < connects:
+                if len(e2e[routed]) >= connects:
+                    routed = not routed
+                if routed:
+                    run.route(True)
+                before = {name: _cpu_seconds(pid) for name, pid in pids.items()}
+                for _ in range(block):
+                    e2e[routed].append(_request(run.proxy_port, run.origin_port))
+                    order.append(routed)
+                for name, pid in pids.items():
+                    cpu[routed][name] += _cpu_seconds(pid) - before[name]
+                if routed:
+                    run.route(False)
+                routed = not routed
+        finally:
+            held = run.close()
+    measured = held[warmup:]
+    assert len(measured) == len(order), (len(measured), len(order))
+    hold: dict[bool, list[float]] = {False: [], True: []}
+    latency: dict[bool, list[float]] = {False: [], True: []}
+    mismatched = 0
+    it = {False: iter(e2e[False]), True: iter(e2e[True])}
+    for routed, (seconds, tagged) in zip(order, measured, strict=True):
+        latency_s = next(it[routed])
+        if routed != tagged:
+            mismatched += 1
+            continue
+        hold[routed].append(seconds * 1000)
+        latency[routed].append(latency_s * 1000)
+    return {
+        "hold": hold,
+        "latency": latency,
+        "mismatched": mismatched,
+        # CPU per connect, from /proc in clock ticks (10 ms): read the
+        # difference of the two series, over many blocks.
+        "cpu_us": {
+            routed: {k: v / len(e2e[routed]) * 1e6 for k, v in cpu[routed].items()}
+            for routed in (False, True)
+        },
+    }
+
+
+def _stats(values: list[float]) -> tuple[float, float, float]:
+    return _percentile(values, 0.5), _percentile(values, 0.99), max(values)
+
+
+def figures(quick: bool) -> list[Figure]:
+    result = measure(200 if quick else 1000)
+    return _figures(result, 200 if quick else 1000)
+
+
+def _figures(result: dict[str, Any], connects: int) -> list[Figure]:
+    hold, latency = result["hold"], result["latency"]
+    h_on, h_off = _stats(hold[True]), _stats(hold[False])
+    l_on, l_off = _stats(latency[True]), _stats(latency[False])
+    added50, added99 = l_on[0] - l_off[0], l_on[1] - l_off[1]
+    on, off = result["cpu_us"][True], result["cpu_us"][False]
+    note = (
+        f"{connects} connects per series, alternating blocks of 50; CPU a routed connect "
+        f"adds: proxy {on['proxy'] - off['proxy']:.0f} µs, sidecar "
+        f"{on['sidecar'] - off['sidecar']:.0f} µs, router {on['router']:.0f} µs; "
+        f"{result['mismatched']} connects left out (routing state in transit)"
+    )
+    return [
+        Figure(
+            "routing: end-to-end request latency added by a router answering at once "
+            "(new connection per request, proxy ↔ sidecar and router ↔ sidecar on Unix sockets)",
+            f"+{added50:.2f} ms p50, +{added99:.2f} ms p99 "
+            f"(with router: p50 {l_on[0]:.2f}, p99 {l_on[1]:.2f} ms)",
+            f"no router: p50 {l_off[0]:.2f} ms, p99 {l_off[1]:.2f} ms",
+            f"{l_on[1] / l_off[1]:.2f} (p99)",
+            verdict(added99, GOAL_MS, higher_is_better=False, unit=" ms") + f"; {note}",
+            COMMAND,
+        ),
+        Figure(
+            "routing: `server_connect` held, router answering at once",
+            f"p50 {h_on[0]:.3f} ms, p99 {h_on[1]:.3f} ms, max {h_on[2]:.3f} ms",
+            f"no router: p50 {h_off[0]:.3f} ms, p99 {h_off[1]:.3f} ms, max {h_off[2]:.3f} ms",
+            "",
+            verdict(h_on[1], GOAL_MS, higher_is_better=False, unit=" ms"),
+            COMMAND,
+        ),
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--connects", type=int, default=1000, help="per series")
+    parser.add_argument("--router", metavar="TARGET", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.router:
+        asyncio.run(_router(args.router))
+        return
+    result = measure(args.connects)
+    for figure in _figures(result, args.connects):
+        print(f"{figure.measure}\n  {figure.value}\n  baseline: {figure.baseline}\n  {figure.goal}")
+
+
+if __name__ == "__main__":
+    main()
