@@ -32,6 +32,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -116,7 +117,9 @@ async def _router(target: str) -> None:
             response = await call.read()
             if response is grpc.aio.EOF:
                 return
-            await call.write(rt.RouteRequest(answer=rt.RouteAnswer(query_id=response.query.query_id)))
+            await call.write(
+                rt.RouteRequest(answer=rt.RouteAnswer(query_id=response.query.query_id))
+            )
 
     while True:
         line = await loop.run_in_executor(None, sys.stdin.readline)
@@ -178,10 +181,30 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+def _router_command(kind: str, tmp: Path, target: str) -> list[str]:
+    """The router process: "go" (bench/gorouter, built here) or "python"."""
+    if kind == "go":
+        binary = tmp / "gorouter"
+        subprocess.run(
+            ["go", "build", "-o", str(binary), "."],
+            cwd=REPO / "bench" / "gorouter",
+            check=True,
+            env={**os.environ, "GOFLAGS": "-mod=mod"},
+        )
+        return [str(binary), target]
+    return [sys.executable, "-m", "bench.routing_bench", "--router", target]
+
+
+def default_router() -> str:
+    """Go when it is installed (``make test`` needs it anyway): its router
+    costs a fraction of grpc.aio's CPU per message."""
+    return "go" if shutil.which("go") else "python"
+
+
 class _Run:
     """Processes of one measurement: sidecar, origin, mitmdump, router."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, router: str) -> None:
         self.tmp = tmp
         sock = tmp / "connmeta.sock"
         self.target = f"unix://{sock}"
@@ -211,14 +234,15 @@ class _Run:
             time.sleep(0.05)
         self.proxy_port = int((directory / "listen").read_text())
         self.router = subprocess.Popen(
-            [sys.executable, "-m", "bench.routing_bench", "--router", self.target],
+            _router_command(router, tmp, self.target),
             cwd=REPO,
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
         )  # fmt: skip
         self.held_file = directory / "held.json"
 
     def route(self, on: bool) -> None:
-        assert self.router.stdin is not None and self.router.stdout is not None
+        assert self.router.stdin is not None
+        assert self.router.stdout is not None
         self.router.stdin.write("on\n" if on else "off\n")
         self.router.stdin.flush()
         line = self.router.stdout.readline().strip()
@@ -234,14 +258,13 @@ class _Run:
                 stream.close()
         self.origin.shutdown()
         self.origin.server_close()
-        held: list[tuple[float, bool]] = [tuple(h) for h in json.loads(self.held_file.read_text())]  # type: ignore[misc]
-        return held
+        return [(seconds, routed) for seconds, routed in json.loads(self.held_file.read_text())]
 
 
-def measure(connects: int, block: int = 50) -> dict[str, Any]:
+def measure(connects: int, router: str, block: int = 50) -> dict[str, Any]:
     """``connects`` per series, in alternating blocks of ``block``."""
     with tempfile.TemporaryDirectory(prefix="connmeta-bench-") as directory:
-        run = _Run(Path(directory))
+        run = _Run(Path(directory), router)
         try:
             for _ in range(50):  # warm up: the addon's stream, mitmproxy's caches
                 _request(run.proxy_port, run.origin_port)
@@ -305,18 +328,20 @@ def _stats(values: list[float]) -> tuple[float, float, float]:
 
 
 def figures(quick: bool) -> list[Figure]:
-    result = measure(200 if quick else 1000)
-    return _figures(result, 200 if quick else 1000)
+    router = default_router()
+    result = measure(200 if quick else 1000, router)
+    return _figures(result, 200 if quick else 1000, router)
 
 
-def _figures(result: dict[str, Any], connects: int) -> list[Figure]:
+def _figures(result: dict[str, Any], connects: int, router: str) -> list[Figure]:
     hold, latency = result["hold"], result["latency"]
     h_on, h_off = _stats(hold[True]), _stats(hold[False])
     l_on, l_off = _stats(latency[True]), _stats(latency[False])
     added50, added99 = l_on[0] - l_off[0], l_on[1] - l_off[1]
     on, off = result["cpu_us"][True], result["cpu_us"][False]
     note = (
-        f"{connects} connects per series, alternating blocks of 50; CPU a routed connect "
+        f"{router} router; {connects} connects per series, alternating blocks of 50; "
+        "CPU a routed connect "
         f"adds: proxy {on['proxy'] - off['proxy']:.0f} µs, sidecar "
         f"{on['sidecar'] - off['sidecar']:.0f} µs, router {on['router']:.0f} µs; "
         f"{result['mismatched']} connects left out (routing state in transit)"
@@ -346,13 +371,14 @@ def _figures(result: dict[str, Any], connects: int) -> list[Figure]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--connects", type=int, default=1000, help="per series")
+    parser.add_argument("--router-kind", choices=("go", "python"), default=default_router())
     parser.add_argument("--router", metavar="TARGET", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.router:
         asyncio.run(_router(args.router))
         return
-    result = measure(args.connects)
-    for figure in _figures(result, args.connects):
+    result = measure(args.connects, args.router_kind)
+    for figure in _figures(result, args.connects, args.router_kind):
         print(f"{figure.measure}\n  {figure.value}\n  baseline: {figure.baseline}\n  {figure.goal}")
 
 
