@@ -307,25 +307,33 @@ class ReportServicer:
     def _connects(
         self, snapshots: Sequence[rs.ConnectionSnapshot], rejected: set[int]
     ) -> list[tuple[str, str]]:
-        """The applied server_connect reports that need a decision, and route outcomes."""
+        """The applied server_connect reports that need a decision, and route outcomes.
+
+        Only a connect the proxy still holds needs one: not one it reports
+        as not held (it knew of no router: a router that subscribed since
+        must not be asked about it), and not one the same batch reports
+        again later (a replay after an outage: the connect went ahead).
+        """
         routing = self._routers.active is not None
         out: list[tuple[str, str]] = []
-        for i, snap in enumerate(snapshots):
+        later: set[str] = set()
+        for i in range(len(snapshots) - 1, -1, -1):
+            snap = snapshots[i]
             if i in rejected or snap.WhichOneof("connection") != "server":
                 continue
-            if snap.HasField("route_outcome"):
-                self._outcome(snap.server.connection.id, snap.route_outcome)
-                continue
-            if snap.hook != pb.HOOK_SERVER_CONNECT:
-                continue
             server_id = snap.server.connection.id
-            record = self._store.get(server_id)
-            # A connect the same batch already reports as done (a replay after
-            # an outage) is over: nobody waits for its decision.
-            if record is None or record.last_hook != pb.HOOK_SERVER_CONNECT:
-                continue
-            if routing or record.has_pending:
-                out.append((server_id, snap.client_id))
+            if snap.HasField("route_outcome"):
+                self._outcome(server_id, snap.route_outcome)
+            elif (
+                snap.hook == pb.HOOK_SERVER_CONNECT
+                and snap.route_hold != rs.ROUTE_HOLD_NOT_HELD
+                and server_id not in later
+            ):
+                record = self._store.get(server_id)
+                if record is not None and (routing or record.has_pending):
+                    out.append((server_id, snap.client_id))
+            later.add(server_id)
+        out.reverse()
         return out
 
     def _log_rejections(self, stream: _Stream, rejected: list[Rejection]) -> None:
