@@ -39,6 +39,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -135,6 +136,166 @@ async def _router(target: str) -> None:
             return
 
 
+# -- a bare grpcio relay: the floor --------------------------------------------------
+
+
+async def _bare_relay(path: str) -> None:
+    """What grpcio alone costs for a routed connect: the same four messages
+    (report in, query out, answer in, decision out, plus the report's ack),
+    each parsed and built with the public types, no store, no checks. Serves
+    ReportService and RouterService on the Unix socket ``path``; prints
+    "serving" once it does."""
+    import grpc
+
+    from connmeta.v1 import report_service_pb2 as rs
+    from connmeta.v1 import router_service_pb2 as rt
+
+    queries: asyncio.Queue[bytes] = asyncio.Queue()
+    waiting: dict[str, asyncio.Queue[bytes]] = {}
+    ids = iter(range(1, 1 << 62))
+
+    async def route(requests: Any, context: Any) -> Any:
+        await anext(requests)  # subscribe
+        yield rt.RouteResponse(
+            subscribed=rt.RouteSubscribed(active=True, active_router="bench")
+        ).SerializeToString()
+
+        async def read() -> None:
+            async for data in requests:
+                answer = rt.RouteRequest.FromString(data).answer
+                out = waiting.pop(answer.query_id, None)
+                if out is not None:
+                    decision = rs.RouteDecision(query_id=answer.query_id, actor="bench")
+                    out.put_nowait(rs.ReportResponse(route_decision=decision).SerializeToString())
+
+        reader = asyncio.create_task(read())
+        try:
+            while True:
+                yield await queries.get()
+        finally:
+            reader.cancel()
+
+    async def report(requests: Any, context: Any) -> Any:
+        out: asyncio.Queue[bytes] = asyncio.Queue()
+        yield rs.ReportResponse(
+            routing_state=rs.RoutingState(active=True, router="bench")
+        ).SerializeToString()
+
+        async def read() -> None:
+            async for data in requests:
+                request = rs.ReportRequest.FromString(data)
+                for snap in request.batch.snapshots:
+                    if snap.WhichOneof("connection") == "server" and snap.hook == 3:
+                        query_id = str(next(ids))
+                        waiting[query_id] = out
+                        query = rt.RouteQuery(query_id=query_id)
+                        query.server.server.CopyFrom(snap.server)
+                        queries.put_nowait(rt.RouteResponse(query=query).SerializeToString())
+                ack = rs.ReportAck(sequence=request.sequence)
+                out.put_nowait(rs.ReportResponse(ack=ack).SerializeToString())
+
+        reader = asyncio.create_task(read())
+        try:
+            while True:
+                yield await out.get()
+        finally:
+            reader.cancel()
+
+    def identity(data: bytes) -> bytes:
+        return data
+
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers(
+        [
+            grpc.method_handlers_generic_handler(
+                service,
+                {
+                    method: grpc.stream_stream_rpc_method_handler(
+                        handler, request_deserializer=identity, response_serializer=identity
+                    )
+                },
+            )
+            for service, method, handler in (
+                ("connmeta.v1.ReportService", "Report", report),
+                ("connmeta.v1.RouterService", "Route", route),
+            )
+        ]
+    )
+    server.add_insecure_port(f"unix:{path}")
+    await server.start()
+    print("serving", flush=True)
+    await server.wait_for_termination()
+
+
+def _connect_snapshots() -> tuple[Any, Any]:
+    """A new client and its server in server_connect, held, as the addon
+    reports them."""
+    from connmeta.v1 import connection_pb2 as pb
+    from connmeta.v1 import report_service_pb2 as rs
+
+    tcp = pb.TRANSPORT_PROTOCOL_TCP
+    client = pb.Connection(id=str(uuid.uuid4()), state=pb.CONNECTION_STATE_OPEN,
+                           transport_protocol=tcp,
+                           peername=pb.Address(host="198.51.100.7", port=51234),
+                           sockname=pb.Address(host="127.0.0.1", port=8080))  # fmt: skip
+    client.timestamp_start.GetCurrentTime()
+    server = pb.Connection(
+        id=str(uuid.uuid4()), state=pb.CONNECTION_STATE_CLOSED, transport_protocol=tcp
+    )
+    return (
+        rs.ConnectionSnapshot(
+            hook=pb.HOOK_CLIENT_CONNECTED,
+            client=pb.Client(connection=client, proxy_mode=pb.ProxyMode(full_spec="regular")),
+        ),
+        rs.ConnectionSnapshot(
+            hook=pb.HOOK_SERVER_CONNECT,
+            client_id=client.id,
+            server=pb.Server(
+                connection=server, address=pb.Address(host="origin.example", port=443)
+            ),
+            route_hold=rs.ROUTE_HOLD_HELD,
+        ),
+    )
+
+
+async def _round_trips(target: str, count: int) -> list[float]:
+    """A proxy without mitmproxy: report a client and its server in
+    server_connect (held), wait for the decision; ``count`` times, in µs."""
+    import grpc
+
+    from connmeta.v1 import report_service_pb2 as rs
+    from connmeta.v1 import report_service_pb2_grpc as rs_grpc
+
+    async with grpc.aio.insecure_channel(target) as channel:
+        call = rs_grpc.ReportServiceStub(channel).Report()
+        decided: asyncio.Queue[float] = asyncio.Queue()
+
+        async def read() -> None:
+            while (response := await call.read()) is not grpc.aio.EOF:
+                assert isinstance(response, rs.ReportResponse)
+                if response.WhichOneof("message") == "route_decision":
+                    decided.put_nowait(time.perf_counter())
+
+        reader = asyncio.create_task(read())
+        times = []
+        try:
+            for i in range(count):
+                client, server = _connect_snapshots()
+                request = rs.ReportRequest(
+                    sequence=i + 1, batch=rs.ReportBatch(snapshots=[client, server])
+                )
+                if i == 0:
+                    request.proxy_id = "bench"
+                started = time.perf_counter()
+                await call.write(request)
+                times.append((await asyncio.wait_for(decided.get(), 5) - started) * 1e6)
+                await asyncio.sleep(0.002)  # a connect now and then, not a flood
+        finally:
+            reader.cancel()
+            call.cancel()
+    return times
+
+
 # -- the bench side --------------------------------------------------------------
 
 
@@ -220,7 +381,8 @@ class _Run:
         self.origin_port = int(self.origin.server_address[1])
         directory = tmp / "proxy"
         directory.mkdir()
-        env = {**os.environ, "BENCH_DIR": str(directory), "PYTHONPATH": str(REPO)}
+        path = os.pathsep.join(filter(None, (os.environ.get("PYTHONPATH"), str(REPO))))
+        env = {**os.environ, "BENCH_DIR": str(directory), "PYTHONPATH": path}
         self.proxy = subprocess.Popen(
             [str(Path(sys.executable).parent / "mitmdump"), "-q", "--listen-host", "127.0.0.1",
              "--listen-port", "0", "-s", __file__, "--set", f"confdir={directory / 'conf'}",
@@ -323,6 +485,56 @@ def measure(connects: int, router: str, block: int = 50) -> dict[str, Any]:
     }
 
 
+def measure_round_trips(count: int, rounds: int, router: str) -> dict[str, list[float]]:
+    """Decision round trips of a proxy without mitmproxy (``_round_trips``)
+    through the connmeta sidecar and through the bare relay, each with its
+    own router of kind ``router``, in alternating rounds; µs."""
+    with tempfile.TemporaryDirectory(prefix="connmeta-bench-") as directory:
+        tmp = Path(directory)
+        procs: list[subprocess.Popen[str]] = []
+        try:
+            targets = {}
+            for kind in ("connmeta", "bare"):
+                path = tmp / f"{kind}.sock"
+                command = (
+                    ["-m", "connmeta", "serve", "--listen", "", "--unix-socket", str(path)]
+                    if kind == "connmeta"
+                    else ["-m", "bench.routing_bench", "--bare-relay", str(path)]
+                )
+                server = subprocess.Popen(
+                    [sys.executable, *command], cwd=REPO, stdout=subprocess.PIPE,
+                    stderr=subprocess.DEVNULL, text=True,
+                )  # fmt: skip
+                procs.append(server)
+                assert server.stdout is not None
+                server.stdout.readline()
+                targets[kind] = f"unix://{path}"
+                routing = subprocess.Popen(
+                    _router_command(router, tmp, targets[kind]), cwd=REPO,
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                )  # fmt: skip
+                procs.append(routing)
+                assert routing.stdin is not None
+                assert routing.stdout is not None
+                routing.stdin.write("on\n")
+                routing.stdin.flush()
+                routing.stdout.readline()
+            out: dict[str, list[float]] = {"connmeta": [], "bare": []}
+            for target in targets.values():  # warm up
+                asyncio.run(_round_trips(target, 50))
+            for _ in range(rounds):
+                for kind, target in targets.items():
+                    out[kind] += asyncio.run(_round_trips(target, count))
+            return out
+        finally:
+            for proc in procs:
+                proc.terminate()
+                proc.wait(10)
+                for stream in (proc.stdin, proc.stdout):
+                    if stream is not None:
+                        stream.close()
+
+
 def _stats(values: list[float]) -> tuple[float, float, float]:
     return _percentile(values, 0.5), _percentile(values, 0.99), max(values)
 
@@ -373,9 +585,20 @@ def main() -> None:
     parser.add_argument("--connects", type=int, default=1000, help="per series")
     parser.add_argument("--router-kind", choices=("go", "python"), default=default_router())
     parser.add_argument("--router", metavar="TARGET", help=argparse.SUPPRESS)
+    parser.add_argument("--bare-relay", metavar="PATH", help=argparse.SUPPRESS)
+    parser.add_argument("--round-trips", action="store_true", help="only the round-trip figure")
     args = parser.parse_args()
     if args.router:
         asyncio.run(_router(args.router))
+        return
+    if args.bare_relay:
+        asyncio.run(_bare_relay(args.bare_relay))
+        return
+    if args.round_trips:
+        trips = measure_round_trips(args.connects // 5, 5, args.router_kind)
+        for kind, values in trips.items():
+            p50, p99, top = _stats(values)
+            print(f"{kind}: p50 {p50:.0f} µs, p99 {p99:.0f} µs, max {top:.0f} µs")
         return
     result = measure(args.connects, args.router_kind)
     for figure in _figures(result, args.connects, args.router_kind):
