@@ -32,6 +32,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -94,16 +95,22 @@ if __name__ != "__main__" and "BENCH_DIR" in os.environ:
 # -- the router ------------------------------------------------------------------
 
 
-async def _router(target: str) -> None:
+async def _router(target: str, tls: list[bytes] | None = None) -> None:
     """Subscribe on "on", leave on "off" (lines on stdin); answer every query
-    at once with "no change". Prints "subscribed" / "left" when done."""
+    at once with "no change". Prints "subscribed" / "left" when done. ``tls``:
+    CA, certificate and key (PEM) for mTLS over TCP."""
     import grpc
 
     from connmeta.v1 import router_service_pb2 as rt
     from connmeta.v1 import router_service_pb2_grpc as rt_grpc
 
     loop = asyncio.get_running_loop()
-    channel = grpc.aio.insecure_channel(target)
+    if tls:
+        ca, cert, key = tls
+        credentials = grpc.ssl_channel_credentials(ca, key, cert)
+        channel = grpc.aio.secure_channel(target, credentials)
+    else:
+        channel = grpc.aio.insecure_channel(target)
     stub = rt_grpc.RouterServiceStub(channel)
     subscribe = rt.RouteRequest(subscribe=rt.RouteSubscribe(name="bench"))
     call: Any = None
@@ -342,18 +349,21 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def _router_command(kind: str, tmp: Path, target: str) -> list[str]:
-    """The router process: "go" (bench/gorouter, built here) or "python"."""
+def _router_command(kind: str, tmp: Path, target: str, tls: list[str] | None = None) -> list[str]:
+    """The router process: "go" (bench/gorouter, built here) or "python";
+    ``tls``: CA, certificate and key for mTLS to a TCP ``target``."""
     if kind == "go":
         binary = tmp / "gorouter"
-        subprocess.run(
-            ["go", "build", "-o", str(binary), "."],
-            cwd=REPO / "bench" / "gorouter",
-            check=True,
-            env={**os.environ, "GOFLAGS": "-mod=mod"},
-        )
-        return [str(binary), target]
-    return [sys.executable, "-m", "bench.routing_bench", "--router", target]
+        if not binary.exists():
+            subprocess.run(
+                ["go", "build", "-o", str(binary), "."],
+                cwd=REPO / "bench" / "gorouter",
+                check=True,
+                env={**os.environ, "GOFLAGS": "-mod=mod"},
+            )
+        return [str(binary), target, *(tls or [])]
+    command = [sys.executable, "-m", "bench.routing_bench", "--router", target]
+    return command + (["--router-tls", *tls] if tls else [])
 
 
 def default_router() -> str:
@@ -486,20 +496,39 @@ def measure(connects: int, router: str, block: int = 50) -> dict[str, Any]:
 
 
 def measure_round_trips(count: int, rounds: int, router: str) -> dict[str, list[float]]:
-    """Decision round trips of a proxy without mitmproxy (``_round_trips``)
-    through the connmeta sidecar and through the bare relay, each with its
-    own router of kind ``router``, in alternating rounds; µs."""
+    """Decision round trips of a proxy without mitmproxy (``_round_trips``),
+    in µs, each series with its own server and router of kind ``router``,
+    in alternating rounds:
+
+    - "connmeta": the router on the sidecar's Unix socket, like the proxy;
+    - "connmeta-mtls": the router over loopback TCP with mTLS, as a router in
+      another container of the pod reaches the sidecar (the proxy stays on
+      the Unix socket);
+    - "bare": the bare grpcio relay (``_bare_relay``), router on its socket.
+    """
     with tempfile.TemporaryDirectory(prefix="connmeta-bench-") as directory:
         tmp = Path(directory)
+        certs = tmp / "certs"
+        subprocess.run(
+            [sys.executable, "-m", "connmeta", "certs", "init", "--dir", str(certs)],
+            check=True, stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+        mtls = [
+            "--listen", "127.0.0.1:0", "--tls-cert", str(certs / "server.pem"),
+            "--tls-key", str(certs / "server.key"), "--client-ca", str(certs / "ca.pem"),
+            "--authz-policy", str(certs / "policy.json"),
+        ]  # fmt: skip
+        router_tls = [str(certs / name) for name in ("ca.pem", "router.pem", "router.key")]
         procs: list[subprocess.Popen[str]] = []
         try:
             targets = {}
-            for kind in ("connmeta", "bare"):
+            for kind in ("connmeta", "connmeta-mtls", "bare"):
                 path = tmp / f"{kind}.sock"
                 command = (
-                    ["-m", "connmeta", "serve", "--listen", "", "--unix-socket", str(path)]
-                    if kind == "connmeta"
-                    else ["-m", "bench.routing_bench", "--bare-relay", str(path)]
+                    ["-m", "bench.routing_bench", "--bare-relay", str(path)]
+                    if kind == "bare"
+                    else ["-m", "connmeta", "serve", "--listen", "", "--unix-socket", str(path)]
+                    + (mtls if kind == "connmeta-mtls" else [])
                 )
                 server = subprocess.Popen(
                     [sys.executable, *command], cwd=REPO, stdout=subprocess.PIPE,
@@ -507,19 +536,24 @@ def measure_round_trips(count: int, rounds: int, router: str) -> dict[str, list[
                 )  # fmt: skip
                 procs.append(server)
                 assert server.stdout is not None
-                server.stdout.readline()
+                serving = server.stdout.readline()
                 targets[kind] = f"unix://{path}"
+                if kind == "connmeta-mtls":
+                    tcp = re.search(r"tcp=(\S+)", serving)
+                    assert tcp is not None, serving
+                    command = _router_command(router, tmp, tcp.group(1), router_tls)
+                else:
+                    command = _router_command(router, tmp, targets[kind])
                 routing = subprocess.Popen(
-                    _router_command(router, tmp, targets[kind]), cwd=REPO,
-                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                )  # fmt: skip
+                    command, cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+                )
                 procs.append(routing)
                 assert routing.stdin is not None
                 assert routing.stdout is not None
                 routing.stdin.write("on\n")
                 routing.stdin.flush()
-                routing.stdout.readline()
-            out: dict[str, list[float]] = {"connmeta": [], "bare": []}
+                assert routing.stdout.readline().strip() == "subscribed"
+            out: dict[str, list[float]] = {kind: [] for kind in targets}
             for target in targets.values():  # warm up
                 asyncio.run(_round_trips(target, 50))
             for _ in range(rounds):
@@ -541,8 +575,40 @@ def _stats(values: list[float]) -> tuple[float, float, float]:
 
 def figures(quick: bool) -> list[Figure]:
     router = default_router()
-    result = measure(200 if quick else 1000, router)
-    return _figures(result, 200 if quick else 1000, router)
+    connects = 150 if quick else 1000
+    result = measure(connects, router)
+    trips = measure_round_trips(connects // 5, 5, router)
+    return _figures(result, connects, router) + _trip_figures(trips, router)
+
+
+def _trip_figures(trips: dict[str, list[float]], router: str) -> list[Figure]:
+    ms = {kind: [v / 1000 for v in values] for kind, values in trips.items()}
+    unix, mtls, bare = _stats(ms["connmeta"]), _stats(ms["connmeta-mtls"]), _stats(ms["bare"])
+    note = (
+        f"a proxy without mitmproxy reports a client and its held server_connect and waits "
+        f"for the decision; {router} router; {len(ms['bare'])} round trips each, 5 "
+        "alternating rounds"
+    )
+    return [
+        Figure(
+            "routing: decision round trip through the sidecar (proxy and router on Unix "
+            "sockets), connmeta vs a bare grpcio relay of the same messages",
+            f"p50 {unix[0]:.2f} ms, p99 {unix[1]:.2f} ms",
+            f"bare: p50 {bare[0]:.2f} ms, p99 {bare[1]:.2f} ms",
+            f"{unix[0] / bare[0]:.2f} (p50)",
+            f"the floor of the hold above: {note}",
+            COMMAND,
+        ),
+        Figure(
+            "routing: the same round trip with the router over loopback TCP and mTLS "
+            "(a router in another container of the pod)",
+            f"p50 {mtls[0]:.2f} ms, p99 {mtls[1]:.2f} ms",
+            f"router on the Unix socket: p50 {unix[0]:.2f} ms, p99 {unix[1]:.2f} ms",
+            f"{mtls[0] / unix[0]:.2f} (p50)",
+            "",
+            COMMAND,
+        ),
+    ]
 
 
 def _figures(result: dict[str, Any], connects: int, router: str) -> list[Figure]:
@@ -585,23 +651,23 @@ def main() -> None:
     parser.add_argument("--connects", type=int, default=1000, help="per series")
     parser.add_argument("--router-kind", choices=("go", "python"), default=default_router())
     parser.add_argument("--router", metavar="TARGET", help=argparse.SUPPRESS)
+    parser.add_argument("--router-tls", nargs=3, metavar="FILE", help=argparse.SUPPRESS)
     parser.add_argument("--bare-relay", metavar="PATH", help=argparse.SUPPRESS)
     parser.add_argument("--round-trips", action="store_true", help="only the round-trip figure")
     args = parser.parse_args()
     if args.router:
-        asyncio.run(_router(args.router))
+        tls = [Path(name).read_bytes() for name in args.router_tls or ()]
+        asyncio.run(_router(args.router, tls or None))
         return
     if args.bare_relay:
         asyncio.run(_bare_relay(args.bare_relay))
         return
-    if args.round_trips:
-        trips = measure_round_trips(args.connects // 5, 5, args.router_kind)
-        for kind, values in trips.items():
-            p50, p99, top = _stats(values)
-            print(f"{kind}: p50 {p50:.0f} µs, p99 {p99:.0f} µs, max {top:.0f} µs")
-        return
-    result = measure(args.connects, args.router_kind)
-    for figure in _figures(result, args.connects, args.router_kind):
+    trips = measure_round_trips(args.connects // 5, 5, args.router_kind)
+    rows = _trip_figures(trips, args.router_kind)
+    if not args.round_trips:
+        result = measure(args.connects, args.router_kind)
+        rows = _figures(result, args.connects, args.router_kind) + rows
+    for figure in rows:
         print(f"{figure.measure}\n  {figure.value}\n  baseline: {figure.baseline}\n  {figure.goal}")
 
 

@@ -3,22 +3,47 @@
 //
 // It subscribes on "on" and leaves on "off" (lines on stdin), printing
 // "subscribed" / "left" once done, so the benchmark can alternate series.
+//
+//	gorouter TARGET [CA CERT KEY]
+//
+// With CA, CERT and KEY it dials TARGET (host:port) with mTLS, as a router in
+// another container of the pod does; without, plaintext (a Unix socket).
 package main
 
 import (
 	"bufio"
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"fmt"
 	"os"
 
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
 
 	pb "github.com/connmeta/connmeta/clients/go/connmetav1"
 )
 
+func transport() credentials.TransportCredentials {
+	if len(os.Args) < 5 {
+		return insecure.NewCredentials()
+	}
+	ca, err := os.ReadFile(os.Args[2])
+	if err != nil {
+		panic(err)
+	}
+	pool := x509.NewCertPool()
+	pool.AppendCertsFromPEM(ca)
+	cert, err := tls.LoadX509KeyPair(os.Args[3], os.Args[4])
+	if err != nil {
+		panic(err)
+	}
+	return credentials.NewTLS(&tls.Config{RootCAs: pool, Certificates: []tls.Certificate{cert}})
+}
+
 func main() {
-	conn, err := grpc.NewClient(os.Args[1], grpc.WithTransportCredentials(insecure.NewCredentials()))
+	conn, err := grpc.NewClient(os.Args[1], grpc.WithTransportCredentials(transport()))
 	if err != nil {
 		panic(err)
 	}
