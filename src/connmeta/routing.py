@@ -106,6 +106,7 @@ class Router:
     activated: asyncio.Event = field(default_factory=asyncio.Event)
     """Set once the router receives queries (at once, or when it takes over)."""
     left: bool = False
+    """Set when it unsubscribed: its queue has ended, no query follows."""
 
 
 @dataclass(eq=False, slots=True)
