@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
+import functools
 import json
 import os
 import re
@@ -349,19 +351,26 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def _router_command(kind: str, tmp: Path, target: str, tls: list[str] | None = None) -> list[str]:
-    """The router process: "go" (bench/gorouter, built here) or "python";
-    ``tls``: CA, certificate and key for mTLS to a TCP ``target``."""
+@functools.cache
+def _go_router() -> Path:
+    """bench/gorouter built once per run, into a directory removed at exit."""
+    directory = tempfile.TemporaryDirectory(prefix="connmeta-gorouter-")
+    atexit.register(directory.cleanup)
+    binary = Path(directory.name) / "gorouter"
+    subprocess.run(
+        ["go", "build", "-o", str(binary), "."],
+        cwd=REPO / "bench" / "gorouter",
+        check=True,
+        env={**os.environ, "GOFLAGS": "-mod=mod"},
+    )
+    return binary
+
+
+def _router_command(kind: str, target: str, tls: list[str] | None = None) -> list[str]:
+    """The router process: "go" (bench/gorouter) or "python"; ``tls``: CA,
+    certificate and key for mTLS to a TCP ``target``."""
     if kind == "go":
-        binary = tmp / "gorouter"
-        if not binary.exists():
-            subprocess.run(
-                ["go", "build", "-o", str(binary), "."],
-                cwd=REPO / "bench" / "gorouter",
-                check=True,
-                env={**os.environ, "GOFLAGS": "-mod=mod"},
-            )
-        return [str(binary), target, *(tls or [])]
+        return [str(_go_router()), target, *(tls or [])]
     command = [sys.executable, "-m", "bench.routing_bench", "--router", target]
     return command + (["--router-tls", *tls] if tls else [])
 
@@ -406,7 +415,7 @@ class _Run:
             time.sleep(0.05)
         self.proxy_port = int((directory / "listen").read_text())
         self.router = subprocess.Popen(
-            _router_command(router, tmp, self.target),
+            _router_command(router, self.target),
             cwd=REPO,
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
         )  # fmt: skip
@@ -438,13 +447,14 @@ def measure(connects: int, router: str, block: int = 50) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="connmeta-bench-") as directory:
         run = _Run(Path(directory), router)
         try:
-            for _ in range(50):  # warm up: the addon's stream, mitmproxy's caches
+            warmup = min(50, connects // 5)
+            for _ in range(warmup):  # warm up: the addon's stream, mitmproxy's caches
                 _request(run.proxy_port, run.origin_port)
             run.route(True)
-            for _ in range(50):
+            for _ in range(warmup):
                 _request(run.proxy_port, run.origin_port)
             run.route(False)
-            warmup = 100
+            warmup *= 2
             e2e: dict[bool, list[float]] = {False: [], True: []}
             order: list[bool] = []
             cpu = {
@@ -541,9 +551,9 @@ def measure_round_trips(count: int, rounds: int, router: str) -> dict[str, list[
                 if kind == "connmeta-mtls":
                     tcp = re.search(r"tcp=(\S+)", serving)
                     assert tcp is not None, serving
-                    command = _router_command(router, tmp, tcp.group(1), router_tls)
+                    command = _router_command(router, tcp.group(1), router_tls)
                 else:
-                    command = _router_command(router, tmp, targets[kind])
+                    command = _router_command(router, targets[kind])
                 routing = subprocess.Popen(
                     command, cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
                 )
@@ -555,7 +565,7 @@ def measure_round_trips(count: int, rounds: int, router: str) -> dict[str, list[
                 assert routing.stdout.readline().strip() == "subscribed"
             out: dict[str, list[float]] = {kind: [] for kind in targets}
             for target in targets.values():  # warm up
-                asyncio.run(_round_trips(target, 50))
+                asyncio.run(_round_trips(target, min(50, count // 2)))
             for _ in range(rounds):
                 for kind, target in targets.items():
                     out[kind] += asyncio.run(_round_trips(target, count))
@@ -628,7 +638,7 @@ def _figures(result: dict[str, Any], connects: int, router: str) -> list[Figure]
         Figure(
             "routing: end-to-end request latency added by a router answering at once "
             "(new connection per request, proxy ↔ sidecar and router ↔ sidecar on Unix sockets)",
-            f"+{added50:.2f} ms p50, +{added99:.2f} ms p99 "
+            f"{added50:+.2f} ms p50, {added99:+.2f} ms p99 "
             f"(with router: p50 {l_on[0]:.2f}, p99 {l_on[1]:.2f} ms)",
             f"no router: p50 {l_off[0]:.2f} ms, p99 {l_off[1]:.2f} ms",
             f"{l_on[1] / l_off[1]:.2f} (p99)",
