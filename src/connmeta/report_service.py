@@ -178,7 +178,9 @@ class ReportServicer:
                             out.put_nowait(_decision_message(decision))
                     response, connects = self._handle(stream, request, encoded)
                     # Queries leave before the ack: the router's answer holds
-                    # a connect, the ack holds nothing (bench/routing_bench.py).
+                    # a connect, the ack holds nothing. Batch applied -> query
+                    # queued went from 176 to 64 µs p50 with this and
+                    # RouterHub.query (marks in the sidecar, loaded machine).
                     for server_id, client_id in connects:
                         self._route(stream, server_id, client_id, out.put_nowait)
                     out.put_nowait(response)

@@ -238,8 +238,9 @@ class RouterHub:
 
         Not a coroutine: the query is in the router's queue when this returns,
         so the transport can send it before anything else it has to write.
-        The wait is a timer and a future, no task: on a held connect's path
-        each extra event-loop step shows (bench/routing_bench.py).
+        The wait is a timer and a future, no task: answer -> decision queued
+        took 51 µs p50 through a task, wait_for and shield, 38 µs now (marks
+        in the sidecar, loaded machine; bench/routing_bench.py for the hold).
         """
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Decision] = loop.create_future()
