@@ -20,6 +20,7 @@ from bench._report import HEADER, Figure
 SUITES: dict[str, str] = {
     "transport": "bench.transport_bench",
     "watch": "bench.watch_bench",
+    "routing": "bench.routing_bench",
 }
 
 
