@@ -30,7 +30,7 @@ from typing import Any, Final, Protocol, TypeVar
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from connmeta import certs, changes, validation
+from connmeta import _ingest, certs, changes, validation
 from connmeta.filters import Filter
 from connmeta.guard import address_value, guard_refuses, value_text, via_value
 from connmeta.records import (
@@ -58,7 +58,6 @@ from connmeta.v1 import report_service_pb2 as rs
 __all__ = [
     "Compacted",
     "ConnectionOpen",
-    "EncodedSnapshot",
     "EtagMismatch",
     "Event",
     "EventType",
@@ -105,19 +104,18 @@ _BITS: Final = tuple(
     for i in range(1 << 12)
 )
 assert max(_HOOKS) < 16, "_BITS holds hooks in 4 bits"
-_HOOK_FIELDS: Final = {hook: b"\x28" + bytes((hook,)) if hook else b"" for hook in _HOOKS}
+_HOOK_FIELDS: Final[dict[int, bytes]] = {
+    hook: b"\x28" + bytes((hook,)) if hook else b"" for hook in _HOOKS
+}
 _MISSING: Final = object()
+# By connmeta._ingest's kind number (1 client, 2 server): the Kind, the record's field tag.
+_KIND_OF: Final = (Kind.CLIENT, Kind.CLIENT, Kind.SERVER)
+_KIND_TAG: Final = (b"", b"\x12", b"\x1a")
+# Compiled, the scan reads a plainly valid snapshot in a fraction of what upb
+# attribute reads cost; interpreted it costs more than them (bench/README.md),
+# so the pure-Python store reads the parsed snapshot (validation._plainly_valid).
+_SCAN: Final = _ingest.scan if _ingest.compiled() else None
 _T = TypeVar("_T")
-
-
-class EncodedSnapshot(Protocol):
-    """A snapshot's client and server as encoded bytes (b"" when not set)."""
-
-    @property
-    def client(self) -> bytes: ...
-
-    @property
-    def server(self) -> bytes: ...
 
 
 class Journal(Protocol):
@@ -374,7 +372,7 @@ class Store:
     def apply(
         self,
         snapshots: Sequence[rs.ConnectionSnapshot],
-        encoded: Sequence[EncodedSnapshot] | None = None,
+        encoded: Sequence[bytes] | None = None,
         *,
         proxy: str = "",
         path: str = "snapshots",
@@ -392,9 +390,11 @@ class Store:
         A server snapshot settles the record's pending change when it shows
         the outcome of a connect (``connmeta.changes.settled``).
 
-        ``encoded``, when given, holds the same snapshots with their client or
-        server as the bytes they arrived in (``connmeta._rawview``); the store
-        then keeps those bytes instead of serializing the parsed message again.
+        ``encoded``, when given, holds the same snapshots as the bytes they
+        arrived in (``connmeta._rawview``). A plainly valid one is then read
+        from its bytes (``connmeta._ingest``) and its client or server stored
+        as it arrived, without serializing the parsed message again; the
+        others take the parsed snapshot and the full checks.
         """
         if encoded is not None and len(encoded) != len(snapshots):
             raise ValueError(f"{len(encoded)} encoded snapshots for {len(snapshots)} snapshots")
@@ -421,93 +421,133 @@ class Store:
             interned.clear()
         intern = interned.setdefault
         census = self._census
-        pairs: Iterable[tuple[rs.ConnectionSnapshot, EncodedSnapshot | None]] = (
-            zip(snapshots, encoded, strict=True)
-            if encoded is not None
-            else zip(snapshots, itertools.repeat(None))
-        )
+        scan = _SCAN
+        mode_ok = validation.plain_mode
         try:
-            for i, (snap, raw) in enumerate(pairs):
-                # The raw bytes tell the kind for free; WhichOneof costs a
-                # microsecond and is only needed when neither side has a byte.
-                body: bytes | None = None
-                if raw is not None:
-                    body = raw.server
-                    which = "server" if body else "client" if (body := raw.client) else None
+            for i, snap in enumerate(snapshots):
+                data = encoded[i] if encoded is not None else None
+                scanned = scan(data, mode_ok) if data is not None and scan is not None else None
+                body: bytes | None
+                if scanned is not None:
+                    # Plainly valid, read from its bytes without a upb attribute
+                    # read (connmeta._ingest); no certificate to describe.
+                    kind_number, id, state, hook, client_id, body = scanned
+                    kind = _KIND_OF[kind_number]
+                    tag = _KIND_TAG[kind_number]
+                    has_certs = False
+                    prev = records.get(id)
+                    if prev is not None:
+                        if prev.kind is kind and _unchanged(
+                            prev,
+                            hook,
+                            client_id,
+                            hook in _CONNECT_HOOKS,
+                            proxy,
+                            tag + encode_varint(len(body)) + body,
+                        ):
+                            for seen in seen_sets:
+                                seen.add(id)
+                            continue
+                        refusal = _conflict(i, prev, kind, proxy, live)
+                        if refusal is not None:
+                            rejected.append(refusal)
+                            continue
+                    for seen in seen_sets:
+                        seen.add(id)
                 else:
-                    which = None
-                if which is None:
-                    body = None
+                    # Anything unusual (certificates, a via, a route outcome,
+                    # a field sent twice, ...) or no request bytes: the parsed
+                    # snapshot and the full checks.
                     which = snap.WhichOneof("connection")
-                if which == "server":
-                    side: pb.Server | pb.Client = snap.server
-                    kind = Kind.SERVER
-                    tag = b"\x1a"
-                elif which == "client":
-                    side = snap.client
-                    kind = Kind.CLIENT
-                    tag = b"\x12"
-                else:
-                    violations = validation.snapshot_violations(snap, f"{path}[{i}]")
-                    rejected.append(
-                        Rejection(i, "", "INVALID_SNAPSHOT", f"snapshot {i} is empty", violations)
-                    )
-                    continue
-                conn = side.connection
-                id = conn.id
-                hook = snap.hook
-                client_id = snap.client_id
-                prev = records.get(id)
-                # An unchanged re-report (a resync, a repeated hook) matches the
-                # stored bytes, which were valid when stored: skipped before the
-                # checks, which cost more than the comparison (bench/README.md).
-                compared = False
-                if body and prev is not None and prev.kind is kind:
-                    compared = True
-                    if _unchanged(prev, snap, proxy, tag + encode_varint(len(body)) + body):
-                        for seen in seen_sets:
-                            seen.add(id)
-                        continue
-                violations = validation.snapshot_violations(snap, f"{path}[{i}]", body)
-                if violations:
-                    conn_id = _snapshot_id(snap)
-                    rejected.append(
-                        Rejection(
-                            i,
-                            conn_id,
-                            "INVALID_SNAPSHOT",
-                            f"snapshot {i} ({validation.shown(conn_id)}) breaks the contract",
-                            violations,
+                    side: pb.Server | pb.Client
+                    if which == "server":
+                        side = snap.server
+                        kind = Kind.SERVER
+                        tag = b"\x1a"
+                    elif which == "client":
+                        side = snap.client
+                        kind = Kind.CLIENT
+                        tag = b"\x12"
+                    else:
+                        violations = validation.snapshot_violations(snap, f"{path}[{i}]")
+                        rejected.append(
+                            Rejection(
+                                i, "", "INVALID_SNAPSHOT", f"snapshot {i} is empty", violations
+                            )
                         )
-                    )
-                    continue
-                state = conn.state
-                if prev is not None:
-                    refusal = _conflict(i, prev, kind, proxy, live)
-                    if refusal is not None:
-                        rejected.append(refusal)
                         continue
-                for seen in seen_sets:
-                    seen.add(id)
-                if kind is Kind.SERVER:
-                    # A certificate_list entry is tagged 0x42 ("B"); bytes
-                    # without one hold no certificate, and searching them in C
-                    # is far cheaper than the repeated field's container.
-                    has_certs = (body is None or b"B" in body) and bool(conn.certificate_list)
-                else:
-                    has_certs = bool(conn.certificate_list) or snap.client.HasField("mitmcert")
-                if has_certs:
-                    side = _described(side)
-                    body = None
-                if body is None:
-                    body = side.SerializeToString()
-                last_change = pending = b""
-                if prev is not None:
-                    # Compared as stored: with its certificates described.
-                    if (has_certs or not compared) and _unchanged(
-                        prev, snap, proxy, tag + encode_varint(len(body)) + body
+                    body = _ingest.payload(data) if data is not None else None
+                    conn = side.connection
+                    id = conn.id
+                    hook = snap.hook
+                    client_id = snap.client_id
+                    prev = records.get(id)
+                    # An unchanged re-report (a resync, a repeated hook) matches the
+                    # stored bytes, which were valid when stored: skipped before the
+                    # checks, which cost more than the comparison (bench/README.md).
+                    compared = False
+                    if body and prev is not None and prev.kind is kind:
+                        compared = True
+                        if _unchanged(
+                            prev,
+                            hook,
+                            client_id,
+                            _settles(snap),
+                            proxy,
+                            tag + encode_varint(len(body)) + body,
+                        ):
+                            for seen in seen_sets:
+                                seen.add(id)
+                            continue
+                    violations = validation.snapshot_violations(snap, f"{path}[{i}]", body)
+                    if violations:
+                        conn_id = _snapshot_id(snap)
+                        rejected.append(
+                            Rejection(
+                                i,
+                                conn_id,
+                                "INVALID_SNAPSHOT",
+                                f"snapshot {i} ({validation.shown(conn_id)}) breaks the contract",
+                                violations,
+                            )
+                        )
+                        continue
+                    state = conn.state
+                    if prev is not None:
+                        refusal = _conflict(i, prev, kind, proxy, live)
+                        if refusal is not None:
+                            rejected.append(refusal)
+                            continue
+                    for seen in seen_sets:
+                        seen.add(id)
+                    if kind is Kind.SERVER:
+                        # A certificate_list entry is tagged 0x42 ("B"); bytes
+                        # without one hold no certificate, and searching them in C
+                        # is far cheaper than the repeated field's container.
+                        has_certs = (body is None or b"B" in body) and bool(conn.certificate_list)
+                    else:
+                        has_certs = bool(conn.certificate_list) or snap.client.HasField("mitmcert")
+                    if has_certs:
+                        side = _described(side)
+                        body = None
+                    if body is None:
+                        body = side.SerializeToString()
+                    assert body is not None
+                    if (
+                        prev is not None
+                        and (has_certs or not compared)
+                        and _unchanged(  # compared as stored: with its certificates described
+                            prev,
+                            hook,
+                            client_id,
+                            _settles(snap),
+                            proxy,
+                            tag + encode_varint(len(body)) + body,
+                        )
                     ):
                         continue
+                last_change = pending = b""
+                if prev is not None:
                     if prev.has_pending or prev.has_last_change:
                         last_change, pending = self._changes_after(prev, snap)
                     id = prev.id
@@ -955,15 +995,17 @@ class Resync:
         self.seen: set[str] = set()
 
 
-def _unchanged(prev: Record, snap: rs.ConnectionSnapshot, proxy: str, kind_field: bytes) -> bool:
-    """Whether ``snap`` would store ``prev`` again: same connection bytes, client,
-    proxy and hook (or a resync's), and nothing pending for it to settle."""
-    hook = snap.hook
+def _unchanged(
+    prev: Record, hook: int, client_id: str, settles: bool, proxy: str, kind_field: bytes
+) -> bool:
+    """Whether a snapshot would store ``prev`` again: same connection bytes, client,
+    proxy and hook (or a resync's), and nothing pending for it to settle
+    (``settles``: it may, see ``_settles``)."""
     return (
         (hook == prev.last_hook or hook == pb.HOOK_RESYNC)
         and prev.proxy == proxy
-        and prev.client_id == (snap.client_id or prev.id)
-        and not (prev.has_pending and _settles(snap))
+        and prev.client_id == (client_id or prev.id)
+        and not (prev.has_pending and settles)
         and len(prev.data) - prev.meta_end() == len(kind_field)
         and prev.data.endswith(kind_field)
     )
