@@ -128,7 +128,7 @@ def test_the_installed_package_runs_the_compiled_module_unless_told_otherwise() 
     # CI installs with a compiler; CONNMETA_PURE_PYTHON=1 runs the sources.
     if os.environ.get("CONNMETA_PURE_PYTHON"):
         assert not _ingest.compiled()
-        assert store._SCAN is None
+        assert store._APPLY_PLAIN is None
     elif os.environ.get("CONNMETA_EXPECT_COMPILED"):
         assert _ingest.compiled(), _ingest.__file__
     assert not source.compiled()
@@ -173,9 +173,9 @@ def test_the_scan_agrees_with_the_full_checks_and_with_its_source(
             assert _ingest.payload(data) == source.payload(data)
 
 
-def _apply_all(batches: list[bytes], scan: Any, monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+def _apply_all(batches: list[bytes], loop: Any, monkeypatch: pytest.MonkeyPatch) -> list[Any]:
     """Every batch through a fresh store as the servicer applies it; what it kept and refused."""
-    monkeypatch.setattr(store, "_SCAN", scan)
+    monkeypatch.setattr(store, "_APPLY_PLAIN", loop)
     s = Store(clock=FakeClock())
     s.apply(h.seed_snapshots(), proxy=h.SEED_PROXY)
     s.attach_proxy(h.SEED_PROXY)
@@ -216,8 +216,8 @@ def test_a_store_fed_through_the_scan_keeps_and_refuses_what_the_pure_store_does
         body = b"".join(parts)
         encoded.append(b"\x12" + _varint(len(body)) + body)
     with pytest.MonkeyPatch.context() as monkeypatch:
-        fast = _apply_all(encoded, _ingest.scan, monkeypatch)
-        from_source = _apply_all(encoded, source.scan, monkeypatch)
+        fast = _apply_all(encoded, _ingest.apply_plain, monkeypatch)
+        from_source = _apply_all(encoded, source.apply_plain, monkeypatch)
         pure = _apply_all(encoded, None, monkeypatch)
     assert fast == pure
     assert from_source == pure
@@ -230,3 +230,55 @@ def _varint(n: int) -> bytes:
         n >>= 7
     out.append(n)
     return bytes(out)
+
+
+def _lifecycle(loop: Any, monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """A connection's life and its corner cases through one store: new, changed,
+    unchanged, resynced, a pending change settled, closed, expired and reported
+    again, a kind conflict, an id another live proxy holds."""
+    monkeypatch.setattr(store, "_APPLY_PLAIN", loop)
+    clock = FakeClock()
+    s = Store(clock=clock, closed_retention_seconds=10, closed_retention_count=2)
+    out: list[Any] = []
+
+    def report(*snaps: rs.ConnectionSnapshot, proxy: str = "p") -> None:
+        data = rs.ReportRequest(batch=rs.ReportBatch(snapshots=snaps)).SerializeToString()
+        decoded = decode_report(data)
+        assert isinstance(decoded, DecodedReport)
+        rejected = s.apply(decoded.request.batch.snapshots, decoded.encoded, proxy=proxy)
+        out.append([(r.index, r.id, r.reason) for r in rejected])
+        clock.now += 1
+
+    s.attach_proxy("p")
+    s.attach_proxy("q")
+    c, a, b = "client-1", "server-a", "server-b"
+    report(client(c), server(a, client_id=c, hook=pb.HOOK_SERVER_CONNECT))
+    report(server(a, client_id=c), server(a, client_id=c))  # changed, then unchanged
+    report(server(a, client_id="client-2"), server(a, client_id=c))  # another client
+    resync = s.begin_resync("p")
+    report(server(a, client_id=c, hook=pb.HOOK_RESYNC), client(c, hook=pb.HOOK_RESYNC))
+    out.append(sorted(resync.seen))
+    s.end_resync(resync)
+    report(server(b, client_id=c, state=pb.CONNECTION_STATE_CLOSED))
+    s.update_server(b, address=pb.Address(host="x.example", port=1), via=None, mask=["address"])
+    report(server(b, client_id=c, hook=pb.HOOK_SERVER_CONNECTED))  # settles the change
+    report(server(b, client_id=c, hook=pb.HOOK_SERVER_DISCONNECTED, state=0))
+    report(client(a), server(c), server(a, client_id=c), proxy="q")  # conflicts
+    report(client(c, hook=pb.HOOK_CLIENT_DISCONNECTED, state=0))
+    clock.now += 100
+    out.append(s.expire())
+    report(client(c), server(b, client_id=c))  # deleted ids come back
+    records, revision = s.snapshot()
+    out.append(revision - s.oldest_revision)
+    out.append(sorted((r.id, r.data, r._bits, r.client_id, r.proxy) for r in records))
+    out.append([(e.type, e.record.data) for e in s.events_after(s.oldest_revision)])
+    out.append((len(s._unsorted), sorted(s._deleted), dict(s._terminal), s._terminal_bytes))
+    out.append((list(s._census), sorted(s._pending)))
+    return out
+
+
+def test_a_connection_s_whole_life_is_stored_alike_through_the_scan() -> None:
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        pure = _lifecycle(None, monkeypatch)
+        assert _lifecycle(_ingest.apply_plain, monkeypatch) == pure
+        assert _lifecycle(source.apply_plain, monkeypatch) == pure

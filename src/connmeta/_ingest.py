@@ -24,10 +24,18 @@ compiled scan a small fraction of that (figures in bench/README.md). Setting
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Final
+from collections.abc import Callable, Sequence
+from typing import Any, Final
 
-__all__ = ["Scanned", "compiled", "implementation", "payload", "scan"]
+__all__ = [
+    "Scanned",
+    "apply_plain",
+    "compiled",
+    "encode_record",
+    "implementation",
+    "payload",
+    "scan",
+]
 
 # Mirrors of connmeta.validation's bounds (tests/test_ingest.py checks they agree).
 MAX_ID_BYTES: Final = 256
@@ -373,3 +381,245 @@ def compiled() -> bool:
 def implementation() -> str:
     """Which ingest path this process runs, for start-up logs and benchmark output."""
     return "compiled (mypyc)" if compiled() else "pure Python"
+
+
+# -- the store's loop over a batch ----------------------------------------------
+
+HOOK_RESYNC: Final = 11
+
+
+def _put_varint(parts: list[bytes], value: int, tables: tuple[tuple[bytes, ...], ...]) -> None:
+    """Append ``value``'s varint to ``parts`` from ``records``' tables: every varint
+    below 2**14, and the low 14 bits of larger ones (no per-byte work, no object)."""
+    low14 = tables[1]
+    while value >= 0x4000:
+        parts.append(low14[value & 0x3FFF])
+        value >>= 14
+    parts.append(tables[0][value])
+
+
+def _varint_len(value: int) -> int:
+    n = 1
+    while value >= 0x80:
+        value >>= 7
+        n += 1
+    return n
+
+
+def encode_record(
+    revision: int,
+    create_revision: int,
+    client_id: bytes,
+    hook: int,
+    rest: bytes,
+    tag: bytes,
+    payload: bytes,
+    tables: tuple[tuple[bytes, ...], ...],
+) -> bytes:
+    """``records.encode_record`` for a record without a change: the serialized
+    ConnectionRecord, metadata first (revision, create_revision, etag, client_id
+    when not empty, last_hook when not 0, then ``rest``: update_time and
+    proxy_id already encoded), then the client or server field (``tag``).
+    ``tables`` are ``records``' varint tables (_VARINT14, _LOW14)."""
+    etag = str(revision).encode("ascii")
+    cid_len = len(client_id)
+    meta_len = (
+        6
+        + _varint_len(revision)
+        + _varint_len(create_revision)
+        + len(etag)
+        + (1 + _varint_len(cid_len) + cid_len if cid_len else 0)
+        + (2 if hook else 0)
+        + len(rest)
+    )
+    small = tables[0]
+    parts = [b"\n"]
+    _put_varint(parts, meta_len, tables)
+    parts.append(b"\x08")
+    _put_varint(parts, revision, tables)
+    parts.append(b"\x10")
+    _put_varint(parts, create_revision, tables)
+    parts.append(b"\x1a")
+    parts.append(small[len(etag) + 2])
+    parts.append(b'"')
+    parts.append(etag)
+    parts.append(b'"')
+    if cid_len:
+        parts.append(b"\x22")  # metadata.client_id, field 4
+        _put_varint(parts, cid_len, tables)
+        parts.append(client_id)
+    if hook:
+        parts.append(b"\x28")  # metadata.last_hook, field 5
+        parts.append(small[hook])
+    parts.append(rest)
+    parts.append(tag)
+    _put_varint(parts, len(payload), tables)
+    parts.append(payload)
+    return b"".join(parts)
+
+
+def _meta_end(data: bytes) -> int:
+    """Where a stored record's metadata (its first field) ends: ``Record.meta_end``."""
+    end = len(data)
+    length, pos = _varint(data, 1, end)
+    return pos + length if pos >= 0 else end
+
+
+def _create_revision(data: bytes) -> int:
+    """A stored record's metadata.create_revision, its second field (``records._revisions``);
+    -1 when the record does not start that way (then the store's own property decides)."""
+    end = len(data)
+    _, pos = _varint(data, 1, end)
+    if pos < 0 or pos >= end or data[pos] != 0x08:
+        return -1
+    _, pos = _varint(data, pos + 1, end)
+    if pos < 0 or pos >= end or data[pos] != 0x10:
+        return -1
+    value, pos = _varint(data, pos + 1, end)
+    return value if pos >= 0 else -1
+
+
+def _same_payload(data: bytes, start: int, tag: bytes, payload: bytes) -> bool:
+    """Whether ``data`` from ``start`` on is exactly ``tag``, len(payload), payload."""
+    n = len(payload)
+    end = len(data)
+    if start >= end or data[start] != tag[0]:
+        return False
+    length, pos = _varint(data, start + 1, end)
+    return pos >= 0 and length == n and end - pos == n and data.endswith(payload)
+
+
+def apply_plain(
+    store: Any,
+    encoded: Sequence[bytes],
+    proxy: str,
+    rest: bytes,
+    now: float,
+    seen_sets: Any,
+    events: list[Any],
+    rejected: list[Any],
+    slow: Callable[[int], None],
+    env: tuple[
+        Any,
+        Any,
+        Any,
+        Any,
+        Any,
+        tuple[int, ...],
+        int,
+        Any,
+        Callable[[bytes], bool],
+        tuple[tuple[bytes, ...], ...],
+    ],
+) -> None:
+    """``Store.apply``'s loop for a batch of encoded snapshots: the plainly valid
+    ones are applied here, every other one by ``slow(i)`` (the parsed path) in
+    its turn, so revisions follow the batch's order.
+
+    This mirrors the store's own loop for the common case and must keep
+    exactly what it keeps (tests/test_ingest.py compares the two stores):
+    a new or changed connection without certificates, whose previous version
+    has no change pending or recorded. ``env`` holds the store's types and
+    tables: Record, Event, ADDED, MODIFIED, the Kinds by number, the bits
+    table, the terminal hooks as a bit mask, the conflict check,
+    validation.plain_mode and records' varint tables.
+    """
+    (
+        record_type,
+        event_type,
+        added,
+        modified,
+        kinds,
+        bits_table,
+        terminal_hooks,
+        conflict,
+        mode_ok,
+        tables,
+    ) = env
+    records: dict[str, Any] = store._records
+    census: list[int] = store._census
+    live: Any = store._live
+    unsorted: list[str] = store._unsorted
+    deleted: set[str] = store._deleted
+    terminal: Any = store._terminal
+    interned: dict[Any, Any] = store._interned
+    for i in range(len(encoded)):
+        scanned = scan(encoded[i], mode_ok)
+        if scanned is None:
+            slow(i)
+            continue
+        kind, id, state, hook, client_id, body = scanned
+        tag = b"\x1a" if kind == 2 else b"\x12"
+        prev = records.get(id)
+        create_revision = 0
+        was_terminal = False
+        if prev is not None:
+            if prev.has_pending or prev.has_last_change:
+                slow(i)  # the change may settle, and is carried over: the parsed path
+                continue
+            if (
+                prev.kind == kind
+                and (hook == prev.last_hook or hook == HOOK_RESYNC)
+                and prev.proxy == proxy
+                and prev.client_id == (client_id or prev.id)
+                and _same_payload(prev.data, _meta_end(prev.data), tag, body)
+            ):
+                for seen in seen_sets:
+                    seen.add(id)
+                continue  # an unchanged re-report
+            refusal = conflict(i, prev, kinds[kind], proxy, live)
+            if refusal is not None:
+                rejected.append(refusal)
+                continue
+            id = prev.id
+            create_revision = _create_revision(prev.data)
+            if create_revision < 0:
+                create_revision = prev.create_revision
+            was_terminal = bool(prev.terminal)
+        for seen in seen_sets:
+            seen.add(id)
+        if kind == 2:
+            owner = records.get(client_id)
+            client_id = owner.id if owner is not None else interned.setdefault(client_id, client_id)
+            cid = client_id.encode("ascii")
+        else:
+            client_id = id
+            cid = b""
+        revision: int = store._revision + 1
+        if prev is None:
+            create_revision = revision
+        is_terminal = bool(terminal_hooks >> hook & 1) or state == 0
+        low = kind | state << 2
+        data = encode_record(revision, create_revision, cid, hook, rest, tag, body, tables)
+        record = record_type(
+            id,
+            client_id,
+            None,
+            None,
+            None,
+            bits_table[low | hook << 4 | (256 if is_terminal else 0)],
+            data,
+            proxy,
+        )
+        store._revision = revision
+        records[id] = record
+        census[low] += 1
+        if prev is None:
+            if id in deleted:
+                deleted.discard(id)  # still in _sorted from its previous life
+            else:
+                unsorted.append(id)
+            events.append(event_type(revision, added, record, None))
+        else:
+            census[prev._bits & 15] -= 1
+            events.append(event_type(revision, modified, record, prev))
+        if is_terminal:
+            terminal.pop(id, None)
+            terminal[id] = now
+            size: int = store._terminal_bytes + len(data)
+            if prev is not None and was_terminal:
+                size -= len(prev.data)
+            store._terminal_bytes = size
+        elif prev is not None and was_terminal:
+            terminal.pop(id, None)
+            store._terminal_bytes = store._terminal_bytes - len(prev.data)
