@@ -510,6 +510,7 @@ def apply_plain(
         Any,
         Callable[[bytes], bool],
         tuple[tuple[bytes, ...], ...],
+        tuple[int, int, int, int],
     ],
 ) -> None:
     """``Store.apply``'s loop for a batch of encoded snapshots: the plainly valid
@@ -522,7 +523,9 @@ def apply_plain(
     has no change pending or recorded. ``env`` holds the store's types and
     tables: Record, Event, ADDED, MODIFIED, the Kinds by number, the bits
     table, the terminal hooks as a bit mask, the conflict check,
-    validation.plain_mode and records' varint tables.
+    validation.plain_mode, records' varint tables, and where Record._bits
+    keeps has_pending, has_last_change, terminal and last_hook (read from
+    the slot: a property costs a Python call each).
     """
     (
         record_type,
@@ -535,7 +538,9 @@ def apply_plain(
         conflict,
         mode_ok,
         tables,
+        layout,
     ) = env
+    pending_bit, last_change_bit, terminal_bit, hook_shift = layout
     records: dict[str, Any] = store._records
     census: list[int] = store._census
     live: Any = store._live
@@ -553,29 +558,34 @@ def apply_plain(
         prev = records.get(id)
         create_revision = 0
         was_terminal = False
+        bits = 0
         if prev is not None:
-            if prev.has_pending or prev.has_last_change:
+            bits = prev._bits
+            if bits & (pending_bit | last_change_bit):
                 slow(i)  # the change may settle, and is carried over: the parsed path
                 continue
+            same_kind = bits & 3 == kind
+            prev_proxy: str = prev.proxy
             if (
-                prev.kind == kind
-                and (hook == prev.last_hook or hook == HOOK_RESYNC)
-                and prev.proxy == proxy
+                same_kind
+                and (hook == bits >> hook_shift & 15 or hook == HOOK_RESYNC)
+                and prev_proxy == proxy
                 and prev.client_id == (client_id or prev.id)
                 and _same_payload(prev.data, _meta_end(prev.data), tag, body)
             ):
                 for seen in seen_sets:
                     seen.add(id)
                 continue  # an unchanged re-report
-            refusal = conflict(i, prev, kinds[kind], proxy, live)
-            if refusal is not None:
-                rejected.append(refusal)
-                continue
+            if not same_kind or (prev_proxy != proxy and prev_proxy in live):
+                refusal = conflict(i, prev, kinds[kind], proxy, live)
+                if refusal is not None:
+                    rejected.append(refusal)
+                    continue
             id = prev.id
             create_revision = _create_revision(prev.data)
             if create_revision < 0:
                 create_revision = prev.create_revision
-            was_terminal = bool(prev.terminal)
+            was_terminal = bool(bits & terminal_bit)
         for seen in seen_sets:
             seen.add(id)
         if kind == 2:
@@ -611,7 +621,7 @@ def apply_plain(
                 unsorted.append(id)
             events.append(event_type(revision, added, record, None))
         else:
-            census[prev._bits & 15] -= 1
+            census[bits & 15] -= 1
             events.append(event_type(revision, modified, record, prev))
         if is_terminal:
             terminal.pop(id, None)

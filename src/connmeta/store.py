@@ -34,7 +34,11 @@ from connmeta import _ingest, certs, changes, validation
 from connmeta.filters import Filter
 from connmeta.guard import address_value, guard_refuses, value_text, via_value
 from connmeta.records import (
+    _HAS_LAST_CHANGE,
+    _HAS_PENDING,
+    _HOOK_SHIFT,
     _LOW14,
+    _TERMINAL,
     _VARINT14,
     TERMINAL_HOOKS,
     Compacted,
@@ -1067,4 +1071,5 @@ _PLAIN_ENV: Final = (
     _conflict,
     validation.plain_mode,
     (_VARINT14, _LOW14),
+    (_HAS_PENDING, _HAS_LAST_CHANGE, _TERMINAL, _HOOK_SHIFT),
 )
