@@ -23,8 +23,9 @@ def _prefer_source(name: str) -> None:
     found = [path for path in compiled if os.path.exists(path)]
     if not found or not os.path.exists(source):
         return
+    # A second's slack: installing a wheel writes both files in the same moment.
     if not os.environ.get("CONNMETA_PURE_PYTHON") and all(
-        os.path.getmtime(path) >= os.path.getmtime(source) for path in found
+        os.path.getmtime(path) + 1.0 >= os.path.getmtime(source) for path in found
     ):
         return
     spec = util.spec_from_file_location(f"{__name__}.{name}", source)
