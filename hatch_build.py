@@ -33,9 +33,18 @@ class MypycBuildHook(BuildHookInterface):  # type: ignore[misc]  # hatchling is 
     PLUGIN_NAME = "custom"
 
     def initialize(self, version: str, build_data: dict[str, Any]) -> None:
-        if self.target_name != "wheel" or os.environ.get("CONNMETA_PURE_PYTHON"):
+        if self.target_name != "wheel":
             return
         root = Path(self.root)
+        if os.environ.get("CONNMETA_PURE_PYTHON"):
+            if version == "editable":  # no module compiled earlier may stay in place
+                for path in COMPILED:
+                    stem = root / path
+                    for built in stem.parent.glob(
+                        f"{stem.stem}*{sysconfig.get_config_var('EXT_SUFFIX')}"
+                    ):
+                        built.unlink()
+            return
         work = self._work = Path(tempfile.mkdtemp(prefix="connmeta-mypyc-"))
         try:
             built = _compile(root, work)
