@@ -32,7 +32,7 @@ from connmeta.records import InvalidArgument, Rejection, StoreError
 from connmeta.routing import Decision, ProxyFeed, RouterHub
 from connmeta.service import Context, Undecodable, cancel
 from connmeta.stats import ReportStats
-from connmeta.store import EncodedSnapshot, Resync, Store
+from connmeta.store import Resync, Store
 from connmeta.v1 import connection_pb2 as pb
 from connmeta.v1 import report_service_pb2 as rs
 from connmeta.v1 import router_service_pb2 as rt
@@ -60,8 +60,8 @@ class DecodedReport(NamedTuple):
 
     request: rs.ReportRequest
     """The request, parsed and validated by the public types."""
-    encoded: Sequence[EncodedSnapshot] | None
-    """For a batch, its snapshots' client and server as the bytes they arrived in."""
+    encoded: Sequence[bytes] | None
+    """For a batch, its snapshots as the bytes they arrived in."""
 
 
 def decode_report(data: bytes) -> DecodedReport | Undecodable:
@@ -70,9 +70,9 @@ def decode_report(data: bytes) -> DecodedReport | Undecodable:
     Parses the request twice, both times in C: with the public types, which
     check the wire format (bytes that are not a ReportRequest become an
     Undecodable), and with the raw view, which hands the store each
-    snapshot's payload as bytes so that ingest never serializes a Client or
-    Server again. The second parse and its size check cost about a fifth of
-    the first.
+    snapshot as bytes: the store reads them without upb attribute reads
+    (``connmeta._ingest``) and never serializes a Client or Server again.
+    The second parse and its size check cost about a fifth of the first.
     """
     try:
         request = rs.ReportRequest.FromString(data)
@@ -249,7 +249,7 @@ class ReportServicer:
         self,
         stream: _Stream,
         request: rs.ReportRequest,
-        encoded: Sequence[EncodedSnapshot] | None,
+        encoded: Sequence[bytes] | None,
     ) -> tuple[rs.ReportResponse, list[tuple[str, str]]]:
         """Apply one request; its ack and the server connects to route."""
         if request.proxy_id and request.proxy_id != stream.proxy:
