@@ -19,6 +19,8 @@ from bench._report import HEADER, Figure
 # Name -> module; run in this order (the cheap, noise-sensitive ones first).
 SUITES: dict[str, str] = {
     "transport": "bench.transport_bench",
+    "watch": "bench.watch_bench",
+    "routing": "bench.routing_bench",
     "scale": "bench.scale_bench",
 }
 

@@ -24,6 +24,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from connmeta import _ingest
+from connmeta import store as store_module
 from connmeta._rawview import RawReportRequest
 from connmeta.state_file import open_store
 from connmeta.store import Filter, Store
@@ -82,6 +84,30 @@ def _rate(label: str, count: int, seconds: float, unit: str = "records/s") -> No
     print(f"  {label:<52} {count / seconds:>12,.0f} {unit}   ({seconds * 1e6 / count:.2f} µs each)")
 
 
+# The ingest paths to compare: compiled first when this install has it.
+_INGEST_PATHS: list[tuple[str, Any]] = (
+    [("compiled", _ingest.apply_plain)] if _ingest.compiled() else []
+) + [("pure Python", None)]
+
+
+def _as_served(store: Store, requests: list[bytes]) -> None:
+    """Apply report requests as the Report method does: both parses, then the store."""
+    for data in requests:
+        store.apply(
+            rs.ReportRequest.FromString(data).batch.snapshots,
+            RawReportRequest.FromString(data).batch.snapshots,
+        )
+
+
+def _closed(data: bytes) -> bytes:
+    """The same report with every server disconnected (a MODIFIED each)."""
+    request = rs.ReportRequest.FromString(data)
+    for s in request.batch.snapshots:
+        s.hook = pb.HOOK_SERVER_DISCONNECTED
+        s.server.connection.state = pb.CONNECTION_STATE_CLOSED
+    return request.SerializeToString()
+
+
 def bench_apply(n: int) -> None:
     print(f"apply() in batches of {BATCH}, {n:,} realistic servers")
     snaps = snapshots(n)
@@ -91,15 +117,34 @@ def bench_apply(n: int) -> None:
     encoded = [
         rs.ReportRequest(batch=rs.ReportBatch(snapshots=b)).SerializeToString() for b in batches
     ]
-    raw_store = Store(history_size=100_000)
-    t0 = time.perf_counter()
-    for data in encoded:
-        raw_store.apply(
-            rs.ReportRequest.FromString(data).batch.snapshots,
-            RawReportRequest.FromString(data).batch.snapshots,
-        )
-    _rate("new connections, from request bytes (as served)", n, time.perf_counter() - t0)
-    del raw_store, encoded
+    # The compiled ingest path (connmeta._ingest) and the pure-Python one,
+    # interleaved round by round in this process, fastest of three, on the
+    # first 50k (the pure path's rounds are long).
+    served = min(n, 50_000)
+    encoded = encoded[: served // BATCH]
+    closed = [_closed(data) for data in encoded]
+    for label, before, timed in (
+        ("new", [], encoded),
+        ("changed", [encoded], closed),
+        ("unchanged", [encoded, closed], closed),
+    ):
+        best: dict[str, float] = {}
+        for _ in range(3):
+            for path, loop in _INGEST_PATHS:
+                store_module._APPLY_PLAIN = loop  # type: ignore[misc]
+                raw_store = Store(history_size=100_000)
+                for requests in before:
+                    _as_served(raw_store, requests)
+                gc.collect()
+                t0 = time.perf_counter()
+                _as_served(raw_store, timed)
+                elapsed = time.perf_counter() - t0
+                best[path] = min(best.get(path, elapsed), elapsed)
+                del raw_store
+        store_module._APPLY_PLAIN = _INGEST_PATHS[0][1]  # type: ignore[misc]
+        for path, seconds in best.items():
+            _rate(f"{label}, from request bytes (as served), {path}", served, seconds)
+    del encoded, closed
     store = Store(history_size=100_000)
     t0 = time.perf_counter()
     for batch in batches:
@@ -305,7 +350,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="100k connections only")
     args = parser.parse_args(argv)
     sizes = [100_000] if args.quick else [100_000, 1_000_000]
-    print(f"python {sys.version.split()[0]}")
+    print(f"python {sys.version.split()[0]}, ingest path {_ingest.implementation()}")
     steps: list[Callable[[], None]] = [
         lambda: bench_apply(100_000),
         lambda: bench_state_dir(50_000),

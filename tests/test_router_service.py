@@ -411,3 +411,68 @@ async def test_a_connect_its_batch_already_reports_done_is_not_asked(
     assert query.server.server.connection.id == waiting.server.connection.id
     await proxy.close()
     await router.leave()
+
+
+async def test_a_connect_the_proxy_did_not_hold_is_never_asked(channel: grpc.aio.Channel) -> None:
+    # The proxy let this connect through before it learned of the router (its
+    # report was on its way while the router subscribed): asking now would
+    # be a stale query, and its answer would go nowhere.
+    router = Router(channel)
+    await router.subscribe("r1")
+    proxy = Proxy(channel)
+    await proxy.resync()
+    let_through = waiting_server()
+    let_through.route_hold = rs.ROUTE_HOLD_NOT_HELD
+    held = waiting_server()
+    held.route_hold = rs.ROUTE_HOLD_HELD
+    responses = await proxy.report(let_through, held)
+    query = (await router.read()).query
+    assert query.server.server.connection.id == held.server.connection.id
+    await router.call.write(rt.RouteRequest(answer=rt.RouteAnswer(query_id=query.query_id)))
+    while not of_kind(responses, "route_decision"):
+        responses.append(await proxy.read())
+    (decision,) = of_kind(responses, "route_decision")
+    assert decision.route_decision.server_id == held.server.connection.id
+    await proxy.close()
+    await router.leave()
+
+
+async def test_a_connect_not_held_gets_no_pending_change_sent_as_its_decision(
+    channel: grpc.aio.Channel,
+) -> None:
+    proxy = Proxy(channel)
+    await proxy.resync()
+    first = waiting_server()
+    first.hook = pb.HOOK_SERVER_DISCONNECTED
+    await proxy.report(first)
+    await update_address(channel, first.server.connection.id, 8443)
+    assert of_kind(await proxy.report(), "route_decision")  # the change, unasked
+    again = waiting_server()
+    again.server.connection.id = first.server.connection.id
+    again.route_hold = rs.ROUTE_HOLD_NOT_HELD
+    # Nobody waits: no decision answers this connect (an ack only).
+    assert of_kind(await proxy.report(again), "route_decision") == []
+    assert await proxy.close() == []
+
+
+async def test_a_held_connect_its_batch_reports_an_outcome_for_is_not_asked(
+    channel: grpc.aio.Channel,
+) -> None:
+    # A replay after an outage: the connect was held, then went ahead (here
+    # on its deadline) before the sidecar saw either report.
+    router = Router(channel)
+    await router.subscribe("r1")
+    proxy = Proxy(channel)
+    await proxy.resync()
+    held = waiting_server()
+    held.route_hold = rs.ROUTE_HOLD_HELD
+    gone_ahead = rs.ConnectionSnapshot()
+    gone_ahead.CopyFrom(held)
+    gone_ahead.ClearField("route_hold")
+    gone_ahead.route_outcome.kind = rs.ROUTE_OUTCOME_KIND_TIMED_OUT
+    waiting = waiting_server()
+    await proxy.report(held, gone_ahead, waiting)
+    query = (await router.read()).query
+    assert query.server.server.connection.id == waiting.server.connection.id
+    await proxy.close()
+    await router.leave()

@@ -121,6 +121,7 @@ async def test_query_answered_in_time_returns_the_routers_decision() -> None:
     router = hub.subscribe("r")
     asking = asyncio.create_task(hub.ask("q1", "s1", "payload"))
     query = await asyncio.wait_for(router.queries.get(), 1)
+    assert query is not None
     assert (query.id, query.server_id, query.payload) == ("q1", "s1", "payload")
     new = address(port=8443)
     assert hub.answer(router, Decision("", fields=ADDRESS, address=new, query_id="q1"))

@@ -178,3 +178,12 @@ def test_a_report_batch_with_snapshots_of_one_id_is_indexed_once() -> None:
     page, _, _ = store.list(Filter(states=frozenset({CLOSED})), limit=10)
     assert [r.id for r in page] == ["s1"]
     assert store.list(Filter(states=frozenset({OPEN})), limit=10)[0] == []
+
+
+def test_a_record_under_two_names_a_wildcard_matches_is_listed_once() -> None:
+    store = Store()
+    store.apply([client("c1", peer=("a.example.com", 1), sni="b.example.com")])
+    page, _, _ = store.list(Filter(sni="*.example.com"), limit=10)
+    assert [r.id for r in page] == ["c1"]
+    page, _, _ = store.list(Filter(host="*.example.com"), limit=10)
+    assert [r.id for r in page] == ["c1"]

@@ -1,12 +1,12 @@
-"""A private, wire-compatible view of ReportBatch that keeps each payload as bytes.
+"""A private, wire-compatible view of ReportBatch that keeps each snapshot as bytes.
 
 Protobuf encodes a message field and a bytes field the same way (tag, length,
-bytes), so a message type that declares ``ConnectionSnapshot.client`` and
-``.server`` as ``bytes`` parses any ReportRequest and hands over each
-snapshot's Client or Server exactly as the proxy encoded it. The store keeps
-those bytes in the record instead of re-serializing the parsed message, which
-was the single largest cost of ingest (about 2.4 µs a record, more than
-parsing the whole batch).
+bytes), so a message type that declares ``ReportBatch.snapshots`` as
+``repeated bytes`` parses any ReportRequest and hands over each
+ConnectionSnapshot exactly as the proxy encoded it. The store reads those
+bytes with ``connmeta._ingest`` (no upb attribute reads) and keeps the
+client or server inside them as the record's payload, without re-serializing
+a parsed message.
 
 The view is built at import time from a descriptor, in a pool of its own, so it
 needs no build step and cannot clash with ``connmeta.v1``. It declares only the
@@ -44,18 +44,8 @@ def _build() -> Any:
         return msg
 
     optional, repeated = field.LABEL_OPTIONAL, field.LABEL_REPEATED
-    # Field numbers are ConnectionSnapshot's, ReportBatch's and ReportRequest's.
-    snapshot = message(
-        "RawSnapshot",
-        ("client", 3, field.TYPE_BYTES, optional, ""),
-        ("server", 4, field.TYPE_BYTES, optional, ""),
-    )
-    # The same oneof as ConnectionSnapshot's, so that a snapshot carrying both
-    # (the last one wins) is read the same way by both views.
-    snapshot.oneof_decl.add(name="connection")
-    for spec in snapshot.field:
-        spec.oneof_index = 0
-    message("RawBatch", ("snapshots", 1, field.TYPE_MESSAGE, repeated, "RawSnapshot"))
+    # Field numbers are ReportBatch's and ReportRequest's.
+    message("RawBatch", ("snapshots", 1, field.TYPE_BYTES, repeated, ""))
     message("RawReportRequest", ("batch", 2, field.TYPE_MESSAGE, optional, "RawBatch"))
     pool = descriptor_pool.DescriptorPool()
     pool.Add(file)
@@ -65,5 +55,5 @@ def _build() -> Any:
 
 
 RawReportRequest: Final[Any] = _build()
-"""``RawReportRequest.FromString(data).batch.snapshots[i].server`` (or ``.client``)
-is the i-th snapshot's Server (Client) as encoded bytes; b"" when not set."""
+"""``RawReportRequest.FromString(data).batch.snapshots[i]`` is the i-th
+ConnectionSnapshot as encoded bytes."""

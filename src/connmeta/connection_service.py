@@ -174,12 +174,14 @@ class ConnectionServicer:
         )
         try:
             while True:
-                response = await watcher.next_response()
+                # The header is appended once per shared batch, not copied
+                # into a new response for each watcher.
+                response = await watcher.next_response(self._watch_header)
                 if not response:  # the hub ended this watch cleanly (shutdown)
                     return
                 # context.write rather than yield: the watcher bounds how long
                 # a write may stay blocked on a reader that stopped reading.
-                await watcher.send(context.write, response + self._watch_header)
+                await watcher.send(context.write, response)
         except Evicted as error:
             await _end_watch(context, status_for(error))
         finally:

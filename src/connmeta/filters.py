@@ -7,14 +7,16 @@ hold; an empty filter matches everything.
 
 from __future__ import annotations
 
-from typing import Final, NamedTuple
+from typing import Any, Final, Generic, NamedTuple, TypeVar
 
 from connmeta.records import InvalidArgument, Kind, Record
 from connmeta.v1 import connection_pb2 as pb
 from connmeta.v1 import connection_service_pb2 as cs
 from connmeta.validation import MAX_HOST_BYTES, id_problem, shown
 
-__all__ = ["Filter", "NameTerm", "Terms"]
+__all__ = ["Filter", "FilterIndex", "NameTerm", "Terms"]
+
+_T = TypeVar("_T")
 
 _STATES: Final = frozenset(pb.ConnectionState.values())
 _KINDS: Final = frozenset(cs.ConnectionKind.values())
@@ -182,3 +184,134 @@ class Filter:
 
     def __repr__(self) -> str:
         return f"Filter{self._key()!r}"
+
+
+class FilterIndex(Generic[_T]):
+    """Distinct filters indexed by what they constrain, for watch fan-out.
+
+    Each filter sits in one bucket, under its most selective condition: its
+    client id, else its exact host, exact SNI, host suffix, SNI suffix, port,
+    states, kind. A record looks up only the buckets its own values name
+    (a host's suffixes are found by its dots), so a record that no filter
+    could match costs a few dict lookups whatever the number of filters,
+    and each filter that could is evaluated once, with ``Filter.matches``.
+    """
+
+    __slots__ = (
+        "_client_id",
+        "_host",
+        "_host_suffix",
+        "_kind",
+        "_port",
+        "_sni",
+        "_sni_suffix",
+        "_state",
+        "_values",
+    )
+
+    def __init__(self) -> None:
+        self._values: dict[Filter, _T] = {}
+        self._client_id: dict[str, dict[Filter, _T]] = {}
+        self._host: dict[str, dict[Filter, _T]] = {}
+        self._sni: dict[str, dict[Filter, _T]] = {}
+        self._host_suffix: dict[str, dict[Filter, _T]] = {}
+        self._sni_suffix: dict[str, dict[Filter, _T]] = {}
+        self._port: dict[int, dict[Filter, _T]] = {}
+        self._state: dict[int, dict[Filter, _T]] = {}
+        self._kind: dict[Kind, dict[Filter, _T]] = {}
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __contains__(self, flt: Filter) -> bool:
+        return flt in self._values
+
+    def _buckets(self, flt: Filter) -> list[tuple[dict[Any, dict[Filter, _T]], object]]:
+        """Where ``flt`` is filed: (bucket family, key) pairs, one family per filter."""
+        if flt._client_id:
+            return [(self._client_id, flt._client_id)]
+        host, sni = flt._host, flt._sni
+        if host is not None and host.exact is not None:
+            return [(self._host, host.exact)]
+        if sni is not None and sni.exact is not None:
+            return [(self._sni, sni.exact)]
+        if host is not None:
+            return [(self._host_suffix, host.suffix)]
+        if sni is not None:
+            return [(self._sni_suffix, sni.suffix)]
+        if flt._port:
+            return [(self._port, flt._port)]
+        if flt._states:
+            return [(self._state, state) for state in flt._states]
+        if flt._kind is not None:
+            return [(self._kind, flt._kind)]
+        raise ValueError("the empty filter matches everything: it is not indexed")
+
+    def add(self, flt: Filter, value: _T) -> None:
+        """File ``flt`` (not empty) with ``value``, which ``matching`` returns for it."""
+        if flt in self._values:
+            raise ValueError(f"{flt!r} is already indexed")
+        for family, key in self._buckets(flt):
+            family.setdefault(key, {})[flt] = value
+        self._values[flt] = value
+
+    def remove(self, flt: Filter) -> None:
+        """Forget ``flt``; a filter not indexed is ignored."""
+        if self._values.pop(flt, None) is None:
+            return
+        for family, key in self._buckets(flt):
+            bucket = family[key]
+            del bucket[flt]
+            if not bucket:
+                del family[key]
+
+    def matching(self, record: Record) -> list[_T]:
+        """The values of every indexed filter that ``record`` matches, each once."""
+        out: list[_T] = []
+        for bucket in self._candidates(record):
+            for flt, value in bucket.items():
+                if flt.matches(record):
+                    out.append(value)
+        return out
+
+    def _candidates(self, record: Record) -> list[dict[Filter, _T]]:
+        found: list[dict[Filter, _T] | None] = []
+        if self._client_id:
+            found.append(self._client_id.get(record.client_id))
+        if self._host or self._host_suffix:
+            _names(record.host, self._host, self._host_suffix, found)
+        if self._sni or self._sni_suffix:
+            _names(record.sni, self._sni, self._sni_suffix, found)
+        if self._port:
+            found.append(self._port.get(record.port))
+        if self._state:
+            found.append(self._state.get(record.state))
+        if self._kind:
+            found.append(self._kind.get(record.kind))
+        return [bucket for bucket in found if bucket]
+
+
+def _names(
+    name: str,
+    exact: dict[str, dict[Filter, _T]],
+    suffixes: dict[str, dict[Filter, _T]],
+    found: list[dict[Filter, _T] | None],
+) -> None:
+    """The buckets of the exact and ``*.suffix`` patterns ``name`` may match.
+
+    ``_Name.matches`` compares ``name.lower()``: exact patterns are filed
+    lowercase, and a suffix pattern ".rest" can only match at a dot of the
+    lowered name past its first character (lowering never shortens a str).
+    """
+    if not name:
+        return
+    lowered = name.lower()
+    if exact:
+        found.append(exact.get(lowered))
+        if lowered != name:
+            found.append(exact.get(name))
+    if suffixes:
+        dot = lowered.find(".", 1)
+        while dot > 0:
+            found.append(suffixes.get(lowered[dot:]))
+            dot = lowered.find(".", dot + 1)

@@ -272,6 +272,16 @@ def _merge(sources: list[Iterator[str]]) -> Iterator[str]:
     return heapq.merge(*sources)
 
 
+def _distinct(ids: Iterator[str]) -> Iterator[str]:
+    """Sorted ``ids`` without repeats: a record whose host and SNI differ is
+    under both names, and a wildcard may match both."""
+    last = None
+    for id in ids:
+        if id != last:
+            last = id
+            yield id
+
+
 class Index:
     """Current ids, in order and by what a List filters on (see the module's docstring)."""
 
@@ -405,6 +415,8 @@ class Index:
                     postings = names.postings
                     consider(
                         sum(postings.size(k) for k in keys),
-                        lambda p=postings, ks=keys: _merge([p.after(k, after_id) for k in ks]),  # type: ignore[misc]
+                        lambda p=postings, ks=keys: _distinct(  # type: ignore[misc]
+                            _merge([p.after(k, after_id) for k in ks])
+                        ),
                     )
         return best()

@@ -19,7 +19,14 @@ import grpc
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from connmeta import __version__, connection_service, reflection, report_service, router_service
+from connmeta import (
+    __version__,
+    _ingest,
+    connection_service,
+    reflection,
+    report_service,
+    router_service,
+)
 from connmeta.auth import AuthzInterceptor, Limits, ServerTLS
 from connmeta.export.prometheus import MetricsServer, SidecarMetrics
 from connmeta.health import HealthServicer
@@ -459,6 +466,7 @@ async def serve(config: Config) -> None:
     sidecar = Sidecar(config)
     await sidecar.start()
     print(sidecar.describe(), flush=True)
+    log.debug("ingest path: %s", _ingest.implementation())
     loop = asyncio.get_running_loop()
     stopping: list[asyncio.Task[None]] = []
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -29,11 +29,17 @@ from typing import Any, Final, Protocol, TypeVar
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from connmeta import certs, changes, validation
+from connmeta import _ingest, certs, changes, validation
 from connmeta.filters import Filter
 from connmeta.guard import address_value, guard_refuses, value_text, via_value
 from connmeta.index import Index
 from connmeta.records import (
+    _HAS_LAST_CHANGE,
+    _HAS_PENDING,
+    _HOOK_SHIFT,
+    _LOW14,
+    _TERMINAL,
+    _VARINT14,
     TERMINAL_HOOKS,
     Compacted,
     ConnectionOpen,
@@ -58,7 +64,6 @@ from connmeta.v1 import report_service_pb2 as rs
 __all__ = [
     "Compacted",
     "ConnectionOpen",
-    "EncodedSnapshot",
     "EtagMismatch",
     "Event",
     "EventType",
@@ -105,19 +110,16 @@ _BITS: Final = tuple(
     for i in range(1 << 12)
 )
 assert max(_HOOKS) < 16, "_BITS holds hooks in 4 bits"
-_HOOK_FIELDS: Final = {hook: b"\x28" + bytes((hook,)) if hook else b"" for hook in _HOOKS}
+_HOOK_FIELDS: Final[dict[int, bytes]] = {
+    hook: b"\x28" + bytes((hook,)) if hook else b"" for hook in _HOOKS
+}
 _MISSING: Final = object()
+# Compiled, connmeta._ingest applies the plainly valid snapshots of a batch
+# from their bytes in a fraction of the parsed path's time; interpreted it
+# costs more than upb attribute reads (bench/README.md), so the pure-Python
+# store takes the parsed path (with validation._plainly_valid) for all.
+_APPLY_PLAIN: Final = _ingest.apply_plain if _ingest.compiled() else None
 _T = TypeVar("_T")
-
-
-class EncodedSnapshot(Protocol):
-    """A snapshot's client and server as encoded bytes (b"" when not set)."""
-
-    @property
-    def client(self) -> bytes: ...
-
-    @property
-    def server(self) -> bytes: ...
 
 
 class Journal(Protocol):
@@ -370,7 +372,7 @@ class Store:
     def apply(
         self,
         snapshots: Sequence[rs.ConnectionSnapshot],
-        encoded: Sequence[EncodedSnapshot] | None = None,
+        encoded: Sequence[bytes] | None = None,
         *,
         proxy: str = "",
         path: str = "snapshots",
@@ -388,9 +390,11 @@ class Store:
         A server snapshot settles the record's pending change when it shows
         the outcome of a connect (``connmeta.changes.settled``).
 
-        ``encoded``, when given, holds the same snapshots with their client or
-        server as the bytes they arrived in (``connmeta._rawview``); the store
-        then keeps those bytes instead of serializing the parsed message again.
+        ``encoded``, when given, holds the same snapshots as the bytes they
+        arrived in (``connmeta._rawview``). A plainly valid one is then read
+        from its bytes (``connmeta._ingest``) and its client or server stored
+        as it arrived, without serializing the parsed message again; the
+        others take the parsed snapshot and the full checks.
         """
         if encoded is not None and len(encoded) != len(snapshots):
             raise ValueError(f"{len(encoded)} encoded snapshots for {len(snapshots)} snapshots")
@@ -406,7 +410,6 @@ class Store:
             )
         records = self._records
         terminal = self._terminal
-        terminal_bytes = self._terminal_bytes
         seen_sets = self._resyncs.get(proxy, ())
         live = self._live
         pending_ids = self._pending
@@ -415,159 +418,185 @@ class Store:
             interned.clear()
         intern = interned.setdefault
         census = self._census
-        pairs: Iterable[tuple[rs.ConnectionSnapshot, EncodedSnapshot | None]] = (
-            zip(snapshots, encoded, strict=True)
-            if encoded is not None
-            else zip(snapshots, itertools.repeat(None))
-        )
-        try:
-            for i, (snap, raw) in enumerate(pairs):
-                # The raw bytes tell the kind for free; WhichOneof costs a
-                # microsecond and is only needed when neither side has a byte.
-                body: bytes | None = None
-                if raw is not None:
-                    body = raw.server
-                    which = "server" if body else "client" if (body := raw.client) else None
-                else:
-                    which = None
-                if which is None:
-                    body = None
-                    which = snap.WhichOneof("connection")
-                if which == "server":
-                    side: pb.Server | pb.Client = snap.server
-                    kind = Kind.SERVER
-                    tag = b"\x1a"
-                elif which == "client":
-                    side = snap.client
-                    kind = Kind.CLIENT
-                    tag = b"\x12"
-                else:
-                    violations = validation.snapshot_violations(snap, f"{path}[{i}]")
-                    rejected.append(
-                        Rejection(i, "", "INVALID_SNAPSHOT", f"snapshot {i} is empty", violations)
-                    )
-                    continue
-                conn = side.connection
-                id = conn.id
-                hook = snap.hook
-                client_id = snap.client_id
-                prev = records.get(id)
-                # An unchanged re-report (a resync, a repeated hook) matches the
-                # stored bytes, which were valid when stored: skipped before the
-                # checks, which cost more than the comparison (bench/README.md).
-                compared = False
-                if body and prev is not None and prev.kind is kind:
-                    compared = True
-                    if _unchanged(prev, snap, proxy, tag + encode_varint(len(body)) + body):
-                        for seen in seen_sets:
-                            seen.add(id)
-                        continue
-                violations = validation.snapshot_violations(snap, f"{path}[{i}]", body)
-                if violations:
-                    conn_id = _snapshot_id(snap)
-                    rejected.append(
-                        Rejection(
-                            i,
-                            conn_id,
-                            "INVALID_SNAPSHOT",
-                            f"snapshot {i} ({validation.shown(conn_id)}) breaks the contract",
-                            violations,
-                        )
-                    )
-                    continue
-                state = conn.state
-                if prev is not None:
-                    refusal = _conflict(i, prev, kind, proxy, live)
-                    if refusal is not None:
-                        rejected.append(refusal)
-                        continue
-                for seen in seen_sets:
-                    seen.add(id)
-                if kind is Kind.SERVER:
-                    # A certificate_list entry is tagged 0x42 ("B"); bytes
-                    # without one hold no certificate, and searching them in C
-                    # is far cheaper than the repeated field's container.
-                    has_certs = (body is None or b"B" in body) and bool(conn.certificate_list)
-                else:
-                    has_certs = bool(conn.certificate_list) or snap.client.HasField("mitmcert")
-                if has_certs:
-                    side = _described(side)
-                    body = None
-                if body is None:
-                    body = side.SerializeToString()
-                last_change = pending = b""
-                if prev is not None:
-                    # Compared as stored: with its certificates described.
-                    if (has_certs or not compared) and _unchanged(
-                        prev, snap, proxy, tag + encode_varint(len(body)) + body
-                    ):
-                        continue
-                    if prev.has_pending or prev.has_last_change:
-                        last_change, pending = self._changes_after(prev, snap)
-                    id = prev.id
-                    create_revision = prev.create_revision
-                if kind is Kind.SERVER:
-                    owner = records.get(client_id)
-                    client_id = owner.id if owner is not None else intern(client_id, client_id)
-                    cid = client_id.encode()
-                    client_id_field = b"\x22" + encode_varint(len(cid)) + cid
-                else:
-                    client_id = id
-                    client_id_field = b""
-                revision = self._revision + 1
-                if prev is None:
-                    create_revision = revision
-                is_terminal = hook in _TERMINAL_HOOKS or state == _CLOSED
-                low = kind | state << 2  # the record's census slot, and its bits' low four
-                record = Record(
-                    id,
-                    client_id,
-                    None,  # host, port and sni: read from data when a filter asks
-                    None,
-                    None,
-                    _BITS[
-                        low
-                        | hook << 4
-                        | is_terminal << 8
-                        | has_certs << 9
-                        | bool(last_change) << 10
-                        | bool(pending) << 11
-                    ],
-                    encode_record(
-                        revision,
-                        create_revision,
-                        client_id_field,
-                        _HOOK_FIELDS[hook],
-                        b"".join((last_change, update_time, pending, proxy_field)),
-                        tag,
-                        body,
-                    ),
-                    proxy,
+
+        def one(i: int) -> None:
+            """Apply snapshot ``i`` from its parsed message (and its bytes, if given)."""
+            snap = snapshots[i]
+            data = encoded[i] if encoded is not None else None
+            # What connmeta._ingest leaves (certificates, a via, a route
+            # outcome, a change to carry over, a field sent twice...), and
+            # everything when it is not compiled: the parsed snapshot.
+            which = snap.WhichOneof("connection")
+            side: pb.Server | pb.Client
+            if which == "server":
+                side = snap.server
+                kind = Kind.SERVER
+                tag = b"\x1a"
+            elif which == "client":
+                side = snap.client
+                kind = Kind.CLIENT
+                tag = b"\x12"
+            else:
+                violations = validation.snapshot_violations(snap, f"{path}[{i}]")
+                rejected.append(
+                    Rejection(i, "", "INVALID_SNAPSHOT", f"snapshot {i} is empty", violations)
                 )
-                self._revision = revision
-                records[id] = record
-                census[low] += 1
-                if prev is not None:
-                    census[prev._bits & 15] -= 1
-                if pending:
-                    pending_ids.add(id)
-                elif prev is not None and prev.has_pending:
-                    pending_ids.discard(id)
-                if prev is None:
-                    events.append(Event(revision, EventType.ADDED, record, None))
-                else:
-                    events.append(Event(revision, EventType.MODIFIED, record, prev))
-                if is_terminal:
-                    terminal.pop(id, None)
-                    terminal[id] = now
-                    terminal_bytes += len(record.data)
-                    if prev is not None and prev.terminal:
-                        terminal_bytes -= len(prev.data)
-                elif prev is not None and prev.terminal:
-                    terminal.pop(id, None)
-                    terminal_bytes -= len(prev.data)
+                return
+            body = _ingest.payload(data) if data is not None else None
+            conn = side.connection
+            id = conn.id
+            hook = snap.hook
+            client_id = snap.client_id
+            prev = records.get(id)
+            # An unchanged re-report (a resync, a repeated hook) matches the
+            # stored bytes, which were valid when stored: skipped before the
+            # checks, which cost more than the comparison (bench/README.md).
+            compared = False
+            if body and prev is not None and prev.kind is kind:
+                compared = True
+                if _unchanged(
+                    prev,
+                    hook,
+                    client_id,
+                    _settles(snap),
+                    proxy,
+                    tag + encode_varint(len(body)) + body,
+                ):
+                    for seen in seen_sets:
+                        seen.add(id)
+                    return
+            violations = validation.snapshot_violations(snap, f"{path}[{i}]", body)
+            if violations:
+                conn_id = _snapshot_id(snap)
+                rejected.append(
+                    Rejection(
+                        i,
+                        conn_id,
+                        "INVALID_SNAPSHOT",
+                        f"snapshot {i} ({validation.shown(conn_id)}) breaks the contract",
+                        violations,
+                    )
+                )
+                return
+            state = conn.state
+            if prev is not None:
+                refusal = _conflict(i, prev, kind, proxy, live)
+                if refusal is not None:
+                    rejected.append(refusal)
+                    return
+            for seen in seen_sets:
+                seen.add(id)
+            if kind is Kind.SERVER:
+                # A certificate_list entry is tagged 0x42 ("B"); bytes
+                # without one hold no certificate, and searching them in C
+                # is far cheaper than the repeated field's container.
+                has_certs = (body is None or b"B" in body) and bool(conn.certificate_list)
+            else:
+                has_certs = bool(conn.certificate_list) or snap.client.HasField("mitmcert")
+            if has_certs:
+                side = _described(side)
+                body = None
+            if body is None:
+                body = side.SerializeToString()
+            assert body is not None
+            if (
+                prev is not None
+                and (has_certs or not compared)
+                and _unchanged(  # compared as stored: with its certificates described
+                    prev,
+                    hook,
+                    client_id,
+                    _settles(snap),
+                    proxy,
+                    tag + encode_varint(len(body)) + body,
+                )
+            ):
+                return
+            last_change = pending = b""
+            if prev is not None:
+                if prev.has_pending or prev.has_last_change:
+                    last_change, pending = self._changes_after(prev, snap)
+                id = prev.id
+                create_revision = prev.create_revision
+            if kind is Kind.SERVER:
+                owner = records.get(client_id)
+                client_id = owner.id if owner is not None else intern(client_id, client_id)
+                cid = client_id.encode()
+                client_id_field = b"\x22" + encode_varint(len(cid)) + cid
+            else:
+                client_id = id
+                client_id_field = b""
+            revision = self._revision + 1
+            if prev is None:
+                create_revision = revision
+            is_terminal = hook in _TERMINAL_HOOKS or state == _CLOSED
+            low = kind | state << 2  # the record's census slot, and its bits' low four
+            record = Record(
+                id,
+                client_id,
+                None,  # host, port and sni: read from data when a filter asks
+                None,
+                None,
+                _BITS[
+                    low
+                    | hook << 4
+                    | is_terminal << 8
+                    | has_certs << 9
+                    | bool(last_change) << 10
+                    | bool(pending) << 11
+                ],
+                encode_record(
+                    revision,
+                    create_revision,
+                    client_id_field,
+                    _HOOK_FIELDS[hook],
+                    b"".join((last_change, update_time, pending, proxy_field)),
+                    tag,
+                    body,
+                ),
+                proxy,
+            )
+            self._revision = revision
+            records[id] = record
+            census[low] += 1
+            if prev is not None:
+                census[prev._bits & 15] -= 1
+            if pending:
+                pending_ids.add(id)
+            elif prev is not None and prev.has_pending:
+                pending_ids.discard(id)
+            if prev is None:
+                events.append(Event(revision, EventType.ADDED, record, None))
+            else:
+                events.append(Event(revision, EventType.MODIFIED, record, prev))
+            if is_terminal:
+                terminal.pop(id, None)
+                terminal[id] = now
+                self._terminal_bytes += len(record.data)
+                if prev is not None and prev.terminal:
+                    self._terminal_bytes -= len(prev.data)
+            elif prev is not None and prev.terminal:
+                terminal.pop(id, None)
+                self._terminal_bytes -= len(prev.data)
+
+        try:
+            if encoded is not None and _APPLY_PLAIN is not None:
+                _APPLY_PLAIN(
+                    self,
+                    encoded,
+                    proxy,
+                    update_time + proxy_field,
+                    now,
+                    seen_sets,
+                    events,
+                    rejected,
+                    one,
+                    _PLAIN_ENV,
+                )
+            else:
+                for i in range(len(snapshots)):
+                    one(i)
         finally:
-            self._terminal_bytes = terminal_bytes
             self._commit(events)
         return rejected
 
@@ -949,15 +978,17 @@ class Resync:
         self.seen: set[str] = set()
 
 
-def _unchanged(prev: Record, snap: rs.ConnectionSnapshot, proxy: str, kind_field: bytes) -> bool:
-    """Whether ``snap`` would store ``prev`` again: same connection bytes, client,
-    proxy and hook (or a resync's), and nothing pending for it to settle."""
-    hook = snap.hook
+def _unchanged(
+    prev: Record, hook: int, client_id: str, settles: bool, proxy: str, kind_field: bytes
+) -> bool:
+    """Whether a snapshot would store ``prev`` again: same connection bytes, client,
+    proxy and hook (or a resync's), and nothing pending for it to settle
+    (``settles``: it may, see ``_settles``)."""
     return (
         (hook == prev.last_hook or hook == pb.HOOK_RESYNC)
         and prev.proxy == proxy
-        and prev.client_id == (snap.client_id or prev.id)
-        and not (prev.has_pending and _settles(snap))
+        and prev.client_id == (client_id or prev.id)
+        and not (prev.has_pending and settles)
         and len(prev.data) - prev.meta_end() == len(kind_field)
         and prev.data.endswith(kind_field)
     )
@@ -1019,3 +1050,20 @@ def _described(side: pb.Server | pb.Client) -> pb.Server | pb.Client:
 def _timestamp(when: float) -> Timestamp:
     seconds = int(when)
     return Timestamp(seconds=seconds, nanos=int((when - seconds) * 1e9))
+
+
+# What connmeta._ingest.apply_plain needs of this module (it imports nothing
+# of connmeta, so that it compiles on its own).
+_PLAIN_ENV: Final = (
+    Record,
+    Event,
+    EventType.ADDED,
+    EventType.MODIFIED,
+    (None, Kind.CLIENT, Kind.SERVER),
+    _BITS,
+    sum(1 << hook for hook in _TERMINAL_HOOKS),
+    _conflict,
+    validation.plain_mode,
+    (_VARINT14, _LOW14),
+    (_HAS_PENDING, _HAS_LAST_CHANGE, _TERMINAL, _HOOK_SHIFT),
+)

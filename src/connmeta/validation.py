@@ -50,6 +50,7 @@ __all__ = [
     "change_violations",
     "escape",
     "id_problem",
+    "plain_mode",
     "proxy_mode_problem",
     "route_deadline_violations",
     "router_name_problem",
@@ -245,6 +246,17 @@ def _plainly_valid(snap: rs.ConnectionSnapshot, body: bytes) -> bool:
         and not client.HasField("mitmcert")
         and not snap.HasField("route_outcome")
     )
+
+
+@functools.lru_cache(maxsize=256)
+def plain_mode(full_spec: bytes) -> bool:
+    """Whether a proxy_mode.full_spec, as UTF-8 bytes, is one mitmproxy parses
+    (``connmeta._ingest`` asks: a proxy reports a handful of modes)."""
+    try:
+        spec = full_spec.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return proxy_mode_problem(spec) is None
 
 
 def _plain_id(value: str) -> bool:

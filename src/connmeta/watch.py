@@ -1,8 +1,15 @@
 """The watch hub: every store change fanned out to every watcher, none waiting on another.
 
 The store calls the hub synchronously after each change; the hub appends the
-same list of events to each watcher's pending queue (O(watchers) appends, no
-encoding) and wakes it. Each watcher filters and encodes on its own
+same list of events to each unfiltered watcher's pending queue (O(watchers)
+appends, no encoding) and wakes it. Filtered watchers are grouped by equal
+Filter: the hub evaluates each distinct filter once per event, consulting
+only the filters a ``FilterIndex`` names as candidates for the event's
+record (and its previous version), and appends to each group's watchers
+the events their filter lets through, already typed (ADDED when a record
+enters the filter, DELETED when it leaves). A change that no filter could
+match costs a few dict lookups, whatever the number of filtered watchers;
+a group it does not touch costs nothing. Each watcher encodes on its own
 coroutine, in ``Watcher.next``, taking each event's encoding from the event
 (encoded once per view and type, shared by all watchers). A watcher's lag
 is what waits behind the change it is working through: one change of any
@@ -34,7 +41,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Final
 
-from connmeta.filters import Filter
+from connmeta.filters import Filter, FilterIndex
 from connmeta.records import (
     Compacted,
     Event,
@@ -73,26 +80,54 @@ class Evicted(Exception):
         self.last_revision = last_revision
 
 
-class _Batch(list[Event]):
-    """The events of one store change, as the hub hands them to every watcher.
+class _Seen:
+    """An event as a filtered watcher sees it under another type (a record
+    entering its filter is ADDED, one leaving it DELETED)."""
 
-    Unfiltered watchers that are keeping up take a whole batch at once; its
-    encodings are computed by the first of them and shared, so the per-watcher
-    cost of a batch is a few operations instead of a few per event.
+    __slots__ = ("event", "revision", "type")
+
+    def __init__(self, event: Event, type: EventType) -> None:
+        self.event = event
+        self.revision = event.revision
+        self.type = type
+
+    def encoded(self, basic: bool) -> bytes:
+        return self.event.encoded(basic, self.type)
+
+
+class _Batch(list[Event | _Seen]):
+    """The events of one store change that a group of watchers sees, as the
+    hub hands them out: all of them to unfiltered watchers, to a filter's
+    group those the filter lets through (see ``_route``).
+
+    Watchers that are keeping up take a whole batch at once; its encodings
+    (and the whole response, with the servicer's tail) are computed by the
+    first of them and shared, so the per-watcher cost of a batch is a few
+    operations instead of a few per event.
     """
 
-    __slots__ = ("_views",)
+    __slots__ = ("_bodies", "_views")
 
-    def __init__(self, events: Sequence[Event]) -> None:
+    def __init__(self, events: Sequence[Event | _Seen]) -> None:
         super().__init__(events)
-        self._views: dict[bool, tuple[list[bytes], bytes]] = {}
+        self._bodies: dict[bool, tuple[list[bytes], bytes]] = {}
+        self._views: dict[tuple[bool, bytes], bytes] = {}
 
-    def view(self, basic: bool) -> tuple[list[bytes], bytes]:
-        """Every event encoded, and all of them as a WatchConnectionsResponse."""
-        cached = self._views.get(basic)
+    def body(self, basic: bool) -> tuple[list[bytes], bytes]:
+        """Every event encoded, and all of them as WatchConnectionsResponse.events:
+        bodies of consecutive batches concatenated are one response's events."""
+        cached = self._bodies.get(basic)
         if cached is None:
             chunks = [event.encoded(basic) for event in self]
-            cached = self._views[basic] = (chunks, encode_repeated(1, chunks))
+            cached = self._bodies[basic] = (chunks, encode_repeated(1, chunks))
+        return cached
+
+    def view(self, basic: bool, tail: bytes = b"") -> bytes:
+        """The whole batch as a WatchConnectionsResponse followed by ``tail``."""
+        key = (basic, tail)
+        cached = self._views.get(key)
+        if cached is None:
+            cached = self._views[key] = self.body(basic)[1] + tail
         return cached
 
 
@@ -116,17 +151,21 @@ class Watcher:
         self._allow_bookmarks = allow_bookmarks
         self._filter = None if flt.is_empty else flt
         self._basic = basic
-        self._pending: deque[Sequence[Event]] = deque()
+        # History replays (raw events, filtered here) and hub batches (_Batch:
+        # already what this watcher sees).
+        self._pending: deque[Sequence[Event | _Seen]] = deque()
         self._offset = 0  # events of _pending[0] already taken
         # Events of _pending[1:]: the lag. The head (a live change or the
         # history replay) is what the watcher is working through, not lag.
         self._behind = 0
         self._evicted = False
         self._ending = False  # graceful shutdown: drain, final bookmark, end
+        self._ending_revision = 0  # the hub's revision when the ending began
         self._ended = False
         self._wake: asyncio.Event | None = None
         self._last_sent = time.monotonic()
         self._response: bytes | None = None  # the last take, already a response
+        self._tail = b""  # what next_response appends to a response
         # The write watchdog (see ``send``): one timer per watcher at most,
         # armed while writes happen; a write itself only stores its start.
         self._write_started: float | None = None
@@ -201,6 +240,9 @@ class Watcher:
             if wake is None:
                 wake = self._wake = asyncio.Event()
             wake.clear()
+            if timeout is None:  # no bookmarks: no timer to arm (a few µs per wait)
+                await wake.wait()
+                continue
             try:
                 async with asyncio.timeout(timeout):
                     await wake.wait()
@@ -216,18 +258,21 @@ class Watcher:
             raise StopAsyncIteration
         return batch
 
-    async def next_response(self) -> bytes:
-        """Like ``next`` but as a serialized WatchConnectionsResponse; b"" at the end.
+    async def next_response(self, tail: bytes = b"") -> bytes:
+        """Like ``next`` but as a serialized WatchConnectionsResponse followed by
+        ``tail`` (the servicer's constant fields); b"" at the end.
 
-        A whole shared batch comes back as the bytes encoded once for every
-        watcher, instead of being framed again for each.
+        A whole shared batch comes back as the bytes encoded (and ``tail``
+        appended) once for every watcher, instead of being framed, and
+        copied, again for each.
         """
         self._response = None
+        self._tail = tail
         batch = await self.next()
         response = self._response
         if response is not None:
             return response
-        return encode_repeated(1, batch) if batch else b""
+        return encode_repeated(1, batch) + tail if batch else b""
 
     async def send(self, write: Callable[[bytes], Awaitable[object]], response: bytes) -> None:
         """``await write(response)``, ended early if the reader does not keep up.
@@ -294,7 +339,7 @@ class Watcher:
         pending.appendleft(events)
         self._notify()
 
-    def _push(self, events: Sequence[Event]) -> bool:
+    def _push(self, events: _Batch) -> bool:
         """Queue ``events``; False when this push evicted the watcher."""
         if self._ending or self._ended:
             return True
@@ -316,6 +361,13 @@ class Watcher:
     def _notify(self) -> None:
         if self._wake is not None:
             self._wake.set()
+
+    def _caught_up(self, position: int) -> int:
+        """The position of a watcher whose queue is empty: every change the hub
+        has handed out since was filtered out for it (none was queued), so its
+        position (the resume point, the bookmarks') moves past them. (Ending:
+        changes after the final bookmark are not this watch's.)"""
+        return max(position, self._ending_revision if self._ending else self._hub.revision)
 
     def _take(self) -> list[bytes]:
         out: list[bytes] = []
@@ -341,25 +393,40 @@ class Watcher:
         pending = self._pending
         position = self._position
         offset = self._offset
-        if flt is None and not offset and pending:
-            events = pending[0]
-            if (
-                isinstance(events, _Batch)
-                and len(events) <= MAX_BATCH_EVENTS
-                and events[0].revision > position
-            ):
-                chunks, response = events.view(basic)
-                if len(response) <= MAX_BATCH_BYTES:
-                    pending.popleft()
-                    if pending:
-                        self._behind -= len(pending[0])
-                    self._position = events[-1].revision
-                    self._response = response
-                    self._taken = len(chunks)
-                    return list(chunks)
+        if not offset and pending:
+            # Whole shared batches, as many as fit in one response: each is
+            # encoded once for all watchers; one alone goes out as its
+            # shared response bytes, several (a watcher that fell behind) as
+            # one response joining their bodies: fewer, larger writes.
+            bodies: list[bytes] = []
+            taken: _Batch | None = None
+            while pending:
+                events = pending[0]
+                if not isinstance(events, _Batch) or events[0].revision <= position:
+                    break
+                chunks, body = events.body(basic)
+                if len(out) + len(chunks) > MAX_BATCH_EVENTS or size + len(body) > MAX_BATCH_BYTES:
+                    break
+                pending.popleft()
+                if pending:
+                    self._behind -= len(pending[0])
+                out.extend(chunks)
+                size += len(body)
+                bodies.append(body)
+                taken = events
+                position = events[-1].revision
+            if taken is not None:
+                if len(bodies) == 1:
+                    self._response = taken.view(basic, self._tail)
+                else:
+                    self._response = b"".join(bodies) + self._tail
+                self._position = position if pending else self._caught_up(position)
+                self._taken = len(out)
+                return out
         while pending and len(out) < MAX_BATCH_EVENTS and size < MAX_BATCH_BYTES:
             events = pending[0]
             n = len(events)
+            raw = None if isinstance(events, _Batch) else flt  # a replay, filtered here
             while offset < n:
                 event = events[offset]
                 offset += 1
@@ -367,7 +434,11 @@ class Watcher:
                 if revision <= position:
                     continue  # already delivered (history replay met live events)
                 position = revision
-                seen = event.encoded(basic) if flt is None else _filtered(event, flt, basic)
+                if raw is None:
+                    seen: bytes | None = event.encoded(basic)
+                else:
+                    assert isinstance(event, Event)
+                    seen = _filtered(event, raw, basic)
                 if seen is None:
                     continue
                 out.append(seen)
@@ -380,14 +451,17 @@ class Watcher:
                 if pending:
                     self._behind -= len(pending[0])
         self._offset = offset
-        self._position = position
+        self._position = position if pending else self._caught_up(position)
         self._taken = len(out)
         return out
 
 
 def _filtered(event: Event, flt: Filter, basic: bool) -> bytes | None:
     """The event as a filtered watcher sees it: records entering the filter are
-    ADDED, records leaving it DELETED (with their new version); None if unseen."""
+    ADDED, records leaving it DELETED (with their new version); None if unseen.
+
+    For history replays, one watcher at a time; live changes go through
+    ``_route``, which must give the same answer (tests/test_watch_groups.py)."""
     now = flt.matches(event.record)
     if event.type is _DELETED:
         return event.encoded(basic) if now else None
@@ -399,6 +473,62 @@ def _filtered(event: Event, flt: Filter, basic: bool) -> bytes | None:
     if before:
         return event.encoded(basic, _DELETED)
     return None
+
+
+class _Group:
+    """The watchers sharing one (non-empty) Filter."""
+
+    __slots__ = ("filter", "watchers")
+
+    def __init__(self, flt: Filter) -> None:
+        self.filter = flt
+        self.watchers: dict[Watcher, None] = {}
+
+
+def _route(
+    index: FilterIndex[_Group], events: Sequence[Event]
+) -> dict[_Group, list[Event | _Seen]]:
+    """What each group sees of ``events`` (the groups that see nothing are absent).
+
+    Per event, each distinct filter that the index names as a candidate for
+    the record, or for its previous version, is evaluated once; the rules
+    are ``_filtered``'s: a record that matches now is seen as it is (ADDED
+    if it did not match before), one that matched before and no longer does
+    is seen DELETED, a DELETED event only by the filters its record matches.
+    """
+    out: dict[_Group, list[Event | _Seen]] = {}
+    for event in events:
+        now = index.matching(event.record)
+        prev = event.prev
+        if prev is None or event.type is _DELETED:
+            for group in now:
+                seen = out.get(group)
+                if seen is None:
+                    out[group] = [event]
+                else:
+                    seen.append(event)
+            continue
+        before = dict.fromkeys(index.matching(prev)) if prev is not event.record else None
+        added: _Seen | None = None
+        for group in now:
+            if before is None or before.pop(group, 0) is None:
+                item: Event | _Seen = event
+            else:
+                item = added = added or _Seen(event, _ADDED)
+            seen = out.get(group)
+            if seen is None:
+                out[group] = [item]
+            else:
+                seen.append(item)
+        if before:
+            deleted = _Seen(event, _DELETED)
+            for group in before:
+                seen = out.get(group)
+                if seen is None:
+                    out[group] = [deleted]
+                else:
+                    seen.append(deleted)
+    return out
 
 
 class WatchHub:
@@ -419,6 +549,10 @@ class WatchHub:
         self.bookmark_interval = bookmark_interval
         self.write_timeout = write_timeout
         self._watchers: dict[Watcher, None] = {}
+        self._everyone: dict[Watcher, None] = {}  # the unfiltered watchers
+        self._groups: dict[Filter, _Group] = {}  # the filtered ones, by filter
+        self._index: FilterIndex[_Group] = FilterIndex()
+        self._revision = store.revision
         self._shutting_down = False
         self.events_sent = 0
         """Change events (ADDED, MODIFIED, DELETED, initial ADDED) written to
@@ -427,6 +561,16 @@ class WatchHub:
         """Watchers ended for falling more than max_lag behind, or for a write
         blocked write_timeout seconds."""
         self._unsubscribe = store.subscribe(self._broadcast)
+
+    @property
+    def revision(self) -> int:
+        """The revision of the last change handed to the watchers."""
+        return self._revision
+
+    @property
+    def group_count(self) -> int:
+        """Distinct filters among the filtered watchers (each evaluated once per event)."""
+        return len(self._groups)
 
     @property
     def watcher_count(self) -> int:
@@ -492,12 +636,21 @@ class WatchHub:
         # Registered before the replay is taken: the store is synchronous, so
         # no change can fall between the two, and _take() drops duplicates.
         self._watchers[watcher] = None
+        if flt is None or flt.is_empty:
+            self._everyone[watcher] = None
+        else:
+            group = self._groups.get(flt)
+            if group is None:
+                group = self._groups[flt] = _Group(flt)
+                self._index.add(flt, group)
+            group.watchers[watcher] = None
         if start_after_revision:
             replay = store.events_after(start_after_revision)
             if replay:
                 watcher._replay(replay)
         if self._shutting_down:
             watcher._ending = True
+            watcher._ending_revision = self._revision
         return watcher
 
     def final_bookmark(self) -> None:
@@ -506,6 +659,7 @@ class WatchHub:
         self._shutting_down = True
         for watcher in self._watchers:
             watcher._ending = True
+            watcher._ending_revision = self._revision
             watcher._notify()
 
     def close(self) -> None:
@@ -515,10 +669,25 @@ class WatchHub:
     def _broadcast(self, events: Sequence[Event]) -> None:
         if not events:
             return
+        self._revision = events[-1].revision
         batch = _Batch(events)
-        evicted = [w for w in self._watchers if not w._push(batch)]
+        evicted = [w for w in self._everyone if not w._push(batch)]
+        if self._groups:
+            for group, seen in _route(self._index, events).items():
+                batch = _Batch(seen)
+                evicted.extend(w for w in group.watchers if not w._push(batch))
         for watcher in evicted:
             self._remove(watcher)
 
     def _remove(self, watcher: Watcher) -> None:
-        self._watchers.pop(watcher, None)
+        if self._watchers.pop(watcher, 0) is not None:
+            return  # removed before
+        if self._everyone.pop(watcher, 0) is None:
+            return
+        flt = watcher._filter
+        assert flt is not None
+        group = self._groups[flt]
+        del group.watchers[watcher]
+        if not group.watchers:
+            del self._groups[flt]
+            self._index.remove(flt)

@@ -26,6 +26,62 @@ const (
 	_ = protoimpl.EnforceVersion(protoimpl.MaxVersion - 20)
 )
 
+// RouteHold is whether the proxy holds a server connect for a route decision.
+type RouteHold int32
+
+const (
+	// ROUTE_HOLD_UNSPECIFIED: the proxy does not say (proxies from before this
+	// field); the sidecar treats the connect as held.
+	RouteHold_ROUTE_HOLD_UNSPECIFIED RouteHold = 0
+	// ROUTE_HOLD_HELD: the proxy waits, up to its route deadline, for a
+	// RouteDecision for this server (it knew a router was subscribed).
+	RouteHold_ROUTE_HOLD_HELD RouteHold = 1
+	// ROUTE_HOLD_NOT_HELD: the proxy connects without waiting (it knew of no
+	// subscribed router): no router is asked, and no decision is sent.
+	RouteHold_ROUTE_HOLD_NOT_HELD RouteHold = 2
+)
+
+// Enum value maps for RouteHold.
+var (
+	RouteHold_name = map[int32]string{
+		0: "ROUTE_HOLD_UNSPECIFIED",
+		1: "ROUTE_HOLD_HELD",
+		2: "ROUTE_HOLD_NOT_HELD",
+	}
+	RouteHold_value = map[string]int32{
+		"ROUTE_HOLD_UNSPECIFIED": 0,
+		"ROUTE_HOLD_HELD":        1,
+		"ROUTE_HOLD_NOT_HELD":    2,
+	}
+)
+
+func (x RouteHold) Enum() *RouteHold {
+	p := new(RouteHold)
+	*p = x
+	return p
+}
+
+func (x RouteHold) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (RouteHold) Descriptor() protoreflect.EnumDescriptor {
+	return file_connmeta_v1_report_service_proto_enumTypes[0].Descriptor()
+}
+
+func (RouteHold) Type() protoreflect.EnumType {
+	return &file_connmeta_v1_report_service_proto_enumTypes[0]
+}
+
+func (x RouteHold) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use RouteHold.Descriptor instead.
+func (RouteHold) EnumDescriptor() ([]byte, []int) {
+	return file_connmeta_v1_report_service_proto_rawDescGZIP(), []int{0}
+}
+
 // RouteOutcomeKind is what became of a route decision in the proxy.
 type RouteOutcomeKind int32
 
@@ -82,11 +138,11 @@ func (x RouteOutcomeKind) String() string {
 }
 
 func (RouteOutcomeKind) Descriptor() protoreflect.EnumDescriptor {
-	return file_connmeta_v1_report_service_proto_enumTypes[0].Descriptor()
+	return file_connmeta_v1_report_service_proto_enumTypes[1].Descriptor()
 }
 
 func (RouteOutcomeKind) Type() protoreflect.EnumType {
-	return &file_connmeta_v1_report_service_proto_enumTypes[0]
+	return &file_connmeta_v1_report_service_proto_enumTypes[1]
 }
 
 func (x RouteOutcomeKind) Number() protoreflect.EnumNumber {
@@ -95,7 +151,7 @@ func (x RouteOutcomeKind) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use RouteOutcomeKind.Descriptor instead.
 func (RouteOutcomeKind) EnumDescriptor() ([]byte, []int) {
-	return file_connmeta_v1_report_service_proto_rawDescGZIP(), []int{0}
+	return file_connmeta_v1_report_service_proto_rawDescGZIP(), []int{1}
 }
 
 // ConnectionSnapshot is the full state of one connection after a hook.
@@ -118,7 +174,13 @@ type ConnectionSnapshot struct {
 	// server_connect); the snapshot then shows the server as it will connect.
 	// It settles the record's pending_change. Only for servers, with a known
 	// kind.
-	RouteOutcome  *RouteOutcome `protobuf:"bytes,5,opt,name=route_outcome,json=routeOutcome,proto3" json:"route_outcome,omitempty"`
+	RouteOutcome *RouteOutcome `protobuf:"bytes,5,opt,name=route_outcome,json=routeOutcome,proto3" json:"route_outcome,omitempty"`
+	// route_hold says, on a server_connect snapshot without route_outcome,
+	// whether the proxy holds that connect for a route decision. The sidecar
+	// asks a router only about connects the proxy holds: a router that
+	// subscribes while reports of connects the proxy let through are still on
+	// their way is never asked about them.
+	RouteHold     RouteHold `protobuf:"varint,6,opt,name=route_hold,json=routeHold,proto3,enum=connmeta.v1.RouteHold" json:"route_hold,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -197,6 +259,13 @@ func (x *ConnectionSnapshot) GetRouteOutcome() *RouteOutcome {
 		return x.RouteOutcome
 	}
 	return nil
+}
+
+func (x *ConnectionSnapshot) GetRouteHold() RouteHold {
+	if x != nil {
+		return x.RouteHold
+	}
+	return RouteHold_ROUTE_HOLD_UNSPECIFIED
 }
 
 type isConnectionSnapshot_Connection interface {
@@ -1189,13 +1258,15 @@ var File_connmeta_v1_report_service_proto protoreflect.FileDescriptor
 
 const file_connmeta_v1_report_service_proto_rawDesc = "" +
 	"\n" +
-	" connmeta/v1/report_service.proto\x12\vconnmeta.v1\x1a\x1cconnmeta/v1/connection.proto\x1a\x1egoogle/protobuf/duration.proto\x1a google/protobuf/field_mask.proto\"\x84\x02\n" +
+	" connmeta/v1/report_service.proto\x12\vconnmeta.v1\x1a\x1cconnmeta/v1/connection.proto\x1a\x1egoogle/protobuf/duration.proto\x1a google/protobuf/field_mask.proto\"\xbb\x02\n" +
 	"\x12ConnectionSnapshot\x12%\n" +
 	"\x04hook\x18\x01 \x01(\x0e2\x11.connmeta.v1.HookR\x04hook\x12\x1b\n" +
 	"\tclient_id\x18\x02 \x01(\tR\bclientId\x12-\n" +
 	"\x06client\x18\x03 \x01(\v2\x13.connmeta.v1.ClientH\x00R\x06client\x12-\n" +
 	"\x06server\x18\x04 \x01(\v2\x13.connmeta.v1.ServerH\x00R\x06server\x12>\n" +
-	"\rroute_outcome\x18\x05 \x01(\v2\x19.connmeta.v1.RouteOutcomeR\frouteOutcomeB\f\n" +
+	"\rroute_outcome\x18\x05 \x01(\v2\x19.connmeta.v1.RouteOutcomeR\frouteOutcome\x125\n" +
+	"\n" +
+	"route_hold\x18\x06 \x01(\x0e2\x16.connmeta.v1.RouteHoldR\trouteHoldB\f\n" +
 	"\n" +
 	"connection\"\xf5\x01\n" +
 	"\fRouteOutcome\x121\n" +
@@ -1263,7 +1334,11 @@ const file_connmeta_v1_report_service_proto_rawDesc = "" +
 	"\x03ack\x18\x01 \x01(\v2\x16.connmeta.v1.ReportAckH\x00R\x03ack\x12@\n" +
 	"\rrouting_state\x18\x02 \x01(\v2\x19.connmeta.v1.RoutingStateH\x00R\froutingState\x12C\n" +
 	"\x0eroute_decision\x18\x03 \x01(\v2\x1a.connmeta.v1.RouteDecisionH\x00R\rrouteDecisionB\t\n" +
-	"\amessage*\xbb\x01\n" +
+	"\amessage*U\n" +
+	"\tRouteHold\x12\x1a\n" +
+	"\x16ROUTE_HOLD_UNSPECIFIED\x10\x00\x12\x13\n" +
+	"\x0fROUTE_HOLD_HELD\x10\x01\x12\x17\n" +
+	"\x13ROUTE_HOLD_NOT_HELD\x10\x02*\xbb\x01\n" +
 	"\x10RouteOutcomeKind\x12\"\n" +
 	"\x1eROUTE_OUTCOME_KIND_UNSPECIFIED\x10\x00\x12\x1e\n" +
 	"\x1aROUTE_OUTCOME_KIND_APPLIED\x10\x01\x12 \n" +
@@ -1285,59 +1360,61 @@ func file_connmeta_v1_report_service_proto_rawDescGZIP() []byte {
 	return file_connmeta_v1_report_service_proto_rawDescData
 }
 
-var file_connmeta_v1_report_service_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
+var file_connmeta_v1_report_service_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
 var file_connmeta_v1_report_service_proto_msgTypes = make([]protoimpl.MessageInfo, 13)
 var file_connmeta_v1_report_service_proto_goTypes = []any{
-	(RouteOutcomeKind)(0),         // 0: connmeta.v1.RouteOutcomeKind
-	(*ConnectionSnapshot)(nil),    // 1: connmeta.v1.ConnectionSnapshot
-	(*RouteOutcome)(nil),          // 2: connmeta.v1.RouteOutcome
-	(*ReportBatch)(nil),           // 3: connmeta.v1.ReportBatch
-	(*ResyncStart)(nil),           // 4: connmeta.v1.ResyncStart
-	(*ResyncEnd)(nil),             // 5: connmeta.v1.ResyncEnd
-	(*ReportRequest)(nil),         // 6: connmeta.v1.ReportRequest
-	(*ProxyStats)(nil),            // 7: connmeta.v1.ProxyStats
-	(*ReportAck)(nil),             // 8: connmeta.v1.ReportAck
-	(*FieldViolation)(nil),        // 9: connmeta.v1.FieldViolation
-	(*SnapshotRejection)(nil),     // 10: connmeta.v1.SnapshotRejection
-	(*RoutingState)(nil),          // 11: connmeta.v1.RoutingState
-	(*RouteDecision)(nil),         // 12: connmeta.v1.RouteDecision
-	(*ReportResponse)(nil),        // 13: connmeta.v1.ReportResponse
-	(Hook)(0),                     // 14: connmeta.v1.Hook
-	(*Client)(nil),                // 15: connmeta.v1.Client
-	(*Server)(nil),                // 16: connmeta.v1.Server
-	(*durationpb.Duration)(nil),   // 17: google.protobuf.Duration
-	(*Address)(nil),               // 18: connmeta.v1.Address
-	(*ServerSpec)(nil),            // 19: connmeta.v1.ServerSpec
-	(*fieldmaskpb.FieldMask)(nil), // 20: google.protobuf.FieldMask
+	(RouteHold)(0),                // 0: connmeta.v1.RouteHold
+	(RouteOutcomeKind)(0),         // 1: connmeta.v1.RouteOutcomeKind
+	(*ConnectionSnapshot)(nil),    // 2: connmeta.v1.ConnectionSnapshot
+	(*RouteOutcome)(nil),          // 3: connmeta.v1.RouteOutcome
+	(*ReportBatch)(nil),           // 4: connmeta.v1.ReportBatch
+	(*ResyncStart)(nil),           // 5: connmeta.v1.ResyncStart
+	(*ResyncEnd)(nil),             // 6: connmeta.v1.ResyncEnd
+	(*ReportRequest)(nil),         // 7: connmeta.v1.ReportRequest
+	(*ProxyStats)(nil),            // 8: connmeta.v1.ProxyStats
+	(*ReportAck)(nil),             // 9: connmeta.v1.ReportAck
+	(*FieldViolation)(nil),        // 10: connmeta.v1.FieldViolation
+	(*SnapshotRejection)(nil),     // 11: connmeta.v1.SnapshotRejection
+	(*RoutingState)(nil),          // 12: connmeta.v1.RoutingState
+	(*RouteDecision)(nil),         // 13: connmeta.v1.RouteDecision
+	(*ReportResponse)(nil),        // 14: connmeta.v1.ReportResponse
+	(Hook)(0),                     // 15: connmeta.v1.Hook
+	(*Client)(nil),                // 16: connmeta.v1.Client
+	(*Server)(nil),                // 17: connmeta.v1.Server
+	(*durationpb.Duration)(nil),   // 18: google.protobuf.Duration
+	(*Address)(nil),               // 19: connmeta.v1.Address
+	(*ServerSpec)(nil),            // 20: connmeta.v1.ServerSpec
+	(*fieldmaskpb.FieldMask)(nil), // 21: google.protobuf.FieldMask
 }
 var file_connmeta_v1_report_service_proto_depIdxs = []int32{
-	14, // 0: connmeta.v1.ConnectionSnapshot.hook:type_name -> connmeta.v1.Hook
-	15, // 1: connmeta.v1.ConnectionSnapshot.client:type_name -> connmeta.v1.Client
-	16, // 2: connmeta.v1.ConnectionSnapshot.server:type_name -> connmeta.v1.Server
-	2,  // 3: connmeta.v1.ConnectionSnapshot.route_outcome:type_name -> connmeta.v1.RouteOutcome
-	0,  // 4: connmeta.v1.RouteOutcome.kind:type_name -> connmeta.v1.RouteOutcomeKind
-	17, // 5: connmeta.v1.RouteOutcome.waited:type_name -> google.protobuf.Duration
-	1,  // 6: connmeta.v1.ReportBatch.snapshots:type_name -> connmeta.v1.ConnectionSnapshot
-	17, // 7: connmeta.v1.ResyncStart.route_deadline:type_name -> google.protobuf.Duration
-	7,  // 8: connmeta.v1.ReportRequest.proxy_stats:type_name -> connmeta.v1.ProxyStats
-	3,  // 9: connmeta.v1.ReportRequest.batch:type_name -> connmeta.v1.ReportBatch
-	4,  // 10: connmeta.v1.ReportRequest.resync_start:type_name -> connmeta.v1.ResyncStart
-	5,  // 11: connmeta.v1.ReportRequest.resync_end:type_name -> connmeta.v1.ResyncEnd
-	10, // 12: connmeta.v1.ReportAck.rejected:type_name -> connmeta.v1.SnapshotRejection
-	9,  // 13: connmeta.v1.SnapshotRejection.violations:type_name -> connmeta.v1.FieldViolation
-	18, // 14: connmeta.v1.RouteDecision.address:type_name -> connmeta.v1.Address
-	19, // 15: connmeta.v1.RouteDecision.via:type_name -> connmeta.v1.ServerSpec
-	20, // 16: connmeta.v1.RouteDecision.update_mask:type_name -> google.protobuf.FieldMask
-	8,  // 17: connmeta.v1.ReportResponse.ack:type_name -> connmeta.v1.ReportAck
-	11, // 18: connmeta.v1.ReportResponse.routing_state:type_name -> connmeta.v1.RoutingState
-	12, // 19: connmeta.v1.ReportResponse.route_decision:type_name -> connmeta.v1.RouteDecision
-	6,  // 20: connmeta.v1.ReportService.Report:input_type -> connmeta.v1.ReportRequest
-	13, // 21: connmeta.v1.ReportService.Report:output_type -> connmeta.v1.ReportResponse
-	21, // [21:22] is the sub-list for method output_type
-	20, // [20:21] is the sub-list for method input_type
-	20, // [20:20] is the sub-list for extension type_name
-	20, // [20:20] is the sub-list for extension extendee
-	0,  // [0:20] is the sub-list for field type_name
+	15, // 0: connmeta.v1.ConnectionSnapshot.hook:type_name -> connmeta.v1.Hook
+	16, // 1: connmeta.v1.ConnectionSnapshot.client:type_name -> connmeta.v1.Client
+	17, // 2: connmeta.v1.ConnectionSnapshot.server:type_name -> connmeta.v1.Server
+	3,  // 3: connmeta.v1.ConnectionSnapshot.route_outcome:type_name -> connmeta.v1.RouteOutcome
+	0,  // 4: connmeta.v1.ConnectionSnapshot.route_hold:type_name -> connmeta.v1.RouteHold
+	1,  // 5: connmeta.v1.RouteOutcome.kind:type_name -> connmeta.v1.RouteOutcomeKind
+	18, // 6: connmeta.v1.RouteOutcome.waited:type_name -> google.protobuf.Duration
+	2,  // 7: connmeta.v1.ReportBatch.snapshots:type_name -> connmeta.v1.ConnectionSnapshot
+	18, // 8: connmeta.v1.ResyncStart.route_deadline:type_name -> google.protobuf.Duration
+	8,  // 9: connmeta.v1.ReportRequest.proxy_stats:type_name -> connmeta.v1.ProxyStats
+	4,  // 10: connmeta.v1.ReportRequest.batch:type_name -> connmeta.v1.ReportBatch
+	5,  // 11: connmeta.v1.ReportRequest.resync_start:type_name -> connmeta.v1.ResyncStart
+	6,  // 12: connmeta.v1.ReportRequest.resync_end:type_name -> connmeta.v1.ResyncEnd
+	11, // 13: connmeta.v1.ReportAck.rejected:type_name -> connmeta.v1.SnapshotRejection
+	10, // 14: connmeta.v1.SnapshotRejection.violations:type_name -> connmeta.v1.FieldViolation
+	19, // 15: connmeta.v1.RouteDecision.address:type_name -> connmeta.v1.Address
+	20, // 16: connmeta.v1.RouteDecision.via:type_name -> connmeta.v1.ServerSpec
+	21, // 17: connmeta.v1.RouteDecision.update_mask:type_name -> google.protobuf.FieldMask
+	9,  // 18: connmeta.v1.ReportResponse.ack:type_name -> connmeta.v1.ReportAck
+	12, // 19: connmeta.v1.ReportResponse.routing_state:type_name -> connmeta.v1.RoutingState
+	13, // 20: connmeta.v1.ReportResponse.route_decision:type_name -> connmeta.v1.RouteDecision
+	7,  // 21: connmeta.v1.ReportService.Report:input_type -> connmeta.v1.ReportRequest
+	14, // 22: connmeta.v1.ReportService.Report:output_type -> connmeta.v1.ReportResponse
+	22, // [22:23] is the sub-list for method output_type
+	21, // [21:22] is the sub-list for method input_type
+	21, // [21:21] is the sub-list for extension type_name
+	21, // [21:21] is the sub-list for extension extendee
+	0,  // [0:21] is the sub-list for field type_name
 }
 
 func init() { file_connmeta_v1_report_service_proto_init() }
@@ -1365,7 +1442,7 @@ func file_connmeta_v1_report_service_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_connmeta_v1_report_service_proto_rawDesc), len(file_connmeta_v1_report_service_proto_rawDesc)),
-			NumEnums:      1,
+			NumEnums:      2,
 			NumMessages:   13,
 			NumExtensions: 0,
 			NumServices:   1,

@@ -27,7 +27,7 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mask__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n connmeta/v1/report_service.proto\x12\x0b\x63onnmeta.v1\x1a\x1c\x63onnmeta/v1/connection.proto\x1a\x1egoogle/protobuf/duration.proto\x1a google/protobuf/field_mask.proto\"\xd6\x01\n\x12\x43onnectionSnapshot\x12\x1f\n\x04hook\x18\x01 \x01(\x0e\x32\x11.connmeta.v1.Hook\x12\x11\n\tclient_id\x18\x02 \x01(\t\x12%\n\x06\x63lient\x18\x03 \x01(\x0b\x32\x13.connmeta.v1.ClientH\x00\x12%\n\x06server\x18\x04 \x01(\x0b\x32\x13.connmeta.v1.ServerH\x00\x12\x30\n\rroute_outcome\x18\x05 \x01(\x0b\x32\x19.connmeta.v1.RouteOutcomeB\x0c\n\nconnection\"\xb8\x01\n\x0cRouteOutcome\x12+\n\x04kind\x18\x01 \x01(\x0e\x32\x1d.connmeta.v1.RouteOutcomeKind\x12\x10\n\x08query_id\x18\x02 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x03 \x01(\t\x12\x16\n\x0e\x61pplied_fields\x18\x04 \x03(\t\x12\x17\n\x0f\x64\x65\x66\x65rred_fields\x18\x05 \x03(\t\x12)\n\x06waited\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\"A\n\x0bReportBatch\x12\x32\n\tsnapshots\x18\x01 \x03(\x0b\x32\x1f.connmeta.v1.ConnectionSnapshot\"@\n\x0bResyncStart\x12\x31\n\x0eroute_deadline\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x0b\n\tResyncEnd\"\xf7\x01\n\rReportRequest\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x10\n\x08proxy_id\x18\x05 \x01(\t\x12,\n\x0bproxy_stats\x18\x06 \x01(\x0b\x32\x17.connmeta.v1.ProxyStats\x12)\n\x05\x62\x61tch\x18\x02 \x01(\x0b\x32\x18.connmeta.v1.ReportBatchH\x00\x12\x30\n\x0cresync_start\x18\x03 \x01(\x0b\x32\x18.connmeta.v1.ResyncStartH\x00\x12,\n\nresync_end\x18\x04 \x01(\x0b\x32\x16.connmeta.v1.ResyncEndH\x00\x42\t\n\x07message\"\xbf\x01\n\nProxyStats\x12\x16\n\x0esnapshots_sent\x18\x01 \x01(\x04\x12\x19\n\x11snapshots_dropped\x18\x02 \x01(\x04\x12\x1a\n\x12snapshots_buffered\x18\x03 \x01(\x04\x12\x1a\n\x12snapshots_replayed\x18\x04 \x01(\x04\x12\x1a\n\x12snapshots_rejected\x18\x05 \x01(\x04\x12\x12\n\nreconnects\x18\x06 \x01(\x04\x12\x16\n\x0eroute_timeouts\x18\x07 \x01(\x04\"{\n\tReportAck\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x10\n\x08revision\x18\x02 \x01(\x03\x12\x18\n\x10\x63losed_by_resync\x18\x03 \x01(\r\x12\x30\n\x08rejected\x18\x04 \x03(\x0b\x32\x1e.connmeta.v1.SnapshotRejection\"4\n\x0e\x46ieldViolation\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\"\x8b\x01\n\x11SnapshotRejection\x12\r\n\x05index\x18\x01 \x01(\r\x12\x15\n\rconnection_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0f\n\x07message\x18\x04 \x01(\t\x12/\n\nviolations\x18\x05 \x03(\x0b\x32\x1b.connmeta.v1.FieldViolation\".\n\x0cRoutingState\x12\x0e\n\x06\x61\x63tive\x18\x01 \x01(\x08\x12\x0e\n\x06router\x18\x02 \x01(\t\"\xd4\x01\n\rRouteDecision\x12\x11\n\tserver_id\x18\x01 \x01(\t\x12\x10\n\x08query_id\x18\x02 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x03 \x01(\t\x12%\n\x07\x61\x64\x64ress\x18\x04 \x01(\x0b\x32\x14.connmeta.v1.Address\x12$\n\x03via\x18\x05 \x01(\x0b\x32\x17.connmeta.v1.ServerSpec\x12/\n\x0bupdate_mask\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\x12\x11\n\ttimed_out\x18\x07 \x01(\x08\"\xac\x01\n\x0eReportResponse\x12%\n\x03\x61\x63k\x18\x01 \x01(\x0b\x32\x16.connmeta.v1.ReportAckH\x00\x12\x32\n\rrouting_state\x18\x02 \x01(\x0b\x32\x19.connmeta.v1.RoutingStateH\x00\x12\x34\n\x0eroute_decision\x18\x03 \x01(\x0b\x32\x1a.connmeta.v1.RouteDecisionH\x00\x42\t\n\x07message*\xbb\x01\n\x10RouteOutcomeKind\x12\"\n\x1eROUTE_OUTCOME_KIND_UNSPECIFIED\x10\x00\x12\x1e\n\x1aROUTE_OUTCOME_KIND_APPLIED\x10\x01\x12 \n\x1cROUTE_OUTCOME_KIND_NO_CHANGE\x10\x02\x12 \n\x1cROUTE_OUTCOME_KIND_TIMED_OUT\x10\x03\x12\x1f\n\x1bROUTE_OUTCOME_KIND_DEFERRED\x10\x04\x32V\n\rReportService\x12\x45\n\x06Report\x12\x1a.connmeta.v1.ReportRequest\x1a\x1b.connmeta.v1.ReportResponse(\x01\x30\x01\x42?Z=github.com/connmeta/connmeta/clients/go/connmetav1;connmetav1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n connmeta/v1/report_service.proto\x12\x0b\x63onnmeta.v1\x1a\x1c\x63onnmeta/v1/connection.proto\x1a\x1egoogle/protobuf/duration.proto\x1a google/protobuf/field_mask.proto\"\x82\x02\n\x12\x43onnectionSnapshot\x12\x1f\n\x04hook\x18\x01 \x01(\x0e\x32\x11.connmeta.v1.Hook\x12\x11\n\tclient_id\x18\x02 \x01(\t\x12%\n\x06\x63lient\x18\x03 \x01(\x0b\x32\x13.connmeta.v1.ClientH\x00\x12%\n\x06server\x18\x04 \x01(\x0b\x32\x13.connmeta.v1.ServerH\x00\x12\x30\n\rroute_outcome\x18\x05 \x01(\x0b\x32\x19.connmeta.v1.RouteOutcome\x12*\n\nroute_hold\x18\x06 \x01(\x0e\x32\x16.connmeta.v1.RouteHoldB\x0c\n\nconnection\"\xb8\x01\n\x0cRouteOutcome\x12+\n\x04kind\x18\x01 \x01(\x0e\x32\x1d.connmeta.v1.RouteOutcomeKind\x12\x10\n\x08query_id\x18\x02 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x03 \x01(\t\x12\x16\n\x0e\x61pplied_fields\x18\x04 \x03(\t\x12\x17\n\x0f\x64\x65\x66\x65rred_fields\x18\x05 \x03(\t\x12)\n\x06waited\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\"A\n\x0bReportBatch\x12\x32\n\tsnapshots\x18\x01 \x03(\x0b\x32\x1f.connmeta.v1.ConnectionSnapshot\"@\n\x0bResyncStart\x12\x31\n\x0eroute_deadline\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x0b\n\tResyncEnd\"\xf7\x01\n\rReportRequest\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x10\n\x08proxy_id\x18\x05 \x01(\t\x12,\n\x0bproxy_stats\x18\x06 \x01(\x0b\x32\x17.connmeta.v1.ProxyStats\x12)\n\x05\x62\x61tch\x18\x02 \x01(\x0b\x32\x18.connmeta.v1.ReportBatchH\x00\x12\x30\n\x0cresync_start\x18\x03 \x01(\x0b\x32\x18.connmeta.v1.ResyncStartH\x00\x12,\n\nresync_end\x18\x04 \x01(\x0b\x32\x16.connmeta.v1.ResyncEndH\x00\x42\t\n\x07message\"\xbf\x01\n\nProxyStats\x12\x16\n\x0esnapshots_sent\x18\x01 \x01(\x04\x12\x19\n\x11snapshots_dropped\x18\x02 \x01(\x04\x12\x1a\n\x12snapshots_buffered\x18\x03 \x01(\x04\x12\x1a\n\x12snapshots_replayed\x18\x04 \x01(\x04\x12\x1a\n\x12snapshots_rejected\x18\x05 \x01(\x04\x12\x12\n\nreconnects\x18\x06 \x01(\x04\x12\x16\n\x0eroute_timeouts\x18\x07 \x01(\x04\"{\n\tReportAck\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x10\n\x08revision\x18\x02 \x01(\x03\x12\x18\n\x10\x63losed_by_resync\x18\x03 \x01(\r\x12\x30\n\x08rejected\x18\x04 \x03(\x0b\x32\x1e.connmeta.v1.SnapshotRejection\"4\n\x0e\x46ieldViolation\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\"\x8b\x01\n\x11SnapshotRejection\x12\r\n\x05index\x18\x01 \x01(\r\x12\x15\n\rconnection_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0f\n\x07message\x18\x04 \x01(\t\x12/\n\nviolations\x18\x05 \x03(\x0b\x32\x1b.connmeta.v1.FieldViolation\".\n\x0cRoutingState\x12\x0e\n\x06\x61\x63tive\x18\x01 \x01(\x08\x12\x0e\n\x06router\x18\x02 \x01(\t\"\xd4\x01\n\rRouteDecision\x12\x11\n\tserver_id\x18\x01 \x01(\t\x12\x10\n\x08query_id\x18\x02 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x03 \x01(\t\x12%\n\x07\x61\x64\x64ress\x18\x04 \x01(\x0b\x32\x14.connmeta.v1.Address\x12$\n\x03via\x18\x05 \x01(\x0b\x32\x17.connmeta.v1.ServerSpec\x12/\n\x0bupdate_mask\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\x12\x11\n\ttimed_out\x18\x07 \x01(\x08\"\xac\x01\n\x0eReportResponse\x12%\n\x03\x61\x63k\x18\x01 \x01(\x0b\x32\x16.connmeta.v1.ReportAckH\x00\x12\x32\n\rrouting_state\x18\x02 \x01(\x0b\x32\x19.connmeta.v1.RoutingStateH\x00\x12\x34\n\x0eroute_decision\x18\x03 \x01(\x0b\x32\x1a.connmeta.v1.RouteDecisionH\x00\x42\t\n\x07message*U\n\tRouteHold\x12\x1a\n\x16ROUTE_HOLD_UNSPECIFIED\x10\x00\x12\x13\n\x0fROUTE_HOLD_HELD\x10\x01\x12\x17\n\x13ROUTE_HOLD_NOT_HELD\x10\x02*\xbb\x01\n\x10RouteOutcomeKind\x12\"\n\x1eROUTE_OUTCOME_KIND_UNSPECIFIED\x10\x00\x12\x1e\n\x1aROUTE_OUTCOME_KIND_APPLIED\x10\x01\x12 \n\x1cROUTE_OUTCOME_KIND_NO_CHANGE\x10\x02\x12 \n\x1cROUTE_OUTCOME_KIND_TIMED_OUT\x10\x03\x12\x1f\n\x1bROUTE_OUTCOME_KIND_DEFERRED\x10\x04\x32V\n\rReportService\x12\x45\n\x06Report\x12\x1a.connmeta.v1.ReportRequest\x1a\x1b.connmeta.v1.ReportResponse(\x01\x30\x01\x42?Z=github.com/connmeta/connmeta/clients/go/connmetav1;connmetav1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,34 +35,36 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'connmeta.v1.report_service_
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'Z=github.com/connmeta/connmeta/clients/go/connmetav1;connmetav1'
-  _globals['_ROUTEOUTCOMEKIND']._serialized_start=1899
-  _globals['_ROUTEOUTCOMEKIND']._serialized_end=2086
+  _globals['_ROUTEHOLD']._serialized_start=1942
+  _globals['_ROUTEHOLD']._serialized_end=2027
+  _globals['_ROUTEOUTCOMEKIND']._serialized_start=2030
+  _globals['_ROUTEOUTCOMEKIND']._serialized_end=2217
   _globals['_CONNECTIONSNAPSHOT']._serialized_start=146
-  _globals['_CONNECTIONSNAPSHOT']._serialized_end=360
-  _globals['_ROUTEOUTCOME']._serialized_start=363
-  _globals['_ROUTEOUTCOME']._serialized_end=547
-  _globals['_REPORTBATCH']._serialized_start=549
-  _globals['_REPORTBATCH']._serialized_end=614
-  _globals['_RESYNCSTART']._serialized_start=616
-  _globals['_RESYNCSTART']._serialized_end=680
-  _globals['_RESYNCEND']._serialized_start=682
-  _globals['_RESYNCEND']._serialized_end=693
-  _globals['_REPORTREQUEST']._serialized_start=696
-  _globals['_REPORTREQUEST']._serialized_end=943
-  _globals['_PROXYSTATS']._serialized_start=946
-  _globals['_PROXYSTATS']._serialized_end=1137
-  _globals['_REPORTACK']._serialized_start=1139
-  _globals['_REPORTACK']._serialized_end=1262
-  _globals['_FIELDVIOLATION']._serialized_start=1264
-  _globals['_FIELDVIOLATION']._serialized_end=1316
-  _globals['_SNAPSHOTREJECTION']._serialized_start=1319
-  _globals['_SNAPSHOTREJECTION']._serialized_end=1458
-  _globals['_ROUTINGSTATE']._serialized_start=1460
-  _globals['_ROUTINGSTATE']._serialized_end=1506
-  _globals['_ROUTEDECISION']._serialized_start=1509
-  _globals['_ROUTEDECISION']._serialized_end=1721
-  _globals['_REPORTRESPONSE']._serialized_start=1724
-  _globals['_REPORTRESPONSE']._serialized_end=1896
-  _globals['_REPORTSERVICE']._serialized_start=2088
-  _globals['_REPORTSERVICE']._serialized_end=2174
+  _globals['_CONNECTIONSNAPSHOT']._serialized_end=404
+  _globals['_ROUTEOUTCOME']._serialized_start=407
+  _globals['_ROUTEOUTCOME']._serialized_end=591
+  _globals['_REPORTBATCH']._serialized_start=593
+  _globals['_REPORTBATCH']._serialized_end=658
+  _globals['_RESYNCSTART']._serialized_start=660
+  _globals['_RESYNCSTART']._serialized_end=724
+  _globals['_RESYNCEND']._serialized_start=726
+  _globals['_RESYNCEND']._serialized_end=737
+  _globals['_REPORTREQUEST']._serialized_start=740
+  _globals['_REPORTREQUEST']._serialized_end=987
+  _globals['_PROXYSTATS']._serialized_start=990
+  _globals['_PROXYSTATS']._serialized_end=1181
+  _globals['_REPORTACK']._serialized_start=1183
+  _globals['_REPORTACK']._serialized_end=1306
+  _globals['_FIELDVIOLATION']._serialized_start=1308
+  _globals['_FIELDVIOLATION']._serialized_end=1360
+  _globals['_SNAPSHOTREJECTION']._serialized_start=1363
+  _globals['_SNAPSHOTREJECTION']._serialized_end=1502
+  _globals['_ROUTINGSTATE']._serialized_start=1504
+  _globals['_ROUTINGSTATE']._serialized_end=1550
+  _globals['_ROUTEDECISION']._serialized_start=1553
+  _globals['_ROUTEDECISION']._serialized_end=1765
+  _globals['_REPORTRESPONSE']._serialized_start=1768
+  _globals['_REPORTRESPONSE']._serialized_end=1940
+  _globals['_REPORTSERVICE']._serialized_start=2219
+  _globals['_REPORTSERVICE']._serialized_end=2305
 # @@protoc_insertion_point(module_scope)

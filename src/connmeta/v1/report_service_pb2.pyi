@@ -24,6 +24,42 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _RouteHold:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _RouteHoldEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RouteHold.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ROUTE_HOLD_UNSPECIFIED: _RouteHold.ValueType  # 0
+    """ROUTE_HOLD_UNSPECIFIED: the proxy does not say (proxies from before this
+    field); the sidecar treats the connect as held.
+    """
+    ROUTE_HOLD_HELD: _RouteHold.ValueType  # 1
+    """ROUTE_HOLD_HELD: the proxy waits, up to its route deadline, for a
+    RouteDecision for this server (it knew a router was subscribed).
+    """
+    ROUTE_HOLD_NOT_HELD: _RouteHold.ValueType  # 2
+    """ROUTE_HOLD_NOT_HELD: the proxy connects without waiting (it knew of no
+    subscribed router): no router is asked, and no decision is sent.
+    """
+
+class RouteHold(_RouteHold, metaclass=_RouteHoldEnumTypeWrapper):
+    """RouteHold is whether the proxy holds a server connect for a route decision."""
+
+ROUTE_HOLD_UNSPECIFIED: RouteHold.ValueType  # 0
+"""ROUTE_HOLD_UNSPECIFIED: the proxy does not say (proxies from before this
+field); the sidecar treats the connect as held.
+"""
+ROUTE_HOLD_HELD: RouteHold.ValueType  # 1
+"""ROUTE_HOLD_HELD: the proxy waits, up to its route deadline, for a
+RouteDecision for this server (it knew a router was subscribed).
+"""
+ROUTE_HOLD_NOT_HELD: RouteHold.ValueType  # 2
+"""ROUTE_HOLD_NOT_HELD: the proxy connects without waiting (it knew of no
+subscribed router): no router is asked, and no decision is sent.
+"""
+Global___RouteHold: _TypeAlias = RouteHold  # noqa: Y015
+
 class _RouteOutcomeKind:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -95,11 +131,19 @@ class ConnectionSnapshot(_message.Message):
     CLIENT_FIELD_NUMBER: _builtins.int
     SERVER_FIELD_NUMBER: _builtins.int
     ROUTE_OUTCOME_FIELD_NUMBER: _builtins.int
+    ROUTE_HOLD_FIELD_NUMBER: _builtins.int
     hook: _connection_pb2.Hook.ValueType
     """hook is the mitmproxy hook after which the snapshot was taken."""
     client_id: _builtins.str
     """client_id is, for a server, the id of the client it serves; required
     for a server (the same form as Connection.id), ignored for a client.
+    """
+    route_hold: Global___RouteHold.ValueType
+    """route_hold says, on a server_connect snapshot without route_outcome,
+    whether the proxy holds that connect for a route decision. The sidecar
+    asks a router only about connects the proxy holds: a router that
+    subscribes while reports of connects the proxy let through are still on
+    their way is never asked about them.
     """
     @_builtins.property
     def client(self) -> _connection_pb2.Client:
@@ -126,10 +170,11 @@ class ConnectionSnapshot(_message.Message):
         client: _connection_pb2.Client | None = ...,
         server: _connection_pb2.Server | None = ...,
         route_outcome: Global___RouteOutcome | None = ...,
+        route_hold: Global___RouteHold.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["client", b"client", "connection", b"connection", "route_outcome", b"route_outcome", "server", b"server"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["client", b"client", "client_id", b"client_id", "connection", b"connection", "hook", b"hook", "route_outcome", b"route_outcome", "server", b"server"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client", b"client", "client_id", b"client_id", "connection", b"connection", "hook", b"hook", "route_hold", b"route_hold", "route_outcome", b"route_outcome", "server", b"server"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_connection: _TypeAlias = _typing.Literal["client", "server"]  # noqa: Y015
     _WhichOneofArgType_connection: _TypeAlias = _typing.Literal["connection", b"connection"]  # noqa: Y015
