@@ -8,13 +8,15 @@ returns.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from connmeta.filters import Filter
 from connmeta.index import Index, Postings, SortedIds
 from connmeta.records import Kind, Record
-from connmeta.store import Store
+from connmeta.store import _INDEX_STEP, Store
 from connmeta.v1 import report_service_pb2 as rs
 from tests.snapshots import CAN_READ, CLOSED, OPEN, FakeClock, client, server
 
@@ -187,3 +189,41 @@ def test_a_record_under_two_names_a_wildcard_matches_is_listed_once() -> None:
     assert [r.id for r in page] == ["c1"]
     page, _, _ = store.list(Filter(host="*.example.com"), limit=10)
     assert [r.id for r in page] == ["c1"]
+
+
+def test_a_name_index_built_in_steps_serves_the_same_lists_as_one_built_at_once() -> None:
+    """The host/SNI index a List asks for is built step by step between other
+    work; while it builds, changes keep coming, and host-filtered Lists must
+    match a full scan before, during and after the build."""
+    steps: list[Callable[[], None]] = []
+    store = Store()
+    store.build_indexes_in_steps(steps.append)
+    n = 3 * _INDEX_STEP + 17
+    store.apply([server(f"s{i:05d}", addr=(f"h{i % 7}.example.com", 443)) for i in range(n)])
+    flt = Filter(host="*.example.com")
+    exact = Filter(host="h3.example.com")
+
+    def scan(f: Filter) -> list[str]:
+        return sorted(r.id for r in store._records.values() if f.matches(r))
+
+    def listed(f: Filter) -> list[str]:
+        return [r.id for r in store.list(f, limit=n + 10)[0]]
+
+    assert listed(exact) == scan(exact)  # begins the build; served by a scan meanwhile
+    assert len(steps) == 1
+    assert store._index.names_building
+    rounds = 0
+    while steps:
+        rounds += 1
+        # Changes between steps: a moved host, a new records.
+        # Ids are indexed from the last: this one was indexed by an earlier step.
+        store.apply([server(f"s{n - rounds:05d}", addr=("moved.example.org", 443))])
+        store.apply([server(f"t{rounds:05d}", addr=(f"h{rounds % 7}.example.com", 443))])
+        steps.pop()()
+        assert listed(flt) == scan(flt)
+        assert listed(exact) == scan(exact)
+    assert rounds == 4  # ceil(n / _INDEX_STEP) steps, each reschedules the next
+    assert store._index.names_active
+    assert not store._index.names_building
+    assert listed(Filter(host="moved.example.org")) == scan(Filter(host="moved.example.org"))
+    _check_index(store)

@@ -36,11 +36,12 @@ place every change passes through. Reads choose the smallest source
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import heapq
 import itertools
 from bisect import bisect_left, bisect_right, insort
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Final
 
 from connmeta.filters import Filter, NameTerm
@@ -264,6 +265,19 @@ class _Names:
         return [k[::-1] for k in keys[start:end]]
 
 
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Many new objects and no garbage: the collector's full passes would make
+    building an index superlinear (as they made loading a saved state)."""
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if collecting:
+            gc.enable()
+
+
 def _merge(sources: list[Iterator[str]]) -> Iterator[str]:
     if not sources:
         return iter(_NO_IDS)
@@ -285,7 +299,7 @@ def _distinct(ids: Iterator[str]) -> Iterator[str]:
 class Index:
     """Current ids, in order and by what a List filters on (see the module's docstring)."""
 
-    __slots__ = ("by_client", "by_name", "by_slot", "names_active")
+    __slots__ = ("_names_todo", "by_client", "by_name", "by_slot", "names_active")
 
     def __init__(self, records: Iterable[Record] = ()) -> None:
         by_slot: list[list[str]] = [[] for _ in range(16)]
@@ -306,22 +320,54 @@ class Index:
         self.by_name = _Names()
         self.names_active = False
         """Whether host and SNI are indexed (from the first List filtering on them)."""
+        # Ids whose names are still to be indexed while the name index is being
+        # built step by step (None: not building); new versions' names are
+        # kept from the start of the build.
+        self._names_todo: list[str] | None = None
+
+    @property
+    def names_building(self) -> bool:
+        """Whether the name index is being built (``begin_names``) and not complete yet."""
+        return self._names_todo is not None
 
     def activate_names(self, records: Iterable[Record]) -> None:
-        """Index host and SNI of ``records`` (every current one), from now on kept."""
+        """Index host and SNI of ``records`` (every current one) at once, from now on kept."""
         if self.names_active:
             return
-        # Many new objects and no garbage: the collector's full passes would
-        # make this superlinear (as they made loading a saved state).
-        collecting = gc.isenabled()
-        gc.disable()
-        try:
+        self._names_todo = None
+        with _collector_paused():
             for record in records:
                 self._add_names(record)
-        finally:
-            if collecting:
-                gc.enable()
         self.names_active = True
+
+    def begin_names(self, ids: list[str]) -> None:
+        """Start building the name index over ``ids`` (every current id), in steps
+        (``build_names``): a million records take seconds, which must not stall
+        the event loop in one go. From now on ``update`` keeps the names of new
+        versions; the index serves reads once complete (``names_active``)."""
+        if not self.names_active and self._names_todo is None:
+            self._names_todo = ids
+
+    def build_names(self, records: Mapping[str, Record], budget: int) -> bool:
+        """Index the names of up to ``budget`` more ids; True while some remain.
+
+        Reads each id's current record, so a version that ``update`` indexed
+        meanwhile is added again (a no-op) and a deleted id is skipped; adding
+        and discarding names are idempotent, which makes the interleaving safe.
+        """
+        todo = self._names_todo
+        if todo is None:
+            return False
+        with _collector_paused():
+            for _ in range(min(budget, len(todo))):
+                record = records.get(todo.pop())
+                if record is not None:
+                    self._add_names(record)
+        if todo:
+            return True
+        self._names_todo = None
+        self.names_active = True
+        return False
 
     def _add_names(self, record: Record) -> None:
         id = record.id
@@ -341,7 +387,7 @@ class Index:
         """Follow one change's events, oldest first."""
         by_slot = self.by_slot
         by_client = self.by_client
-        names = self.names_active
+        names = self.names_active or self._names_todo is not None
         for event in events:
             record = event.record
             id = record.id

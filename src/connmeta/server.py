@@ -256,6 +256,8 @@ class Sidecar:
         config = self.config
         if not config.listen and not config.unix_socket:
             raise ListenError("nothing to serve on: both --listen and --unix-socket are empty")
+        # An index a List asks for is built between other work, not inside it.
+        self.store.build_indexes_in_steps(asyncio.get_running_loop().call_soon)
         # Metrics outermost, so refused calls are counted with their code;
         # then identity, so that refused calls name the store too.
         identity = [

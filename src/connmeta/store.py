@@ -114,6 +114,9 @@ _HOOK_FIELDS: Final[dict[int, bytes]] = {
     hook: b"\x28" + bytes((hook,)) if hook else b"" for hook in _HOOKS
 }
 _MISSING: Final = object()
+# Records whose host and SNI one step of an index build reads (~5 µs each,
+# bench/scale_bench.py): about 10 ms of the event loop per step.
+_INDEX_STEP: Final = 2048
 # Compiled, connmeta._ingest applies the plainly valid snapshots of a batch
 # from their bytes in a fraction of the parsed path's time; interpreted it
 # costs more than upb attribute reads (bench/README.md), so the pure-Python
@@ -184,6 +187,7 @@ class Store:
         # Ids in order and by what a List filters on, kept from the events in
         # _commit (connmeta.index).
         self._index = Index()
+        self._schedule: Callable[[Callable[[], None]], object] | None = None
         self._overlays: dict[int, tuple[int, dict[str, Record | None]]] = {}
         # Hosts, SNIs and ports repeat across connections; share one object each.
         self._interned: dict[Any, Any] = {}
@@ -336,6 +340,21 @@ class Store:
                 self._listeners.remove(listener)
 
         return unsubscribe
+
+    def build_indexes_in_steps(self, schedule: Callable[[Callable[[], None]], object]) -> None:
+        """Build an index a read asks for in steps, each run by ``schedule``
+        (the server passes ``loop.call_soon``), instead of at once inside the read.
+
+        At a million records the host and SNI index takes seconds to build:
+        in one go it would stall the event loop, and every held connect with
+        it. A step indexes ``_INDEX_STEP`` records (~10 ms); reads that need
+        the index meanwhile check every record, as they would without it.
+        """
+        self._schedule = schedule
+
+    def _build_names_step(self) -> None:
+        if self._index.build_names(self._records, _INDEX_STEP) and self._schedule is not None:
+            self._schedule(self._build_names_step)
 
     # -- proxies ----------------------------------------------------------------
 
@@ -920,10 +939,15 @@ class Store:
         index = self._index
         records = self._records
         if not index.names_active and index.needs_names(flt):
-            # The first List filtering on host, SNI or port: from now on they
-            # are indexed (and read from each new version's bytes, unless
-            # ingest supplied them).
-            index.activate_names(records.values())
+            # The first List filtering on host or SNI: from now on they are
+            # indexed (and read from each new version's bytes, unless ingest
+            # supplied them). Until the index is complete, such a List checks
+            # every record, as it did before there was one.
+            if self._schedule is None:
+                index.activate_names(records.values())
+            elif not index.names_building:
+                index.begin_names(builtins.list(records))
+                self._schedule(self._build_names_step)
         candidates = index.candidates(flt, after_id)
         match_all = flt.is_empty
         if overlay is None:
