@@ -19,6 +19,7 @@ from bench._report import HEADER, Figure
 # Name -> module; run in this order (the cheap, noise-sensitive ones first).
 SUITES: dict[str, str] = {
     "transport": "bench.transport_bench",
+    "proxy": "bench.proxy_bench",
 }
 
 
