@@ -487,7 +487,7 @@ def _dump_hook_times(proxy: Mitmdump, out: Path) -> Any:
 
 
 def figures(quick: bool) -> list[Figure]:
-    rounds, seconds, hook_seconds = (2, 1.0, 1.5) if quick else (6, 3.0, 5.0)
+    rounds, seconds, hook_seconds = (2, 1.0, 1.5) if quick else (10, 2.0, 5.0)
     concurrency = 8
     rows: list[Figure] = []
     from connmeta.mitm.paths import addon_path

@@ -110,10 +110,9 @@ from mitmproxy.connection import Client, ConnectionState, Server
 from mitmproxy.net.server_spec import ServerSpec
 from mitmproxy.proxy.server_hooks import ServerConnectionHookData
 
-from connmeta.mitm import to_proto
+from connmeta.mitm._wire import field, snapshot_bytes, varint
 from connmeta.v1 import connection_pb2 as pb
 from connmeta.v1 import report_service_pb2 as rs
-from connmeta.v1 import report_service_pb2_grpc as rs_grpc
 
 __all__ = ["ConnmetaAddon", "addons", "default_target"]
 
@@ -131,6 +130,8 @@ snapshot does (gRPC's write and the ack's read, each a hop through gRPC's
 poller thread), so under load the reporter sends at most 20 batches a second,
 each with everything pending; after a quiet spell the first snapshot leaves
 at once."""
+_QUEUE_SIZE: Final = 10_000
+"""connmeta_queue_size's default."""
 _BACKOFF_MIN: Final = 0.1
 _BACKOFF_MAX: Final = 5.0
 _MAX_DECISIONS: Final = 4096
@@ -150,6 +151,10 @@ _SCHEMES: Final[dict[int, Literal["http", "https"]]] = {
     pb.SCHEME_HTTPS: "https",
 }
 Via = ServerSpec | None
+_REPORT: Final = "/connmeta.v1.ReportService/Report"
+Snapshot = bytes
+"""An encoded ConnectionSnapshot (``_wire.snapshot_bytes``): what the hooks
+queue, the outage buffer keeps and a batch concatenates."""
 
 
 def default_target() -> str:
@@ -182,25 +187,27 @@ class _StreamBroken(Exception):
 
 
 def _snapshot(
-    conn: Client | Server, hook: pb.Hook.ValueType, client_id: str = ""
-) -> rs.ConnectionSnapshot:
-    snap = rs.ConnectionSnapshot(hook=hook, client_id=client_id)
-    if isinstance(conn, Client):
-        snap.client.CopyFrom(to_proto(conn, describe_certificates=False))
-    else:
-        snap.server.CopyFrom(to_proto(conn, describe_certificates=False))
-    return snap
+    conn: Client | Server, hook: pb.Hook.ValueType, client_id: str = "", *, closed: bool = False
+) -> Snapshot:
+    return snapshot_bytes(conn, hook, client_id, closed=closed)
 
 
-def _footprint(snap: rs.ConnectionSnapshot) -> int:
-    """The memory a kept snapshot costs, estimated as 800 + 2 x its encoded
-    size. Measured (RSS over 20,000 snapshots, upb protobuf): plain client
-    913 B (estimate +13%), plain server 1,220 B (-12%), TLS client with
+def _footprint(snap: Snapshot) -> int:
+    """The memory a kept snapshot is charged, 800 + 2 x its encoded size: the
+    estimate measured when snapshots were upb messages (RSS over 20,000:
+    plain client 913 B (+13%), plain server 1,220 B (-12%), TLS client with
     mitmcert and 30 ciphers 5,587 B (-23%), TLS server with a 3-certificate
-    chain 5,279 B (+18%). ``ByteSize()`` costs 1-2 us there, against 20-100 us
-    for the conversion itself, and is only called while the sidecar is
-    unreachable."""
-    return _SNAPSHOT_OVERHEAD + 2 * snap.ByteSize()
+    chain 5,279 B (+18%)). Kept as encoded bytes now, a snapshot takes less
+    (its length + ~100 B), so the bound errs on the safe side and keeps the
+    meaning the options document."""
+    return _SNAPSHOT_OVERHEAD + 2 * len(snap)
+
+
+def _as_is(data: bytes) -> bytes:
+    """The report stream's request serializer: requests leave as the bytes the
+    sender built (snapshots are encoded in the hooks, a batch concatenates
+    them), not as messages gRPC would serialize again."""
+    return data
 
 
 def valid_proxy_id(value: str) -> bool:
@@ -271,10 +278,13 @@ class ConnmetaAddon:
     """Reports connections to the connmeta sidecar; applies its route decisions."""
 
     def __init__(self) -> None:
-        self._queue: deque[rs.ConnectionSnapshot] = deque()
+        self._queue: deque[Snapshot] = deque()
+        # connmeta_queue_size, read once per change: an option read costs
+        # ~1 µs (mitmproxy's OptManager.__getattr__), and every hook reads it.
+        self._queue_size = _QUEUE_SIZE
         # Snapshots kept while the sidecar is unreachable, oldest first, with
         # their estimated memory; replayed before the next resync.
-        self._buffer: deque[tuple[rs.ConnectionSnapshot, int]] = deque()
+        self._buffer: deque[tuple[Snapshot, int]] = deque()
         self._buffer_bytes = 0
         # Batches written on the current stream and not acknowledged yet, by
         # sequence, with their estimated memory: kept for the replay if the
@@ -282,7 +292,7 @@ class ConnmetaAddon:
         # make the proxy hold a full window of batches). Beyond them the
         # oldest batch is let go: ``_evicted`` counts its snapshots until its
         # ack says they were not lost.
-        self._unacked: OrderedDict[int, tuple[list[rs.ConnectionSnapshot], int]] = OrderedDict()
+        self._unacked: OrderedDict[int, tuple[list[Snapshot], int]] = OrderedDict()
         self._unacked_count = self._unacked_bytes = 0
         self._evicted: dict[int, int] = {}
         self._outage: _Outage | None = _Outage()
@@ -342,7 +352,7 @@ class ConnmetaAddon:
             "router is subscribed; then it connects unchanged.",
         )  # fmt: skip
         loader.add_option(
-            "connmeta_queue_size", int, 10_000,
+            "connmeta_queue_size", int, _QUEUE_SIZE,
             "Connection snapshots held while the sidecar is slow; beyond it "
             "they are dropped and a resync repairs the sidecar's view.",
         )  # fmt: skip
@@ -376,6 +386,8 @@ class ConnmetaAddon:
         for name in ("connmeta_queue_size", "connmeta_buffer_size", "connmeta_buffer_bytes"):
             if name in updated and getattr(ctx.options, name) < 0:
                 raise exceptions.OptionsError(f"{name} must not be negative")  # type: ignore[no-untyped-call]
+        if "connmeta_queue_size" in updated:
+            self._queue_size = ctx.options.connmeta_queue_size
         if updated & {"connmeta_buffer_size", "connmeta_buffer_bytes"}:
             self._trim()
         if updated & {"connmeta_target", "connmeta_proxy_id"} and self._task is not None:
@@ -451,8 +463,8 @@ class ConnmetaAddon:
         outcome = self._apply_at_connect(server, decision, waited)
         snap = self._convert(server, pb.HOOK_SERVER_CONNECT, client.id)
         if snap is not None:
-            snap.route_outcome.CopyFrom(outcome)
-            self._enqueue(snap)
+            # ConnectionSnapshot.route_outcome (5), after the fields before it.
+            self._enqueue(snap + field(b"\x2a", outcome.SerializeToString()))
 
     async def server_connected(self, data: ServerConnectionHookData) -> None:
         self._track(data.server, data.client.id, direct=True)
@@ -634,9 +646,8 @@ class ConnmetaAddon:
     def _finish(self, server: Server, client_id: str) -> None:
         """The final snapshot of a server mitmproxy will not report again:
         CLOSED, whatever state its object was left in."""
-        snap = self._convert(server, pb.HOOK_SERVER_DISCONNECTED, client_id)
+        snap = self._convert(server, pb.HOOK_SERVER_DISCONNECTED, client_id, closed=True)
         if snap is not None:
-            snap.server.connection.state = pb.CONNECTION_STATE_CLOSED
             self._enqueue(snap)
         self._forget_server(server.id)
         self._finished[server.id] = None
@@ -644,12 +655,17 @@ class ConnmetaAddon:
             self._finished.popitem(last=False)
 
     def _convert(
-        self, conn: Client | Server, hook: pb.Hook.ValueType, client_id: str = ""
-    ) -> rs.ConnectionSnapshot | None:
+        self,
+        conn: Client | Server,
+        hook: pb.Hook.ValueType,
+        client_id: str = "",
+        *,
+        closed: bool = False,
+    ) -> Snapshot | None:
         """The snapshot, or None (counted, logged) for an object mitmproxy
         let an addon break: hooks never raise."""
         try:
-            return _snapshot(conn, hook, client_id)
+            return _snapshot(conn, hook, client_id, closed=closed)
         except (ValueError, TypeError) as error:
             self.stats["unconvertible"] += 1
             self._throttled.warn(
@@ -662,14 +678,14 @@ class ConnmetaAddon:
         if snap is not None:
             self._enqueue(snap)
 
-    def _enqueue(self, snap: rs.ConnectionSnapshot) -> None:
+    def _enqueue(self, snap: Snapshot) -> None:
         if not self._connected:
             # Nothing to send to: kept for the replay after the reconnect
             # (the buffer is drained then, so wake the sender).
             self._keep([snap])
             self._wake.set()
             return
-        if len(self._queue) >= ctx.options.connmeta_queue_size:
+        if len(self._queue) >= self._queue_size:
             self.stats["dropped"] += 1
             self._resync_needed = True
             self._throttled.warn(
@@ -685,7 +701,7 @@ class ConnmetaAddon:
 
     # -- the outage buffer -------------------------------------------------------
 
-    def _keep(self, snaps: list[rs.ConnectionSnapshot], *, older: bool = False) -> None:
+    def _keep(self, snaps: list[Snapshot], *, older: bool = False) -> None:
         """Buffer ``snaps`` (in order) behind what is kept, or, ``older``,
         ahead of it; then drop the oldest beyond the bounds."""
         entries = [(snap, _footprint(snap)) for snap in snaps]
@@ -725,7 +741,7 @@ class ConnmetaAddon:
                 ctx.options.connmeta_buffer_bytes,
             )
 
-    def _hold_unacked(self, sequence: int, snaps: list[rs.ConnectionSnapshot], size: int) -> None:
+    def _hold_unacked(self, sequence: int, snaps: list[Snapshot], size: int) -> None:
         self._unacked[sequence] = (snaps, size)
         self._unacked_count += len(snaps)
         self._unacked_bytes += size
@@ -745,7 +761,7 @@ class ConnmetaAddon:
             self._unacked_bytes -= held[1]
         self._evicted.pop(sequence, None)
 
-    def _take_buffered(self) -> list[rs.ConnectionSnapshot]:
+    def _take_buffered(self) -> list[Snapshot]:
         """The oldest kept snapshots, one batch of them, for the replay."""
         taken = []
         for _ in range(min(len(self._buffer), _MAX_BATCH)):
@@ -870,13 +886,13 @@ class ConnmetaAddon:
             # proxy. Liveness is enforced per message instead: every write
             # and every acknowledgement must finish within the deadline.
             # Called without an iterator: the write()/read() form.
-            call = rs_grpc.ReportServiceStub(channel).Report()
+            call = channel.stream_stream(_REPORT, _as_is, rs.ReportResponse.FromString)()
             in_flight: dict[int, float] = {}
             reader = asyncio.get_running_loop().create_task(self._read(call, in_flight))
             sequence = 0
 
             async def send(
-                request: rs.ReportRequest, snaps: list[rs.ConnectionSnapshot] | None = None
+                request: rs.ReportRequest, snaps: list[Snapshot] | None = None, *, keep: bool = True
             ) -> None:
                 nonlocal sequence
                 sequence += 1
@@ -886,17 +902,23 @@ class ConnmetaAddon:
                 stats = self._stats_due()
                 if stats is not None:
                     request.proxy_stats.CopyFrom(stats)
-                if snaps is not None:  # kept until acknowledged, for a replay
-                    # One ByteSize() per batch: the same estimate as
-                    # _footprint's, at a fraction of a per-snapshot call.
-                    size = _SNAPSHOT_OVERHEAD * len(snaps) + 2 * request.ByteSize()
+                data = request.SerializeToString()
+                if snaps is not None:
+                    # ReportRequest.batch (2) from the encoded snapshots, after
+                    # the other fields (protobuf takes fields in any order).
+                    batch = b"".join([b"\x0a" + varint(len(snap)) + snap for snap in snaps])
+                    data += b"\x12" + varint(len(batch)) + batch
+                if snaps is not None and keep:
+                    # Kept until acknowledged, for a replay (a resync's are
+                    # not: a new stream resyncs anew); the same estimate as
+                    # _footprint's.
+                    size = _SNAPSHOT_OVERHEAD * len(snaps) + 2 * len(data)
                     self._hold_unacked(sequence, snaps, size)
-                await self._write(call, request, in_flight, deadline)
+                in_flight[sequence] = time.monotonic()
+                await asyncio.wait_for(call.write(data), deadline)
 
-            async def send_batch(snaps: list[rs.ConnectionSnapshot]) -> None:
-                request = rs.ReportRequest()
-                request.batch.snapshots.extend(snaps)
-                await send(request, snaps)
+            async def send_batch(snaps: list[Snapshot]) -> None:
+                await send(rs.ReportRequest(), snaps)
                 self.stats["sent"] += len(snaps)
                 self._last_batch = time.monotonic()
 
@@ -912,24 +934,39 @@ class ConnmetaAddon:
                     while self._buffer and len(in_flight) < _WINDOW:
                         await send_batch(self._take_buffered())
                     if not self._buffer:
-                        for request in self._resync_requests(deadline):
-                            await send(request)
+                        for request, snaps in self._resync_requests():
+                            await send(request, snaps, keep=False)
                 while self._queue and len(in_flight) < _WINDOW:
+                    self._urgent.clear()
                     await send_batch(
                         [self._queue.popleft() for _ in range(min(len(self._queue), _MAX_BATCH))]
                     )
+                    # One batch per interval (what the hooks queued during
+                    # its write waits for the next), unless a full batch is
+                    # pending or a connect waits for its route decision.
+                    # Sending on at once made ~35 batches/s of ~17 snapshots
+                    # instead of 20 (bench/proxy_bench.py, 2026-11-26; a batch
+                    # costs the proxy ~250 µs CPU, its snapshots ~1.5 µs each).
+                    if len(self._queue) < _MAX_BATCH and not self._urgent.is_set():
+                        break
                 if in_flight and time.monotonic() - min(in_flight.values()) > deadline:
                     raise _StreamBroken(f"no acknowledgement within {deadline * 1000:.0f} ms")
-                if self._connected and len(in_flight) < _WINDOW and self._stats_due(peek=True):
+                if (
+                    self._connected
+                    and not self._queue  # else the stats ride on the next batch
+                    and len(in_flight) < _WINDOW
+                    and self._stats_due(peek=True)
+                ):
                     idle = rs.ReportRequest()
                     idle.batch.SetInParent()  # empty: only the stats ride on it
                     await send(idle)
-                self._wake.clear()
-                self._urgent.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), deadline / 4)
+                if not self._queue or len(in_flight) >= _WINDOW:
+                    self._wake.clear()
+                    self._urgent.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), deadline / 4)
                 pause = self._last_batch + _BATCH_INTERVAL - time.monotonic()
-                if pause > 0 and self._wake.is_set() and not self._urgent.is_set():
+                if pause > 0 and self._queue and not self._urgent.is_set():
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._urgent.wait(), pause)
         except Exception as error:
@@ -973,7 +1010,7 @@ class ConnmetaAddon:
             self._stats_sent, self._stats_sent_at = values, now
         return self.proxy_stats()
 
-    def _resync_requests(self, deadline: float) -> Iterable[rs.ReportRequest]:
+    def _resync_requests(self) -> list[tuple[rs.ReportRequest, list[Snapshot] | None]]:
         """ResyncStart, every live connection, ResyncEnd, built at one instant.
 
         The queue is emptied in the same step: whatever it held is older than
@@ -996,22 +1033,13 @@ class ConnmetaAddon:
             for conn in self._live.values()
             if (snap := self._convert(conn, pb.HOOK_RESYNC, self._client_of.get(conn.id, "")))
         ]
-        requests = [start]
+        requests: list[tuple[rs.ReportRequest, list[Snapshot] | None]] = [(start, None)]
         for i in range(0, len(snaps), _MAX_BATCH):
-            batch = rs.ReportRequest()
-            batch.batch.snapshots.extend(snaps[i : i + _MAX_BATCH])
-            requests.append(batch)
+            requests.append((rs.ReportRequest(), snaps[i : i + _MAX_BATCH]))
         end = rs.ReportRequest()
         end.resync_end.SetInParent()
-        requests.append(end)
+        requests.append((end, None))
         return requests
-
-    @staticmethod
-    async def _write(
-        call: Any, request: rs.ReportRequest, in_flight: dict[int, float], deadline: float
-    ) -> None:
-        in_flight[request.sequence] = time.monotonic()
-        await asyncio.wait_for(call.write(request), deadline)
 
     async def _read(self, call: Any, in_flight: dict[int, float]) -> None:
         try:
