@@ -2,8 +2,8 @@
 ``bench/proxy_bench.py``'s per-hook figures (a proxy of its own, never one of
 the pair whose CPU is compared).
 
-perf_counter around each hook's coroutine: none of them awaits anything while
-no router is subscribed. SIGUSR1 writes the times (seconds, by hook) to
+perf_counter around each hook (a coroutine until it returns: server_connect
+awaits only while a router is subscribed). SIGUSR1 writes the times (seconds, by hook) to
 ``$BENCH_DIR/hooks.json`` and clears them. Not a dataclass anywhere: mitmdump
 loads a script without a sys.modules entry.
 """
@@ -11,6 +11,7 @@ loads a script without a sys.modules entry.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import os
 import signal
@@ -45,16 +46,42 @@ def timed_addon() -> Any:
     times: dict[str, list[float]] = {name: [] for name in HOOKS}
 
     def timed(name: str) -> Any:
-        inner = getattr(ConnmetaAddon, name)
+        inner = inspect.getattr_static(ConnmetaAddon, name)
         record = times[name].append
         clock = time.perf_counter
 
-        async def hook(self: Any, data: Any) -> None:
-            begun = clock()
-            await inner(self, data)
-            record(clock() - begun)
+        if isinstance(inner, property):  # a hook only while needed (None otherwise)
+            getter = inner.fget
+            assert getter is not None
 
-        return hook
+            def get(self: Any) -> Any:
+                func = getter(self)
+                if func is None:
+                    return None
+
+                def hook(data: Any) -> Any:
+                    begun = clock()
+                    func(data)
+                    record(clock() - begun)
+
+                return hook
+
+            return property(get)
+
+        def call(self: Any, data: Any) -> Any:
+            begun = clock()
+            result = inner(self, data)
+            if result is None:  # a plain function
+                record(clock() - begun)
+                return None
+
+            async def finish() -> None:  # a coroutine: timed until it returns
+                await result
+                record(clock() - begun)
+
+            return finish()
+
+        return call
 
     async def running(self: Any) -> None:
         await ConnmetaAddon.running(self)

@@ -49,6 +49,10 @@ bookkeeping on every hit, and refilled by the next hooks)."""
 _SMALL: Final = [bytes((i,)) for i in range(128)]
 _CLOSED: Final = pb.CONNECTION_STATE_CLOSED
 _DER: Final = Encoding.DER
+# Whole fields (key and value) for the small enums.
+_STATE_FIELDS: Final = {v: b"\x10" + bytes((v,)) for v in _STATE_VALUES.values()}
+_TRANSPORT_FIELDS: Final = {k: b"\x28" + bytes((v,)) for k, v in _TRANSPORT_VALUES.items()}
+_HOOK_FIELDS: Final = {v: b"\x08" + bytes((v,)) for v in pb.Hook.values()}
 
 
 class _Unusual(Exception):
@@ -92,6 +96,10 @@ def _delimited(body: bytes) -> bytes:
 _addresses: dict[tuple[object, ...], bytes] = {}
 _timestamps: dict[float, bytes] = {}
 _vias: dict[tuple[object, ...], bytes] = {}
+# Connection and client ids (each in every snapshot of its connection and of
+# its client's servers), SNI, cipher names.
+_strings: dict[str, bytes] = {}
+_seconds: dict[int, bytes] = {}
 # By object identity; the object is kept beside its encoding (a mode) or
 # watched (a certificate: the entry leaves with it), so an id is never reused
 # for another object while its entry lives.
@@ -145,9 +153,12 @@ def _timestamp(v: object) -> bytes:
             seconds, nanos = split_timestamp(v, "")  # type: ignore[arg-type]
         except ValueError:
             raise _Unusual from None
-        body = (b"\x08" + varint(seconds) if seconds else b"") + (
-            b"\x10" + varint(nanos) if nanos else b""
-        )
+        head = _seconds.get(seconds)
+        if head is None:
+            if len(_seconds) >= _CACHE_MAX:
+                _seconds.clear()
+            head = _seconds[seconds] = b"\x08" + varint(seconds) if seconds else b""
+        body = head + b"\x10" + varint(nanos) if nanos else head
         if len(_timestamps) >= _CACHE_MAX:
             _timestamps.clear()
         value = _timestamps[v] = varint(len(body)) + body  # type: ignore[index]
@@ -212,10 +223,15 @@ def _via(via: object) -> bytes:
 
 
 def _string(s: object) -> bytes:
-    if type(s) is not str:
-        raise _Unusual
-    b = s.encode()  # lone surrogates: UnicodeEncodeError, the reference way
-    return varint(len(b)) + b
+    value = _strings.get(s)  # type: ignore[call-overload]
+    if value is None or type(s) is not str:
+        if type(s) is not str:
+            raise _Unusual
+        b = s.encode()  # lone surrogates: UnicodeEncodeError, the reference way
+        if len(_strings) >= _CACHE_MAX:
+            _strings.clear()
+        value = _strings[s] = varint(len(b)) + b
+    return value  # type: ignore[no-any-return]
 
 
 def _bytes(b: object) -> bytes:
@@ -235,19 +251,17 @@ def _connection(c: Connection, closed: bool) -> bytes:
         raise _Unusual
     state = _CLOSED if closed else _STATE_VALUES[c.state]
     if state:
-        add(b"\x10")
-        add(_SMALL[state])
+        add(_STATE_FIELDS[state])
     if c.peername is not None:
         add(b"\x1a")
         add(_address(c.peername))
     if c.sockname is not None:
         add(b"\x22")
         add(_address(c.sockname))
-    transport = _TRANSPORT_VALUES.get(c.transport_protocol)
+    transport = _TRANSPORT_FIELDS.get(c.transport_protocol)
     if transport is None:
         raise _Unusual
-    add(b"\x28")
-    add(_SMALL[transport])
+    add(transport)
     if c.error is not None:
         add(b"\x32")
         add(_string(c.error))
@@ -331,13 +345,15 @@ def snapshot_bytes(
             tag, body = b"\x22", _server(conn, closed)
         else:
             raise _Unusual
-        parts: list[bytes] = []
-        if hook:
-            parts += (b"\x08", varint(hook))
-        if client_id:
-            parts += (b"\x12", _string(client_id))
-        parts += (tag, varint(len(body)), body)
-        return b"".join(parts)
+        return b"".join(
+            (
+                _HOOK_FIELDS[hook] if hook else b"",
+                b"\x12" + _string(client_id) if client_id else b"",
+                tag,
+                varint(len(body)),
+                body,
+            )
+        )
     except (_Unusual, UnicodeEncodeError, KeyError, AttributeError, TypeError):
         return _reference(conn, hook, client_id, closed)
 
