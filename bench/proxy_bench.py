@@ -424,18 +424,22 @@ async def _load(
 
 
 @dataclass
-class _Pair:
-    """Per-round figures of the plain proxy and the one with the addon."""
+class _Rounds:
+    """Per-round figures of each proxy: CPU seconds per request, requests/s."""
 
-    cpu: dict[str, list[float]] = field(default_factory=lambda: {"plain": [], "addon": []})
-    rate: dict[str, list[float]] = field(default_factory=lambda: {"plain": [], "addon": []})
+    cpu: dict[str, list[float]] = field(default_factory=dict)
+    rate: dict[str, list[float]] = field(default_factory=dict)
 
-    def ratios(self, what: dict[str, list[float]], inverse: bool = False) -> list[float]:
-        pairs = zip(what["plain"], what["addon"], strict=True)
-        return [(p / a) if inverse else (a / p) for p, a in pairs]
+    def cpu_ratios(self, name: str) -> list[float]:
+        """plain / ``name``, round by round (side by side)."""
+        return [p / a for p, a in zip(self.cpu["plain"], self.cpu[name], strict=True)]
+
+    def rate_ratios(self, name: str) -> list[float]:
+        """``name`` / plain, round by round."""
+        return [a / p for p, a in zip(self.rate["plain"], self.rate[name], strict=True)]
 
 
-def _measure_pair(
+def _measure_rounds(
     proxies: dict[str, Mitmdump],
     origin: Origin,
     client: LoadClient,
@@ -443,8 +447,10 @@ def _measure_pair(
     rounds: int,
     seconds: float,
     concurrency: int,
-) -> _Pair:
-    pair = _Pair()
+) -> _Rounds:
+    """The same load on each proxy in turn, round after round, the order
+    reversed every other round."""
+    result = _Rounds({name: [] for name in proxies}, {name: [] for name in proxies})
     for proxy in proxies.values():  # warm up: certificates, caches, the stream
         client.run(proxy.port, origin.port(scheme), scheme, seconds=0.5, concurrency=concurrency)
     for i in range(rounds):
@@ -452,15 +458,15 @@ def _measure_pair(
         for name in order:
             proxy = proxies[name]
             before = proxy.cpu_seconds()
-            result = client.run(
+            load = client.run(
                 proxy.port, origin.port(scheme), scheme, seconds=seconds, concurrency=concurrency
             )
             used = proxy.cpu_seconds() - before
-            if result.errors:
-                print(f"  {name} {scheme}: {result.errors} errors", file=sys.stderr)
-            pair.cpu[name].append(used / result.requests)
-            pair.rate[name].append(result.rate)
-    return pair
+            if load.errors:
+                print(f"  {name} {scheme}: {load.errors} errors", file=sys.stderr)
+            result.cpu[name].append(used / load.requests)
+            result.rate[name].append(load.rate)
+    return result
 
 
 def _hook_times(
@@ -486,12 +492,15 @@ def _dump_hook_times(proxy: Mitmdump, out: Path) -> Any:
     return json.loads(out.read_text())
 
 
-def figures(quick: bool) -> list[Figure]:
-    rounds, seconds, hook_seconds = (2, 1.0, 1.5) if quick else (10, 2.0, 5.0)
-    concurrency = 8
-    rows: list[Figure] = []
+def figures(quick: bool, addon: str = "") -> list[Figure]:
+    """The suite's figures; ``addon``: another addon file in place of the
+    tree's (to compare a change: ``--addon /tmp/old/addon.py``)."""
     from connmeta.mitm.paths import addon_path
 
+    rounds, seconds, hook_seconds = (2, 1.0, 1.5) if quick else (8, 2.0, 5.0)
+    concurrency = 8
+    addon = addon or addon_path()
+    rows: list[Figure] = []
     with (
         tempfile.TemporaryDirectory(prefix="connmeta-proxy-bench-") as tmp,
         start_sidecar(Path(tmp)) as sidecar,
@@ -500,15 +509,19 @@ def figures(quick: bool) -> list[Figure]:
     ):
         directory = Path(tmp)
         target = {"connmeta_target": sidecar.target}
+        noop = str(HERE.with_name("noop_hooks.py"))
         with (
             start_mitmdump(directory / "plain") as plain,
-            start_mitmdump(directory / "addon", scripts=[addon_path()], options=target) as addon,
+            start_mitmdump(directory / "addon", scripts=[addon], options=target) as with_addon,
+            start_mitmdump(directory / "noop", scripts=[noop]) as with_noop,
         ):
-            proxies = {"plain": plain, "addon": addon}
+            proxies = {"plain": plain, "addon": with_addon, "noop": with_noop}
             for scheme in ("http", "https"):
-                pair = _measure_pair(proxies, origin, client, scheme, rounds, seconds, concurrency)
-                rows.extend(_pair_figures(pair, scheme, rounds, seconds, concurrency, quick))
-        env = {"BENCH_DIR": str(directory / "timed")}
+                measured = _measure_rounds(
+                    proxies, origin, client, scheme, rounds, seconds, concurrency
+                )
+                rows.extend(_pair_figures(measured, scheme, rounds, seconds, concurrency, quick))
+        env = {"BENCH_DIR": str(directory / "timed"), "BENCH_ADDON": addon}
         timer = str(HERE.with_name("timed_hooks.py"))
         with start_mitmdump(directory / "timed", scripts=[timer], options=target, env=env) as timed:
             for scheme in ("http", "https"):
@@ -518,39 +531,44 @@ def figures(quick: bool) -> list[Figure]:
 
 
 def _pair_figures(
-    pair: _Pair, scheme: str, rounds: int, seconds: float, concurrency: int, quick: bool
+    measured: _Rounds, scheme: str, rounds: int, seconds: float, concurrency: int, quick: bool
 ) -> list[Figure]:
     from bench._report import Figure, verdict
 
     label = {"http": "plain HTTP", "https": "HTTPS (CONNECT, TLS both sides)"}[scheme]
     load = f"{label}, new connection per request, {concurrency} clients, {rounds} x {seconds:g} s"
     command = COMMAND + (" --quick" if quick else "")
-    cpu_ratios = pair.ratios(pair.cpu, inverse=True)
-    rate_ratios = pair.ratios(pair.rate)
-    cpu = {k: statistics.median(v) * 1e3 for k, v in pair.cpu.items()}
-    rate = {k: statistics.median(v) for k, v in pair.rate.items()}
-    cpu_ratio, rate_ratio = statistics.median(cpu_ratios), statistics.median(rate_ratios)
-    extra = (cpu["addon"] - cpu["plain"]) * 1e3
-    return [
-        Figure(
-            f"addon overhead: proxy CPU per request, {load} alternating (plain / with addon; "
-            f"rounds {min(cpu_ratios):.3f}-{max(cpu_ratios):.3f})",
-            f"{cpu['addon']:.3f} ms ({extra:+.0f} µs)",
-            f"{cpu['plain']:.3f} ms without",
-            f"{cpu_ratio:.3f}",
-            verdict(cpu_ratio, 0.98, higher_is_better=True),
-            command,
-        ),
-        Figure(
-            f"addon overhead: requests/s, {load} alternating (with addon / plain; "
-            f"rounds {min(rate_ratios):.3f}-{max(rate_ratios):.3f})",
-            f"{rate['addon']:,.0f} req/s",
-            f"{rate['plain']:,.0f} req/s without",
-            f"{rate_ratio:.3f}",
-            verdict(rate_ratio, 0.98, higher_is_better=True),
-            command,
-        ),
-    ]
+    cpu = {k: statistics.median(v) * 1e3 for k, v in measured.cpu.items()}
+    rate = {k: statistics.median(v) for k, v in measured.rate.items()}
+    rows = []
+    for name, what in (
+        ("addon", "addon overhead"),
+        ("noop", "floor: an addon with the same hooks doing nothing"),
+    ):
+        cpu_ratios, rate_ratios = measured.cpu_ratios(name), measured.rate_ratios(name)
+        cpu_ratio, rate_ratio = statistics.median(cpu_ratios), statistics.median(rate_ratios)
+        extra = (cpu[name] - cpu["plain"]) * 1e3
+        rows += [
+            Figure(
+                f"{what}: proxy CPU per request, {load} alternating (plain / with; "
+                f"rounds {min(cpu_ratios):.3f}-{max(cpu_ratios):.3f})",
+                f"{cpu[name]:.3f} ms ({extra:+.0f} µs)",
+                f"{cpu['plain']:.3f} ms without",
+                f"{cpu_ratio:.3f}",
+                verdict(cpu_ratio, 0.98, higher_is_better=True) if name == "addon" else "",
+                command,
+            ),
+            Figure(
+                f"{what}: requests/s, {load} alternating (with / plain; "
+                f"rounds {min(rate_ratios):.3f}-{max(rate_ratios):.3f})",
+                f"{rate[name]:,.0f} req/s",
+                f"{rate['plain']:,.0f} req/s without",
+                f"{rate_ratio:.3f}",
+                verdict(rate_ratio, 0.98, higher_is_better=True) if name == "addon" else "",
+                command,
+            ),
+        ]
+    return rows
 
 
 def _hook_figures(
@@ -593,6 +611,7 @@ def _hook_figures(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small loads: a smoke run")
+    parser.add_argument("--addon", default="", help="another addon file in place of the tree's")
     parser.add_argument("--origin", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--load", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -605,7 +624,7 @@ def main() -> None:
     from bench._report import HEADER
 
     print(HEADER)
-    for figure in figures(args.quick):
+    for figure in figures(args.quick, args.addon):
         print(figure.row())
 
 

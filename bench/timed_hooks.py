@@ -11,6 +11,7 @@ loads a script without a sys.modules entry.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import inspect
 import json
 import os
@@ -40,8 +41,16 @@ HOOKS = (
 
 
 def timed_addon() -> Any:
-    """A ConnmetaAddon whose hooks record their times."""
-    from connmeta.mitm.addon import ConnmetaAddon
+    """A ConnmetaAddon (the tree's, or $BENCH_ADDON's) whose hooks record their times."""
+    if os.environ.get("BENCH_ADDON"):
+        spec = importlib.util.spec_from_file_location("bench_addon", os.environ["BENCH_ADDON"])
+        assert spec is not None
+        assert spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        ConnmetaAddon = module.ConnmetaAddon
+    else:
+        from connmeta.mitm.addon import ConnmetaAddon
 
     times: dict[str, list[float]] = {name: [] for name in HOOKS}
 
