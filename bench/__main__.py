@@ -22,6 +22,7 @@ SUITES: dict[str, str] = {
     "watch": "bench.watch_bench",
     "routing": "bench.routing_bench",
     "scale": "bench.scale_bench",
+    "proxy": "bench.proxy_bench",
 }
 
 

@@ -1,285 +1,631 @@
 """What the connmeta addon costs mitmproxy, measured on real processes.
 
-    .venv/bin/python bench/proxy_bench.py [--seconds 3] [--rounds 4] [--clients 8]
+    .venv/bin/python -m bench proxy [--quick]
+    .venv/bin/python -m bench.proxy_bench [--quick]
 
-1. Throughput: two mitmdump processes run side by side, one with the addon
-   (reporting to a real sidecar), one without; the same client load (one new
-   client connection per request, the addon's worst case: five hooks per
-   request) alternates between them, round after round. Reported: requests/s
-   of each and the ratio (goal >= 0.95).
-2. Connect delay: with a router subscribed that answers every query at once,
-   the time ``server_connect`` is held by the addon, measured inside the proxy
-   by two timing addons around it (goal p99 <= 2 ms). The same figure with no
-   router shows the addon's own cost per connect.
+1. The plain pair: ``mitmdump`` with nothing else loaded beside ``mitmdump -s
+   <addon>`` reporting into a real sidecar over its Unix socket (as in the
+   pod). The same client load (one new client connection per request, the
+   addon's worst case) alternates between them, round after round, the order
+   flipped each round; plain HTTP (absolute-form requests) and HTTPS (CONNECT,
+   then TLS with the proxy, which does TLS with a loopback origin holding a
+   self-signed certificate; ``ssl_insecure``, the client skips verification).
+   Figures: proxy CPU per request from /proc and requests/s, each as the
+   median over rounds of the ratio plain / with addon (goal >= 0.98).
+2. Time inside each hook, p50/p99, in a separate proxy whose addon is wrapped
+   by timers (never in the pair above: the timers would cost both alike and
+   hide part of the difference).
 
-This file is also the mitmdump script of both proxies (``-s proxy_bench.py``):
-loaded by mitmdump it defines ``addons`` (a listen-address reporter and two
-timers, with the connmeta addon between them when BENCH_CONNMETA=1), so both
-proxies load the same script and differ only in the addon.
+The client and the origin each run in a process of their own (this module
+with ``--load`` / ``--origin``), so neither competes with the proxy for a GIL.
+
+Helpers other benchmarks use (keep their names and signatures stable):
+``start_sidecar``, ``start_mitmdump``, ``Origin``, ``LoadClient``,
+``cpu_seconds``, ``percentile``, ``free_port``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import http.client
+import contextlib
 import json
 import os
+import signal
+import socket
+import ssl
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, TYPE_CHECKING, Any, Self
 
-REPO = Path(__file__).resolve().parent.parent
+from bench.timed_hooks import HOOKS
 
+if TYPE_CHECKING:
+    from bench._report import Figure
 
-# -- the mitmdump side ---------------------------------------------------------
+HERE = Path(__file__).resolve()
+REPO = HERE.parent.parent
+VENV_BIN = Path(sys.executable).parent
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+COMMAND = "python -m bench proxy"
 
-
-def _mitmdump_addons() -> list[Any]:
-    from mitmproxy import ctx
-    from mitmproxy.proxy.server_hooks import ServerConnectionHookData
-
-    out = Path(os.environ["BENCH_DIR"])
-    started: dict[str, float] = {}
-    held: list[float] = []
-
-    class Listen:
-        async def running(self) -> None:
-            proxyserver: Any = ctx.master.addons.get("proxyserver")  # type: ignore[no-untyped-call]
-            (out / "listen.tmp").write_text(json.dumps(proxyserver.listen_addrs()[0][1]))
-            (out / "listen.tmp").rename(out / "listen")
-
-    class Start:
-        async def server_connect(self, data: ServerConnectionHookData) -> None:
-            started[data.server.id] = time.perf_counter()
-
-    class End:
-        async def server_connect(self, data: ServerConnectionHookData) -> None:
-            held.append(time.perf_counter() - started.pop(data.server.id))
-
-        async def done(self) -> None:
-            (out / "held.json").write_text(json.dumps(held))
-
-        def load(self, loader: Any) -> None:
-            loader.add_command("bench.reset", self.reset)
-
-        def reset(self) -> None:
-            held.clear()
-
-    # Both proxies carry the timers, so that the connmeta addon is the only
-    # difference between them.
-    if os.environ.get("BENCH_CONNMETA") == "1":
-        from connmeta.mitm.addon import ConnmetaAddon
-
-        return [Listen(), Start(), ConnmetaAddon(), End()]
-    return [Listen(), Start(), End()]
+for _var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "no_proxy", "NO_PROXY"):
+    os.environ.pop(_var, None)
 
 
-if __name__ != "__main__" and "BENCH_DIR" in os.environ:
-    addons = _mitmdump_addons()
+# -- processes ------------------------------------------------------------------
 
 
-# -- the bench side --------------------------------------------------------------
+def free_port() -> int:
+    """A loopback TCP port free right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
-class _Origin(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    # Headers and body leave in two writes: without TCP_NODELAY, Nagle and
-    # delayed ACKs add 40 ms to every response.
-    disable_nagle_algorithm = True
-
-    def do_GET(self) -> None:
-        self.send_response(200)
-        self.send_header("Content-Length", "2")
-        self.end_headers()
-        self.wfile.write(b"ok")
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process (all its threads) so far, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
-def _start_mitmdump(directory: Path, sidecar: str, connmeta: bool) -> subprocess.Popen[bytes]:
-    directory.mkdir(parents=True)
-    env = {**os.environ, "BENCH_DIR": str(directory), "BENCH_CONNMETA": "1" if connmeta else "0"}
-    conf = f"confdir={directory / 'conf'}"
-    args = [str(Path(sys.executable).parent / "mitmdump"), "-q", "--listen-host", "127.0.0.1",
-            "--listen-port", "0", "-s", __file__, "--set", conf]  # fmt: skip
-    if connmeta:
-        args += ["--set", f"connmeta_target={sidecar}"]
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    end = time.monotonic() + 30
-    while not (directory / "listen").exists():
-        if time.monotonic() > end or proc.poll() is not None:
-            raise RuntimeError(f"mitmdump in {directory} did not start")
-        time.sleep(0.05)
-    return proc
-
-
-def _load(proxy_port: int, origin_port: int, seconds: float, clients: int) -> int:
-    """Requests completed by ``clients`` threads in ``seconds``, one new
-    connection each."""
-    done = [0] * clients
-    stop = time.monotonic() + seconds
-
-    def client(i: int) -> None:
-        while time.monotonic() < stop:
-            conn = http.client.HTTPConnection("127.0.0.1", proxy_port, timeout=10)
-            conn.request("GET", f"http://127.0.0.1:{origin_port}/", headers={"Connection": "close"})
-            conn.getresponse().read()
-            conn.close()
-            done[i] += 1
-
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return sum(done)
-
-
-def _cpu_seconds(proc: subprocess.Popen[bytes]) -> float:
-    """user + system CPU time of a process so far (Linux /proc)."""
-    fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _percentile(values: list[float], q: float) -> float:
+def percentile(values: Sequence[float], q: float) -> float:
+    """The ``q`` quantile (0-1) of ``values``, nearest rank; 0 for none."""
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
 
 
-async def _route_at_once(sidecar: str) -> None:
-    """A router that answers every query at once with "no change"; prints
-    "subscribed" when it receives queries. Runs in its own process (the
-    ``--router`` mode), so that it does not compete with the bench's client
-    threads for a GIL."""
-    import grpc
+def _stop(proc: subprocess.Popen[Any]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    for stream in (proc.stdin, proc.stdout):
+        if stream is not None:
+            stream.close()
 
-    from connmeta.v1 import router_service_pb2 as rt
-    from connmeta.v1 import router_service_pb2_grpc as rt_grpc
 
-    channel = grpc.aio.insecure_channel(sidecar)
-    outgoing: asyncio.Queue[rt.RouteRequest] = asyncio.Queue()
-    outgoing.put_nowait(rt.RouteRequest(subscribe=rt.RouteSubscribe(name="bench")))
+@dataclass
+class Sidecar:
+    proc: subprocess.Popen[str]
+    target: str
+    """``unix:///path``, as ``connmeta_target`` takes it."""
 
-    async def requests() -> Any:
+
+@contextlib.contextmanager
+def start_sidecar(directory: Path, *args: str) -> Iterator[Sidecar]:
+    """``connmeta serve`` on a Unix socket in ``directory``; yields once it serves."""
+    path = directory / "connmeta.sock"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "connmeta",
+            "serve",
+            "--listen",
+            "",
+            "--unix-socket",
+            str(path),
+            *args,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        cwd=REPO,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if "unix=" not in line:
+            raise RuntimeError(f"the sidecar did not start: {line!r}")
+        yield Sidecar(proc, f"unix://{path}")
+    finally:
+        _stop(proc)
+
+
+@dataclass
+class Mitmdump:
+    proc: subprocess.Popen[bytes]
+    port: int
+    directory: Path
+
+    def cpu_seconds(self) -> float:
+        return cpu_seconds(self.proc.pid)
+
+
+@contextlib.contextmanager
+def start_mitmdump(
+    directory: Path,
+    *,
+    scripts: Sequence[str] = (),
+    options: Mapping[str, str] = {},
+    env: Mapping[str, str] = {},
+) -> Iterator[Mitmdump]:
+    """A quiet ``mitmdump`` on a loopback port with ``ssl_insecure`` and its own
+    confdir in ``directory``, loading ``scripts`` (none: a plain proxy);
+    yields once it accepts connections."""
+    directory.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    args = [str(VENV_BIN / "mitmdump"), "-q", "--listen-host", "127.0.0.1",
+            "--listen-port", str(port), "--set", f"confdir={directory / 'conf'}",
+            "--set", "ssl_insecure=true"]  # fmt: skip
+    for script in scripts:
+        args += ["-s", script]
+    for name, value in options.items():
+        args += ["--set", f"{name}={value}"]
+    log = (directory / "mitmdump.log").open("wb")
+    proc = subprocess.Popen(
+        args, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT, cwd=REPO
+    )
+    try:
+        end = time.monotonic() + 30
         while True:
-            yield await outgoing.get()
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+                break
+            if time.monotonic() > end or proc.poll() is not None:
+                raise RuntimeError(f"mitmdump did not start; see {directory / 'mitmdump.log'}")
+            time.sleep(0.05)
+        yield Mitmdump(proc, port, directory)
+    finally:
+        _stop(proc)
+        log.close()
 
-    async for response in rt_grpc.RouterServiceStub(channel).Route(requests()):
-        if response.WhichOneof("message") == "subscribed":
-            print("subscribed", flush=True)
-        else:
-            outgoing.put_nowait(
-                rt.RouteRequest(answer=rt.RouteAnswer(query_id=response.query.query_id))
+
+class _Child:
+    """A helper process of this file speaking JSON lines on stdin/stdout."""
+
+    def __init__(self, mode: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bench.proxy_bench", mode],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=REPO,
+        )
+        self.first = self._line()
+
+    def _line(self) -> Any:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"{self.proc.args!r} ended")
+        return json.loads(line)
+
+    def ask(self, request: Mapping[str, Any]) -> Any:
+        stdin: IO[str] | None = self.proc.stdin
+        assert stdin is not None
+        stdin.write(json.dumps(request) + "\n")
+        stdin.flush()
+        return self._line()
+
+    def close(self) -> None:
+        _stop(self.proc)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Origin(_Child):
+    """Loopback origins in a process of their own: plain HTTP on ``http_port``,
+    HTTPS (self-signed EC certificate for localhost) on ``https_port``. Every
+    request gets ``200`` with a 2-byte body."""
+
+    def __init__(self) -> None:
+        super().__init__("--origin")
+        self.http_port: int = self.first["http"]
+        self.https_port: int = self.first["https"]
+
+    def port(self, scheme: str) -> int:
+        return self.https_port if scheme == "https" else self.http_port
+
+
+@dataclass
+class LoadResult:
+    requests: int
+    seconds: float
+    errors: int
+    latencies: list[float] = field(default_factory=list)
+    """Seconds per request, when asked for."""
+
+    @property
+    def rate(self) -> float:
+        return self.requests / self.seconds
+
+
+class LoadClient(_Child):
+    """A client process: ``concurrency`` workers, each opening a new connection
+    through the proxy per request (``http``: an absolute-form GET; ``https``:
+    CONNECT, TLS through the proxy without verification, GET)."""
+
+    def __init__(self) -> None:
+        super().__init__("--load")
+
+    def run(
+        self,
+        proxy_port: int,
+        origin_port: int,
+        scheme: str,
+        *,
+        seconds: float = 0.0,
+        requests: int = 0,
+        concurrency: int = 8,
+        latencies: bool = False,
+    ) -> LoadResult:
+        """Load for ``seconds``, or until ``requests`` requests are done."""
+        answer = self.ask(
+            {
+                "proxy": proxy_port,
+                "origin": origin_port,
+                "scheme": scheme,
+                "seconds": seconds,
+                "requests": requests,
+                "concurrency": concurrency,
+                "latencies": latencies,
+            }
+        )
+        return LoadResult(**answer)
+
+
+# -- the child processes -------------------------------------------------------------
+
+
+def _origin_main() -> None:
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=30))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    with tempfile.TemporaryDirectory() as directory:
+        pem = Path(directory) / "origin.pem"
+        pem.write_bytes(
+            cert.public_bytes(serialization.Encoding.PEM)
+            + key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
             )
+        )
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(pem)
+    asyncio.run(_serve_origin(context))
+
+
+async def _serve_origin(context: ssl.SSLContext) -> None:
+    response = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(Exception):
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                writer.write(response)
+                if b"connection: close" in head.lower():
+                    break
+        writer.close()
+
+    plain = await asyncio.start_server(handle, "127.0.0.1", 0)
+    tls = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=context)
+    ports = {
+        "http": plain.sockets[0].getsockname()[1],
+        "https": tls.sockets[0].getsockname()[1],
+    }
+    print(json.dumps(ports), flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+
+
+def _load_main() -> None:
+    print("{}", flush=True)
+    for line in sys.stdin:
+        print(json.dumps(asyncio.run(_load(**json.loads(line)))), flush=True)
+
+
+async def _load(
+    proxy: int,
+    origin: int,
+    scheme: str,
+    seconds: float,
+    requests: int,
+    concurrency: int,
+    latencies: bool,
+) -> dict[str, Any]:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    if scheme == "https":
+        connect = (
+            f"CONNECT 127.0.0.1:{origin} HTTP/1.1\r\nHost: 127.0.0.1:{origin}\r\n\r\n".encode()
+        )
+        get = b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    else:
+        get = (
+            f"GET http://127.0.0.1:{origin}/ HTTP/1.1\r\nHost: 127.0.0.1:{origin}\r\n"
+            "Connection: close\r\n\r\n"
+        ).encode()
+    done = errors = 0
+    times: list[float] = []
+    started = time.perf_counter()
+    stop = started + seconds if seconds else float("inf")
+
+    async def one() -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy)
+        try:
+            if scheme == "https":
+                writer.write(connect)
+                head = await reader.readuntil(b"\r\n\r\n")
+                if not head.startswith(b"HTTP/1.1 200"):
+                    raise RuntimeError(head[:80])
+                await writer.start_tls(context, server_hostname="localhost")
+            writer.write(get)
+            head = await reader.readuntil(b"\r\n\r\n")
+            if not head.startswith(b"HTTP/1.1 200"):
+                raise RuntimeError(head[:80])
+            await reader.readexactly(2)
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(writer.wait_closed(), 1)
+
+    async def worker() -> None:
+        nonlocal done, errors
+        while time.perf_counter() < stop and (not requests or done + errors < requests):
+            begun = time.perf_counter()
+            try:
+                await asyncio.wait_for(one(), 10)
+            except Exception:
+                errors += 1
+                continue
+            done += 1
+            if latencies:
+                times.append(time.perf_counter() - begun)
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return {
+        "requests": done,
+        "seconds": time.perf_counter() - started,
+        "errors": errors,
+        "latencies": times,
+    }
+
+
+# -- the figures ---------------------------------------------------------------------
+
+
+@dataclass
+class _Rounds:
+    """Per-round figures of each proxy: CPU seconds per request, requests/s."""
+
+    cpu: dict[str, list[float]] = field(default_factory=dict)
+    rate: dict[str, list[float]] = field(default_factory=dict)
+
+    def cpu_ratios(self, name: str) -> list[float]:
+        """plain / ``name``, round by round (side by side)."""
+        return [p / a for p, a in zip(self.cpu["plain"], self.cpu[name], strict=True)]
+
+    def rate_ratios(self, name: str) -> list[float]:
+        """``name`` / plain, round by round."""
+        return [a / p for p, a in zip(self.rate["plain"], self.rate[name], strict=True)]
+
+
+def _measure_rounds(
+    proxies: dict[str, Mitmdump],
+    origin: Origin,
+    client: LoadClient,
+    scheme: str,
+    rounds: int,
+    seconds: float,
+    concurrency: int,
+) -> _Rounds:
+    """The same load on each proxy in turn, round after round, the order
+    reversed every other round."""
+    result = _Rounds({name: [] for name in proxies}, {name: [] for name in proxies})
+    for proxy in proxies.values():  # warm up: certificates, caches, the stream
+        client.run(proxy.port, origin.port(scheme), scheme, seconds=0.5, concurrency=concurrency)
+    for i in range(rounds):
+        order = list(proxies) if i % 2 == 0 else list(reversed(proxies))
+        for name in order:
+            proxy = proxies[name]
+            before = proxy.cpu_seconds()
+            load = client.run(
+                proxy.port, origin.port(scheme), scheme, seconds=seconds, concurrency=concurrency
+            )
+            used = proxy.cpu_seconds() - before
+            if load.errors:
+                print(f"  {name} {scheme}: {load.errors} errors", file=sys.stderr)
+            result.cpu[name].append(used / load.requests)
+            result.rate[name].append(load.rate)
+    return result
+
+
+def _hook_times(
+    proxy: Mitmdump, origin: Origin, client: LoadClient, scheme: str, seconds: float
+) -> tuple[dict[str, list[float]], int]:
+    """Each hook's times (seconds) during ``seconds`` of load, and the requests done."""
+    client.run(proxy.port, origin.port(scheme), scheme, seconds=0.5)  # warm up
+    out = proxy.directory / "hooks.json"
+    _dump_hook_times(proxy, out)  # and forget the warm-up's
+    result = client.run(proxy.port, origin.port(scheme), scheme, seconds=seconds)
+    times: dict[str, list[float]] = _dump_hook_times(proxy, out)
+    return {k: v for k, v in times.items() if v}, result.requests
+
+
+def _dump_hook_times(proxy: Mitmdump, out: Path) -> Any:
+    out.unlink(missing_ok=True)
+    proxy.proc.send_signal(signal.SIGUSR1)
+    end = time.monotonic() + 10
+    while not out.exists():
+        if time.monotonic() > end:
+            raise RuntimeError("the timed proxy did not write its hook times")
+        time.sleep(0.02)
+    return json.loads(out.read_text())
+
+
+def figures(quick: bool, addon: str = "") -> list[Figure]:
+    """The suite's figures; ``addon``: another addon file in place of the
+    tree's (to compare a change: ``--addon /tmp/old/addon.py``)."""
+    from connmeta.mitm.paths import addon_path
+
+    rounds, seconds, hook_seconds = (2, 1.0, 1.5) if quick else (8, 2.0, 5.0)
+    concurrency = 8
+    addon = addon or addon_path()
+    rows: list[Figure] = []
+    with (
+        tempfile.TemporaryDirectory(prefix="connmeta-proxy-bench-") as tmp,
+        start_sidecar(Path(tmp)) as sidecar,
+        Origin() as origin,
+        LoadClient() as client,
+    ):
+        directory = Path(tmp)
+        target = {"connmeta_target": sidecar.target}
+        noop = str(HERE.with_name("noop_hooks.py"))
+        with (
+            start_mitmdump(directory / "plain") as plain,
+            start_mitmdump(directory / "addon", scripts=[addon], options=target) as with_addon,
+            start_mitmdump(directory / "noop", scripts=[noop]) as with_noop,
+        ):
+            proxies = {"plain": plain, "addon": with_addon, "noop": with_noop}
+            for scheme in ("http", "https"):
+                measured = _measure_rounds(
+                    proxies, origin, client, scheme, rounds, seconds, concurrency
+                )
+                rows.extend(_pair_figures(measured, scheme, rounds, seconds, concurrency, quick))
+        env = {"BENCH_DIR": str(directory / "timed"), "BENCH_ADDON": addon}
+        timer = str(HERE.with_name("timed_hooks.py"))
+        with start_mitmdump(directory / "timed", scripts=[timer], options=target, env=env) as timed:
+            for scheme in ("http", "https"):
+                times, requests = _hook_times(timed, origin, client, scheme, hook_seconds)
+                rows.extend(_hook_figures(times, requests, scheme, quick))
+    return rows
+
+
+def _pair_figures(
+    measured: _Rounds, scheme: str, rounds: int, seconds: float, concurrency: int, quick: bool
+) -> list[Figure]:
+    from bench._report import Figure, verdict
+
+    label = {"http": "plain HTTP", "https": "HTTPS (CONNECT, TLS both sides)"}[scheme]
+    load = f"{label}, new connection per request, {concurrency} clients, {rounds} x {seconds:g} s"
+    command = COMMAND + (" --quick" if quick else "")
+    cpu = {k: statistics.median(v) * 1e3 for k, v in measured.cpu.items()}
+    rate = {k: statistics.median(v) for k, v in measured.rate.items()}
+    rows = []
+    for name, what in (
+        ("addon", "addon overhead"),
+        ("noop", "floor: an addon with the same hooks doing nothing"),
+    ):
+        cpu_ratios, rate_ratios = measured.cpu_ratios(name), measured.rate_ratios(name)
+        cpu_ratio, rate_ratio = statistics.median(cpu_ratios), statistics.median(rate_ratios)
+        extra = (cpu[name] - cpu["plain"]) * 1e3
+        rows += [
+            Figure(
+                f"{what}: proxy CPU per request, {load} alternating (plain / with; "
+                f"rounds {min(cpu_ratios):.3f}-{max(cpu_ratios):.3f})",
+                f"{cpu[name]:.3f} ms ({extra:+.0f} µs)",
+                f"{cpu['plain']:.3f} ms without",
+                f"{cpu_ratio:.3f}",
+                verdict(cpu_ratio, 0.98, higher_is_better=True) if name == "addon" else "",
+                command,
+            ),
+            Figure(
+                f"{what}: requests/s, {load} alternating (with / plain; "
+                f"rounds {min(rate_ratios):.3f}-{max(rate_ratios):.3f})",
+                f"{rate[name]:,.0f} req/s",
+                f"{rate['plain']:,.0f} req/s without",
+                f"{rate_ratio:.3f}",
+                verdict(rate_ratio, 0.98, higher_is_better=True) if name == "addon" else "",
+                command,
+            ),
+        ]
+    return rows
+
+
+def _hook_figures(
+    times: dict[str, list[float]], requests: int, scheme: str, quick: bool
+) -> list[Figure]:
+    from bench._report import Figure
+
+    label = {"http": "plain HTTP", "https": "HTTPS"}[scheme]
+    command = COMMAND + (" --quick" if quick else "")
+    rows = []
+    for name in HOOKS:
+        values = times.get(name)
+        if not values:
+            continue
+        rows.append(
+            Figure(
+                f"time inside the addon's `{name}`, {label} ({len(values)} calls; timed proxy)",
+                f"p50 {percentile(values, 0.5) * 1e6:.1f} µs, "
+                f"p99 {percentile(values, 0.99) * 1e6:.1f} µs",
+                "",
+                "",
+                "",
+                command,
+            )
+        )
+    total = sum(sum(v) for v in times.values())
+    rows.append(
+        Figure(
+            f"time inside the addon's hooks per request, {label} (timed proxy)",
+            f"{total / requests * 1e6:.1f} µs",
+            "",
+            "",
+            "",
+            command,
+        )
+    )
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=3.0, help="per round and proxy")
-    parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--clients", type=int, default=8, help="client threads")
-    parser.add_argument("--connects", type=int, default=1000, help="for the delay figures")
-    parser.add_argument("--router", metavar="TARGET", help=argparse.SUPPRESS)
+    parser.add_argument("--quick", action="store_true", help="small loads: a smoke run")
+    parser.add_argument("--addon", default="", help="another addon file in place of the tree's")
+    parser.add_argument("--origin", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--load", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.router:
-        asyncio.run(_route_at_once(args.router))
+    if args.origin:
+        _origin_main()
         return
+    if args.load:
+        _load_main()
+        return
+    from bench._report import HEADER
 
-    tmp = Path(tempfile.mkdtemp(prefix="connmeta-bench-"))
-    socket = tmp / "connmeta.sock"
-    sidecar_proc = subprocess.Popen(
-        [sys.executable, "-m", "connmeta", "serve", "--listen", "",
-         "--unix-socket", str(socket)],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-    )  # fmt: skip
-    assert sidecar_proc.stdout is not None
-    sidecar_proc.stdout.readline()
-    target = f"unix://{socket}"
-    origin = ThreadingHTTPServer(("127.0.0.1", 0), _Origin)
-    origin.daemon_threads = True
-    threading.Thread(target=origin.serve_forever, daemon=True).start()
-    origin_port = int(origin.server_address[1])
-    plain = _start_mitmdump(tmp / "plain", target, connmeta=False)
-    withc = _start_mitmdump(tmp / "connmeta", target, connmeta=True)
-    ports = {name: int((tmp / name / "listen").read_text()) for name in ("plain", "connmeta")}
-    try:
-        for port in ports.values():  # warm up both
-            _load(port, origin_port, 0.5, args.clients)
-        rates: dict[str, list[float]] = {"plain": [], "connmeta": []}
-        cpu: dict[str, list[float]] = {"plain": [], "connmeta": []}
-        procs = {"plain": plain, "connmeta": withc}
-        for _ in range(args.rounds):
-            for name, port in ports.items():
-                before = _cpu_seconds(procs[name])
-                done = _load(port, origin_port, args.seconds, args.clients)
-                rates[name].append(done / args.seconds)
-                cpu[name].append((_cpu_seconds(procs[name]) - before) / done)
-        plain_rps = statistics.median(rates["plain"])
-        connmeta_rps = statistics.median(rates["connmeta"])
-        print(f"throughput, new connection per request, {args.clients} clients, "
-              f"{args.rounds} x {args.seconds:.0f} s alternating:")  # fmt: skip
-        for label, name, rps in (
-            ("without", "plain", plain_rps),
-            ("with", "connmeta", connmeta_rps),
-        ):
-            rounds = [round(r) for r in rates[name]]
-            print(f"  {label + ' addon:':15}{rps:8.1f} req/s  (rounds: {rounds})")
-        print(f"  ratio:         {connmeta_rps / plain_rps:8.3f}  (goal >= 0.95)")
-        # On a shared machine throughput is noisy; the proxy's own CPU time
-        # per request is not, and bounds throughput the same way once the
-        # proxy is the bottleneck (mitmdump is one Python thread).
-        plain_cpu = statistics.median(cpu["plain"]) * 1000
-        connmeta_cpu = statistics.median(cpu["connmeta"]) * 1000
-        print(f"  proxy CPU per request: {plain_cpu:.3f} ms without, {connmeta_cpu:.3f} ms with "
-              f"the addon; ratio {plain_cpu / connmeta_cpu:.3f} (same goal)")  # fmt: skip
-
-        def connects() -> None:
-            for _ in range(args.connects):
-                conn = http.client.HTTPConnection("127.0.0.1", ports["connmeta"], timeout=10)
-                conn.request("GET", f"http://127.0.0.1:{origin_port}/")
-                conn.getresponse().read()
-                conn.close()
-
-        connects()  # no router: the addon's own cost per connect
-        router = subprocess.Popen(
-            [sys.executable, __file__, "--router", target], stdout=subprocess.PIPE, text=True
-        )
-        assert router.stdout is not None
-        router.stdout.readline()
-        time.sleep(0.3)  # RoutingState reaches the proxy
-        connects()
-        router.terminate()
-        router.wait(10)
-        router.stdout.close()
-    finally:
-        withc.terminate()
-        withc.wait(10)
-        plain.terminate()
-        plain.wait(10)
-        sidecar_proc.terminate()
-        sidecar_proc.wait(10)
-        if sidecar_proc.stdout is not None:
-            sidecar_proc.stdout.close()
-        origin.shutdown()
-    held = json.loads((tmp / "connmeta" / "held.json").read_text())
-    # The held list covers every connect of the connmeta proxy: the throughput
-    # rounds and warm-up first, then the unrouted series, then the routed one.
-    unrouted = held[-2 * args.connects : -args.connects]
-    routed_held = held[-args.connects :]
-    for label, values in (("no router", unrouted), ("router answering at once", routed_held)):
-        ms = [v * 1000 for v in values]
-        print(f"server_connect held by the addon, {label} ({len(ms)} connects): "
-              f"p50 {_percentile(ms, 0.5):.3f} ms, p99 {_percentile(ms, 0.99):.3f} ms, "
-              f"max {max(ms):.3f} ms")  # fmt: skip
-    print("  goal with a router: p99 <= 2 ms")
+    print(HEADER)
+    for figure in figures(args.quick, args.addon):
+        print(figure.row())
 
 
 if __name__ == "__main__":

@@ -715,10 +715,24 @@ class RouteStream:
             ROUTE, request_serializer=None, response_deserializer=rt.RouteResponse.FromString
         )
         self.call: Any = method()
+        self.write_failed = False
 
     async def write(self, data: bytes) -> None:
-        with suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
+        try:
             await self.call.write(data)  # if the stream ended, the next read reports how
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            self.write_failed = True
+
+    def lost_status(self, error: grpc.aio.AioRpcError) -> bool:
+        """Whether ``error`` is grpcio's own, not the server's: a write after the
+        server had ended the stream fails in the client's core, and the call
+        then ends INTERNAL "Internal error from Core" instead of with the status
+        the server sent (seen under load, a few times in a hundred runs)."""
+        return (
+            self.write_failed
+            and error.code() == grpc.StatusCode.INTERNAL
+            and error.details() == "Internal error from Core"
+        )
 
     async def read(self) -> rt.RouteResponse | None:
         """The next response; None when the stream ended OK. Raises AioRpcError."""
@@ -827,7 +841,7 @@ async def test_route_stream_answers_hostile_routers_and_refused_answers_change_n
             for answer in answers:  # for queries nobody asked: ignored, or refused
                 await hostile.write(_answer(answer, "q-never-asked"))
             ended = await hostile.finish()
-            if ended is not None:
+            if ended is not None and not hostile.lost_status(ended):
                 check_error(ended, ROUTE, answers[-1] if answers else b"")
             assert await sut.records() == before, "answers to unknown queries changed the store"
         for router in routers:

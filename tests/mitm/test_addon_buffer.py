@@ -15,10 +15,9 @@ from mitmproxy.options import Options
 
 from connmeta.mitm.addon import ConnmetaAddon, _footprint, _snapshot
 from connmeta.v1 import connection_pb2 as pb
-from connmeta.v1 import report_service_pb2 as rs
 
 
-def snapshot(n: int, *, sni: str = "") -> rs.ConnectionSnapshot:
+def snapshot(n: int, *, sni: str = "") -> bytes:
     client = Client(
         peername=("127.0.0.1", 40000 + n), sockname=("127.0.0.1", 8080), timestamp_start=1.7e9
     )
@@ -26,7 +25,7 @@ def snapshot(n: int, *, sni: str = "") -> rs.ConnectionSnapshot:
     return _snapshot(client, pb.HOOK_CLIENT_CONNECTED)
 
 
-def kept(addon: ConnmetaAddon) -> list[rs.ConnectionSnapshot]:
+def kept(addon: ConnmetaAddon) -> list[bytes]:
     return [snap for snap, _ in addon._buffer]
 
 

@@ -32,7 +32,10 @@ def addon_with(*, connected: bool, routing: bool) -> ConnmetaAddon:
 
 def reported(addon: ConnmetaAddon) -> list[rs.ConnectionSnapshot]:
     """What the hooks handed the reporter (the queue, or the outage buffer)."""
-    return list(addon._queue) + [snap for snap, _ in addon._buffer]
+    return [
+        rs.ConnectionSnapshot.FromString(data)
+        for data in [*addon._queue, *(snap for snap, _ in addon._buffer)]
+    ]
 
 
 @pytest.mark.parametrize(

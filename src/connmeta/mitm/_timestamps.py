@@ -17,7 +17,7 @@ from typing import Final
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-__all__ = ["fill_timestamp", "timestamp_to_float"]
+__all__ = ["fill_timestamp", "split_timestamp", "timestamp_to_float"]
 
 _NS: Final = 1_000_000_000
 _MIN_SECONDS: Final = -62_135_596_800  # 0001-01-01T00:00:00Z
@@ -27,6 +27,11 @@ _RANGE: Final = "0001-01-01T00:00:00Z to 9999-12-31T23:59:59.999999999Z"
 
 def fill_timestamp(msg: Timestamp, value: float, path: str) -> None:
     """Set ``msg`` (marking it present) to ``value`` seconds since the epoch."""
+    msg.seconds, msg.nanos = split_timestamp(value, path)
+
+
+def split_timestamp(value: float, path: str) -> tuple[int, int]:
+    """``(seconds, nanos)`` of a Timestamp for ``value`` seconds since the epoch."""
     try:
         num, den = value.as_integer_ratio()
     except (OverflowError, ValueError):
@@ -42,8 +47,7 @@ def fill_timestamp(msg: Timestamp, value: float, path: str) -> None:
     seconds, nanos = divmod(ns, _NS)
     if not _MIN_SECONDS <= seconds <= _MAX_SECONDS:
         raise ValueError(f"{path}: {value!r} is outside the range of a Timestamp ({_RANGE})")
-    msg.seconds = seconds
-    msg.nanos = nanos
+    return seconds, nanos
 
 
 def timestamp_to_float(msg: Timestamp, path: str) -> float:
