@@ -6,11 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import gc
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Any, cast
 
 import grpc
 import pytest
 from google.protobuf import field_mask_pb2
 
+from connmeta.router_service import RouterServicer
+from connmeta.routing import RouterHub
 from connmeta.v1 import connection_pb2 as pb
 from connmeta.v1 import connection_service_pb2 as cs
 from connmeta.v1 import connection_service_pb2_grpc as cs_grpc
@@ -476,3 +480,26 @@ async def test_a_held_connect_its_batch_reports_an_outcome_for_is_not_asked(
     assert query.server.server.connection.id == waiting.server.connection.id
     await proxy.close()
     await router.leave()
+
+
+async def test_a_standby_that_takes_over_while_its_first_answer_is_written_is_still_told() -> None:
+    """grpcio resumes a response generator only once its last response is
+    written: a takeover in between must still be announced (under load the
+    standby was left waiting, never told it was active)."""
+    hub = RouterHub()
+    first = hub.subscribe("r1")
+    hold: asyncio.Event = asyncio.Event()
+
+    async def requests() -> AsyncIterator[rt.RouteRequest]:
+        yield rt.RouteRequest(subscribe=rt.RouteSubscribe(name="r2"))
+        await hold.wait()  # the standby sends nothing more
+
+    responses = cast(
+        AsyncGenerator[rt.RouteResponse], RouterServicer(hub).Route(requests(), cast(Any, None))
+    )
+    standby = await anext(responses)
+    assert standby.subscribed == rt.RouteSubscribed(active=False, active_router="r1")
+    hub.unsubscribe(first)  # the takeover, before the generator resumes
+    taken_over = await asyncio.wait_for(anext(responses), WAIT)
+    assert taken_over.subscribed == rt.RouteSubscribed(active=True, active_router="r2")
+    await responses.aclose()

@@ -91,8 +91,13 @@ class RouterServicer:
                     active=active is router, active_router=active.name if active else ""
                 )
             )
-            if not router.activated.is_set():
-                await self._until(router.activated.wait(), reader)
+            # A standby is told when it takes over, also when that happened
+            # while the answer above was being written (the generator resumes
+            # only once it is): decided by what that answer said, not by
+            # whether it is active by now.
+            if active is not router:
+                if not router.activated.is_set():
+                    await self._until(router.activated.wait(), reader)
                 if not router.left:
                     yield rt.RouteResponse(
                         subscribed=rt.RouteSubscribed(active=True, active_router=router.name)
