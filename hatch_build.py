@@ -24,7 +24,7 @@ from typing import Any
 
 from hatchling.builders.hooks.plugin.interface import BuildHookInterface
 
-COMPILED = ("src/connmeta/_ingest.py",)
+COMPILED = ("src/connmeta/_ingest.py", "src/connmeta/_wirecore.py")
 """Small, self-contained modules (they import nothing of connmeta, so mypyc
 type-checks them without the package's dependencies in the build env)."""
 
@@ -51,7 +51,7 @@ class MypycBuildHook(BuildHookInterface):  # type: ignore[misc]  # hatchling is 
         except Exception as e:  # no compiler, no headers: still a working package
             self.app.display_warning(
                 f"connmeta: compiling {', '.join(COMPILED)} with mypyc failed ({e}); "
-                "installing the pure-Python modules (slower ingest)"
+                "installing the pure-Python modules (slower ingest and addon)"
             )
             shutil.rmtree(work, ignore_errors=True)
             return
@@ -82,7 +82,14 @@ def _compile(root: Path, work: Path) -> list[Path]:
     os.chdir(root)  # mypyc names modules from paths relative to here
     try:
         extensions = mypycify(
-            list(COMPILED), opt_level="3", target_dir=str(work / "c"), verbose=False
+            list(COMPILED),
+            opt_level="3",
+            # One shared library per module, beside it (connmeta/<name>__mypyc*.so): the
+            # modules never call each other, and a group's library would be a top-level
+            # module named by a hash of the group.
+            separate=True,
+            target_dir=str(work / "c"),
+            verbose=False,
         )
         dist = Distribution({"name": "connmeta", "ext_modules": extensions})
         build_ext = dist.get_command_obj("build_ext")
