@@ -11,8 +11,8 @@ BUF := $(VENV)/bin/buf
 
 .PHONY: serve test check lint typecheck buf-lint buf-breaking gen gen-check baseline bench clean deploy-tools api-tools
 
-# hatch_build.py compiles src/connmeta/_ingest.py with mypyc into the editable install.
-$(STAMP): pyproject.toml constraints.txt hatch_build.py src/connmeta/_ingest.py
+# hatch_build.py compiles src/connmeta/_ingest.py and _sorted.py with mypyc into the editable install.
+$(STAMP): pyproject.toml constraints.txt hatch_build.py src/connmeta/_ingest.py src/connmeta/_sorted.py
 	@test -x $(PY) || $(PYTHON_BOOT) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt -e '.[mitmproxy,dev]'

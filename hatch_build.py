@@ -24,7 +24,7 @@ from typing import Any
 
 from hatchling.builders.hooks.plugin.interface import BuildHookInterface
 
-COMPILED = ("src/connmeta/_ingest.py",)
+COMPILED = ("src/connmeta/_ingest.py", "src/connmeta/_sorted.py")
 """Small, self-contained modules (they import nothing of connmeta, so mypyc
 type-checks them without the package's dependencies in the build env)."""
 
@@ -81,8 +81,14 @@ def _compile(root: Path, work: Path) -> list[Path]:
     cwd = os.getcwd()
     os.chdir(root)  # mypyc names modules from paths relative to here
     try:
+        # One library per module (separate=True), each next to its module in
+        # connmeta/: a group of modules would share one top-level library.
         extensions = mypycify(
-            list(COMPILED), opt_level="3", target_dir=str(work / "c"), verbose=False
+            list(COMPILED),
+            opt_level="3",
+            target_dir=str(work / "c"),
+            verbose=False,
+            separate=True,
         )
         dist = Distribution({"name": "connmeta", "ext_modules": extensions})
         build_ext = dist.get_command_obj("build_ext")

@@ -37,3 +37,4 @@ def _prefer_source(name: str) -> None:
 
 
 _prefer_source("_ingest")
+_prefer_source("_sorted")
