@@ -11,10 +11,10 @@ BUF := $(VENV)/bin/buf
 
 .PHONY: serve test check lint typecheck buf-lint buf-breaking gen gen-check baseline bench clean deploy-tools api-tools
 
-# hatch_build.py compiles src/connmeta/_ingest.py and _wirecore.py with mypyc into the
-# editable install.
+# hatch_build.py compiles src/connmeta/_ingest.py, _sorted.py and _wirecore.py with mypyc
+# into the editable install.
 $(STAMP): pyproject.toml constraints.txt hatch_build.py src/connmeta/_ingest.py \
-  src/connmeta/_wirecore.py
+  src/connmeta/_sorted.py src/connmeta/_wirecore.py
 	@test -x $(PY) || $(PYTHON_BOOT) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt -e '.[mitmproxy,dev]'

@@ -24,7 +24,7 @@ from typing import Any
 
 from hatchling.builders.hooks.plugin.interface import BuildHookInterface
 
-COMPILED = ("src/connmeta/_ingest.py", "src/connmeta/_wirecore.py")
+COMPILED = ("src/connmeta/_ingest.py", "src/connmeta/_sorted.py", "src/connmeta/_wirecore.py")
 """Small, self-contained modules (they import nothing of connmeta, so mypyc
 type-checks them without the package's dependencies in the build env)."""
 

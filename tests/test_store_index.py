@@ -8,17 +8,42 @@ returns.
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import connmeta
+from connmeta import _sorted
 from connmeta.filters import Filter
-from connmeta.index import Index, Postings, SortedIds
-from connmeta.records import Kind, Record
+from connmeta.index import Index, Postings
+from connmeta.records import EventType, Kind, Record
 from connmeta.store import _INDEX_STEP, Store
 from connmeta.v1 import report_service_pb2 as rs
 from tests.snapshots import CAN_READ, CLOSED, OPEN, FakeClock, client, server
+
+
+def _source_module() -> ModuleType:
+    """connmeta/_sorted.py run as Python, whichever module the package imported."""
+    path = Path(connmeta.__file__).parent / "_sorted.py"
+    spec = importlib.util.spec_from_file_location("connmeta_sorted_source", path)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+source = _source_module()
+modules = [pytest.param(_sorted, id="compiled" if _sorted.compiled() else "source")]
+if _sorted.compiled():
+    modules.append(pytest.param(source, id="source"))
 
 IDS = [f"c{i:02d}" for i in range(24)]
 HOSTS = ["a.example.com", "B.Example.com", "example.com", "x.a.example.com", "other.net", ""]
@@ -153,9 +178,27 @@ def test_the_pinned_listing_shows_what_a_filter_matched_then() -> None:
     assert [r.id for r in current] == ["s3"]
 
 
-@given(st.lists(st.tuples(st.booleans(), st.integers(0, 3000)), max_size=3000))
-def test_sorted_ids_is_a_sorted_set(ops: list[tuple[bool, int]]) -> None:
-    ids = SortedIds()
+def test_the_installed_package_runs_the_compiled_module_unless_told_otherwise() -> None:
+    # CI installs with a compiler; CONNMETA_PURE_PYTHON=1 runs the sources.
+    if os.environ.get("CONNMETA_PURE_PYTHON"):
+        assert not _sorted.compiled()
+    elif os.environ.get("CONNMETA_EXPECT_COMPILED"):
+        assert _sorted.compiled(), _sorted.__file__
+    assert not source.compiled()
+
+
+def test_the_event_types_follow_reads_are_the_records_module_s() -> None:
+    assert (_sorted.ADDED, _sorted.MODIFIED, _sorted.DELETED) == (
+        EventType.ADDED,
+        EventType.MODIFIED,
+        EventType.DELETED,
+    )
+
+
+@pytest.mark.parametrize("module", modules)
+@given(ops=st.lists(st.tuples(st.booleans(), st.integers(0, 3000)), max_size=3000))
+def test_sorted_ids_is_a_sorted_set(module: Any, ops: list[tuple[bool, int]]) -> None:
+    ids = module.SortedIds()
     model: set[str] = set()
     for add, n in ops:
         key = f"{n:05d}"
@@ -171,6 +214,32 @@ def test_sorted_ids_is_a_sorted_set(ops: list[tuple[bool, int]]) -> None:
     for probe in ("", "00500", "01500", "99999"):
         assert list(ids.after(probe)) == [i for i in ordered if i > probe]
         assert (probe in ids) == (probe in model)
+
+
+@pytest.mark.parametrize("module", modules)
+@given(ops=st.lists(st.tuples(st.booleans(), st.integers(0, 3), st.integers(0, 60)), max_size=400))
+def test_postings_hold_each_key_s_ids_in_order(
+    module: Any, ops: list[tuple[bool, int, int]]
+) -> None:
+    """Through every shape of a posting: one id, a small tuple, a SortedIds and back."""
+    postings = module.Postings()
+    model: dict[int, set[str]] = {}
+    for add, key, n in ops:
+        id = f"{n:03d}"
+        had = bool(model.get(key))
+        if add:
+            assert postings.add(key, id) == (not had)
+            model.setdefault(key, set()).add(id)
+        else:
+            left = postings.discard(key, id)
+            model.get(key, set()).discard(id)
+            assert left == (had and not model[key])
+    assert sorted(postings) == sorted(k for k, v in model.items() if v)
+    for key, ids in model.items():
+        ordered = sorted(ids)
+        assert postings.size(key) == len(ordered)
+        for probe in ("", "010", "030", "999"):
+            assert list(postings.after(key, probe)) == [i for i in ordered if i > probe]
 
 
 def test_a_report_batch_with_snapshots_of_one_id_is_indexed_once() -> None:

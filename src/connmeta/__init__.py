@@ -38,3 +38,4 @@ def _prefer_source(name: str) -> None:
 
 _prefer_source("_ingest")
 _prefer_source("_wirecore")
+_prefer_source("_sorted")

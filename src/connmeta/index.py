@@ -28,6 +28,10 @@ records a scan of every record (785 ms at a million, issue 14). Here:
   costs 8-40 bytes per record; a port condition is checked on the
   candidates of another index, or on every record when it is the only one.
 
+``SortedIds``, ``Postings`` and the per-event work of ``Index.update`` for
+kind/state and client id live in ``connmeta._sorted``, compiled with mypyc by
+the normal install (``hatch_build.py``); this module re-exports them.
+
 The store keeps it current from its events, in ``Store._commit``: the one
 place every change passes through. Reads choose the smallest source
 (``Index.candidates``) and the store checks every candidate with
@@ -39,195 +43,19 @@ from __future__ import annotations
 import contextlib
 import gc
 import heapq
-import itertools
-from bisect import bisect_left, bisect_right, insort
+from bisect import bisect_left, insort
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Final
 
+from connmeta._sorted import Postings, SortedIds, follow
 from connmeta.filters import Filter, NameTerm
 from connmeta.records import Event, EventType, Record
 
 __all__ = ["Index", "Postings", "SortedIds"]
 
-_LOAD: Final = 512
-# A posting of at most this many ids is a tuple, sorted when read.
-_SMALL: Final = 32
 # A wildcard matching more distinct names than this is not worth merging.
 _MAX_MERGE: Final = 4096
 _NO_IDS: Final[tuple[str, ...]] = ()
-
-
-class SortedIds:
-    """A sorted set of ids: add, discard, and iterate after any id in O(log n + page)."""
-
-    __slots__ = ("_chunks", "_len", "_maxes")
-
-    def __init__(self, ids: Iterable[str] = ()) -> None:
-        ordered = sorted(set(ids))
-        self._chunks = [ordered[i : i + _LOAD] for i in range(0, len(ordered), _LOAD)]
-        self._maxes = [chunk[-1] for chunk in self._chunks]
-        self._len = len(ordered)
-
-    def __len__(self) -> int:
-        return self._len
-
-    def __contains__(self, id: str) -> bool:
-        maxes = self._maxes
-        i = bisect_left(maxes, id)
-        if i == len(maxes):
-            return False
-        chunk = self._chunks[i]
-        j = bisect_left(chunk, id)
-        return j < len(chunk) and chunk[j] == id
-
-    def add(self, id: str) -> None:
-        """Add ``id``; no-op when present."""
-        maxes = self._maxes
-        chunks = self._chunks
-        i = bisect_left(maxes, id)
-        if i == len(maxes):
-            if not maxes:
-                chunks.append([id])
-                maxes.append(id)
-                self._len += 1
-                return
-            i -= 1
-            chunk = chunks[i]
-            chunk.append(id)
-            maxes[i] = id
-        else:
-            chunk = chunks[i]
-            j = bisect_left(chunk, id)
-            if chunk[j] == id:  # j < len(chunk): id <= maxes[i]
-                return
-            chunk.insert(j, id)
-        self._len += 1
-        if len(chunk) > 2 * _LOAD:
-            chunks.insert(i + 1, chunk[_LOAD:])
-            del chunk[_LOAD:]
-            maxes.insert(i, chunk[-1])
-
-    def discard(self, id: str) -> None:
-        """Remove ``id`` if present."""
-        maxes = self._maxes
-        i = bisect_left(maxes, id)
-        if i == len(maxes):
-            return
-        chunk = self._chunks[i]
-        j = bisect_left(chunk, id)
-        if chunk[j] != id:
-            return
-        del chunk[j]
-        self._len -= 1
-        if not chunk:
-            del self._chunks[i]
-            del maxes[i]
-        elif j == len(chunk):
-            maxes[i] = chunk[-1]
-
-    def after(self, id: str) -> Iterator[str]:
-        """The ids greater than ``id``, in order (all of them for "")."""
-        chunks = self._chunks
-        i = bisect_right(self._maxes, id) if id else 0
-        if i == len(chunks):
-            return iter(_NO_IDS)
-        first = chunks[i]
-        head = itertools.islice(first, bisect_right(first, id), None) if id else iter(first)
-        return itertools.chain(
-            head, itertools.chain.from_iterable(itertools.islice(chunks, i + 1, None))
-        )
-
-    def __iter__(self) -> Iterator[str]:
-        return itertools.chain.from_iterable(self._chunks)
-
-
-Posting = str | tuple[str, ...] | SortedIds
-
-
-class Postings:
-    """key -> the sorted set of ids having it; a key without ids is absent."""
-
-    __slots__ = ("_map",)
-
-    def __init__(self) -> None:
-        self._map: dict[object, Posting] = {}
-
-    @classmethod
-    def of(cls, ids: dict[str, list[str]]) -> Postings:
-        """Postings holding each key's ``ids`` (distinct), built at once."""
-        postings = cls()
-        for key, some in ids.items():
-            postings._map[key] = (
-                some[0]
-                if len(some) == 1
-                else tuple(some)
-                if len(some) <= _SMALL
-                else SortedIds(some)
-            )
-        return postings
-
-    def __len__(self) -> int:
-        """How many distinct keys."""
-        return len(self._map)
-
-    def __iter__(self) -> Iterator[object]:
-        """The keys."""
-        return iter(self._map)
-
-    def add(self, key: object, id: str) -> bool:
-        """Add ``id`` under ``key``; True when ``key`` is new."""
-        posting = self._map.get(key)
-        if posting is None:
-            self._map[key] = id
-            return True
-        if isinstance(posting, SortedIds):
-            posting.add(id)
-        elif isinstance(posting, str):
-            if posting != id:
-                self._map[key] = (posting, id)
-        elif id not in posting:
-            if len(posting) < _SMALL:
-                self._map[key] = (*posting, id)
-            else:
-                self._map[key] = SortedIds((*posting, id))
-        return False
-
-    def discard(self, key: object, id: str) -> bool:
-        """Remove ``id`` from ``key``; True when ``key`` is left without ids."""
-        posting = self._map.get(key)
-        if posting is None:
-            return False
-        if isinstance(posting, str):
-            if posting != id:
-                return False
-            del self._map[key]
-            return True
-        if isinstance(posting, SortedIds):
-            posting.discard(id)
-            if len(posting) <= _SMALL // 2:
-                self._map[key] = tuple(posting)
-            return False
-        if id in posting:
-            rest = tuple(i for i in posting if i != id)
-            self._map[key] = rest[0] if len(rest) == 1 else rest
-        return False
-
-    def size(self, key: object) -> int:
-        posting = self._map.get(key)
-        if posting is None:
-            return 0
-        return 1 if isinstance(posting, str) else len(posting)
-
-    def after(self, key: object, id: str) -> Iterator[str]:
-        """The ids under ``key`` greater than ``id``, in order."""
-        posting = self._map.get(key)
-        if posting is None:
-            return iter(_NO_IDS)
-        if isinstance(posting, SortedIds):
-            return posting.after(id)
-        if isinstance(posting, str):
-            return iter((posting,) if posting > id else _NO_IDS)
-        return iter(sorted(i for i in posting if i > id))
 
 
 class _Names:
@@ -385,35 +213,23 @@ class Index:
 
     def update(self, events: Sequence[Event]) -> None:
         """Follow one change's events, oldest first."""
-        by_slot = self.by_slot
-        by_client = self.by_client
-        names = self.names_active or self._names_todo is not None
+        # Ids by kind/state and by client id: compiled (connmeta._sorted).
+        follow(self.by_slot, self.by_client, events)
+        if not (self.names_active or self._names_todo is not None):
+            return
         for event in events:
             record = event.record
-            id = record.id
             type = event.type
             if type is EventType.ADDED:
-                by_slot[record._bits & 15].add(id)
-                by_client.add(record.client_id, id)
-                if names:
-                    self._add_names(record)
+                self._add_names(record)
             elif type is EventType.MODIFIED:
                 prev = event.prev
                 assert prev is not None
-                if (prev._bits ^ record._bits) & 15:
-                    by_slot[prev._bits & 15].discard(id)
-                    by_slot[record._bits & 15].add(id)
-                if prev.client_id != record.client_id:
-                    by_client.discard(prev.client_id, id)
-                    by_client.add(record.client_id, id)
-                if names and (prev.host != record.host or prev.sni != record.sni):
+                if prev.host != record.host or prev.sni != record.sni:
                     self._discard_names(prev)
                     self._add_names(record)
             elif type is EventType.DELETED:
-                by_slot[record._bits & 15].discard(id)
-                by_client.discard(record.client_id, id)
-                if names:
-                    self._discard_names(record)
+                self._discard_names(record)
 
     def __len__(self) -> int:
         return sum(len(s) for s in self.by_slot)
