@@ -341,3 +341,44 @@ def test_a_proxy_that_does_not_come_back_after_a_restart_has_its_records_closed(
     record = again.get(id)
     assert record is not None
     assert (record.state, record.last_hook) == (CLOSED, pb.HOOK_PROXY_GONE)
+
+
+def test_a_restored_store_lists_by_every_index_what_the_saved_one_listed(tmp_path: Path) -> None:
+    """After a restart the indexes are rebuilt from the saved records: a List
+    by kind, state, client id or host (and writes after the restart) must
+    select what the store before it selected."""
+    store, state = opened(tmp_path)
+    ids = [next_id() for _ in range(12)]
+    for i, id in enumerate(ids):
+        store.apply(
+            [
+                server(
+                    id,
+                    client_id=ids[0],
+                    state=CLOSED if i % 3 == 0 else pb.CONNECTION_STATE_OPEN,
+                    addr=(f"h{i % 4}.example.com", 443),
+                    sni=f"s{i % 2}.example.org",
+                )
+            ]
+        )
+    store.apply([client(next_id())])
+    filters = [
+        Filter(),
+        Filter(states=frozenset({CLOSED})),
+        Filter(client_id=ids[0]),
+        Filter(host="h1.example.com"),
+        Filter(host="*.example.com", states=frozenset({CLOSED})),
+        Filter(sni="s1.example.org"),
+    ]
+
+    def listed(s: Store) -> list[list[str]]:
+        return [[r.id for r in s.list(f, limit=100)[0]] for f in filters]
+
+    before = listed(store)
+    again = reopened(tmp_path, state)
+    assert listed(again) == before
+    # Writes after the restart keep the rebuilt indexes current (the saved
+    # store is not written to any more: the file is the restored one's now).
+    again.apply([server(ids[5], client_id=ids[0], addr=("h1.example.com", 443))])
+    records = again.snapshot()[0]
+    assert listed(again) == [sorted(r.id for r in records if f.matches(r)) for f in filters]
